@@ -1,0 +1,61 @@
+"""Shared command-line handling for every job: ``--config FILE``, ``--preset NAME``, dotted overrides.
+
+Each job's ``main(argv=None)`` calls :func:`parse_config` with its config class and presets; ``--help``
+lists every key with its type, default and doc; a bad key or value exits with a one-line error naming it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from typing import TypeVar
+
+from pipeline.config import ConfigError, help_text, load_config, to_toml
+
+T = TypeVar("T")
+
+
+def parse_config(
+    cls: type[T],
+    argv: Sequence[str] | None,
+    *,
+    prog: str,
+    description: str,
+    presets: Mapping[str, Callable[[], T]] | None = None,
+    default_preset: str | None = None,
+    extra_args: Callable[[argparse.ArgumentParser], None] | None = None,
+) -> tuple[T, argparse.Namespace]:
+    """Parse ``argv`` into a resolved config of type ``cls`` plus the job's extra (non-config) flags."""
+    presets = dict(presets or {})
+    epilog = "config keys (set in the TOML file or as --key=value):\n" + help_text(cls)
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=description,
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", help="TOML file with config values (overrides the preset)")
+    if presets:
+        parser.add_argument(
+            "--preset",
+            choices=sorted(presets),
+            default=default_preset,
+            help=f"named starting point (default: {default_preset})",
+        )
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    if extra_args is not None:
+        extra_args(parser)
+    args, rest = parser.parse_known_args(list(sys.argv[1:] if argv is None else argv))
+    bad = [r for r in rest if not (r.startswith("--") and "=" in r)]
+    if bad:
+        parser.error(f"unrecognised argument {bad[0]!r} (config overrides look like --section.field=value)")
+    base = presets[args.preset]() if presets and args.preset else None
+    try:
+        cfg = load_config(cls, args.config, rest, base=base)
+    except ConfigError as e:
+        parser.exit(2, f"{prog}: error: {e}\n")
+    if args.print_config:
+        print(to_toml(cfg), end="")
+        parser.exit(0)
+    return cfg, args

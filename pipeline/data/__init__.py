@@ -1,0 +1,1 @@
+"""Data: the sample schema, the synthetic world, shard writing and loading."""

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Set up the project (virtual env + pinned install) and run something in it.
+#   bash scripts/dev.sh demo   # set up if needed, then the whole pipeline on the embedded default
+#   bash scripts/dev.sh test   # set up if needed, then ruff + the test suite (what CI runs)
+#   bash scripts/dev.sh setup  # set up only
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+PY=${PYTHON:-python3.11}
+command -v "$PY" >/dev/null || PY=python3
+
+setup() {
+  local stamp="$VENV/.installed-$(cat requirements/lock.txt requirements/dev.txt pyproject.toml | sha256sum | cut -c1-16)"
+  if [ ! -f "$stamp" ]; then
+    echo "== setting up $VENV (pinned: requirements/lock.txt)"
+    [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+    # DS_BUILD_OPS=0: DeepSpeed builds its C++ ops lazily (on first use), not at install time.
+    DS_BUILD_OPS=0 "$VENV/bin/pip" install -q --disable-pip-version-check \
+      -c requirements/lock.txt -r requirements/dev.txt
+    "$VENV/bin/pip" install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+    rm -f "$VENV"/.installed-*
+    touch "$stamp"
+  fi
+}
+
+system_setup() {
+  # System packages for the cluster tests (SLURM, munge, numactl): installed when missing and we are root.
+  if [ -x ci/install-system.sh ] || [ -f ci/install-system.sh ]; then
+    bash ci/install-system.sh
+  fi
+}
+
+cmd=${1:-test}
+shift || true
+case "$cmd" in
+  setup) setup ;;
+  demo)
+    setup
+    exec "$VENV/bin/python" -m jobs.quickstart "$@"
+    ;;
+  test)
+    setup
+    system_setup
+    "$VENV/bin/ruff" check .
+    export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.venv/torch_extensions}
+    exec "$VENV/bin/python" -m pytest tests "$@"
+    ;;
+  *) echo "usage: bash scripts/dev.sh demo|test|setup" >&2; exit 2 ;;
+esac
