@@ -1,0 +1,167 @@
+"""Small synthetic inputs for the shard job's tests and benchmark: good images from the synthetic world,
+hand-made bad files (zero-byte, truncated, not an image, decompression bomb, CMYK, palette, 16-bit,
+EXIF-rotated), DataComp-style parquet tables, and a loopback HTTP server to fetch them from.
+
+    url, stop = serve_directory(images_dir, delay_s=0.01)   # or LoopbackServer(dir) with a settable delay
+"""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import io
+import struct
+import threading
+import time
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from pipeline.data import synthworld
+
+
+def encode(im: Image.Image, fmt: str = "JPEG", **kwargs: object) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format=fmt, **kwargs)
+    return buf.getvalue()
+
+
+def scene_image(index: int, size: int = 96, seed: int = 0) -> tuple[str, Image.Image, str]:
+    """``(uid, image, noisy caption)`` of synthetic-world scene ``index``."""
+    scene = synthworld.make_scene(synthworld.WorldConfig(image_size=size, seed=seed), index)
+    return scene.uid, Image.fromarray(scene.image), scene.noisy_caption
+
+
+def png_bomb(width: int = 60_000, height: int = 60_000) -> bytes:
+    """A tiny PNG whose header claims ``width x height`` pixels (its data is a valid 1x1 image)."""
+    data = encode(Image.new("L", (1, 1)), "PNG")
+    ihdr_at = data.index(b"IHDR")
+    body = bytearray(data[ihdr_at : ihdr_at + 4 + 13])
+    body[4:12] = struct.pack(">II", width, height)
+    crc = struct.pack(">I", zlib.crc32(bytes(body)) & 0xFFFFFFFF)
+    return data[:ihdr_at] + bytes(body) + crc + data[ihdr_at + 4 + 13 + 4 :]
+
+
+def odd_images(seed: int = 0) -> dict[str, tuple[bytes, str | None, tuple[int, int]]]:
+    """Hand-made images: name -> (bytes, expected failure reason or None if kept, displayed size)."""
+    rng = np.random.default_rng(seed)
+    base = Image.fromarray(rng.integers(0, 255, (48, 80, 3), dtype=np.uint8))  # 80 x 48
+    exif = base.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise when displayed
+    sixteen = Image.fromarray(rng.integers(0, 65535, (40, 50), dtype=np.uint16))
+    good_jpeg = encode(base, "JPEG", quality=90)
+    return {
+        "cmyk": (encode(base.convert("CMYK"), "JPEG"), None, (80, 48)),
+        "palette": (encode(base.convert("P"), "PNG", transparency=0), None, (80, 48)),
+        "sixteen_bit": (encode(sixteen, "PNG"), None, (50, 40)),
+        "exif_rotated": (encode(base, "JPEG", exif=exif.tobytes()), None, (48, 80)),
+        "grey": (encode(base.convert("L"), "JPEG"), None, (80, 48)),
+        "webp": (encode(base, "WEBP"), None, (80, 48)),
+        "zero_byte": (b"", "empty_file", (0, 0)),
+        "truncated": (good_jpeg[: len(good_jpeg) // 2], "decode_error", (0, 0)),
+        "not_an_image": (b"<html>404 not found</html>", "decode_error", (0, 0)),
+        "bomb": (png_bomb(), "decompression_bomb", (0, 0)),
+    }
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib signature
+        pass
+
+    def do_GET(self) -> None:  # noqa: N802 - stdlib name
+        delay = getattr(self.server, "delay_s", 0.0)
+        if delay:
+            time.sleep(delay)
+        super().do_GET()
+
+
+class LoopbackServer:
+    """A threaded static-file HTTP server on 127.0.0.1; ``delay_s`` (settable) slows every GET."""
+
+    def __init__(self, directory: str | Path, delay_s: float = 0.0) -> None:
+        self._server = http.server.ThreadingHTTPServer(
+            ("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(directory))
+        )
+        self._server.daemon_threads = True
+        self.delay_s = delay_s
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    @property
+    def delay_s(self) -> float:
+        return self._server.delay_s  # type: ignore[attr-defined]
+
+    @delay_s.setter
+    def delay_s(self, value: float) -> None:
+        self._server.delay_s = value  # type: ignore[attr-defined]
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
+
+
+def serve_directory(directory: str | Path, delay_s: float = 0.0) -> tuple[str, Callable[[], None]]:
+    """Serve ``directory`` over HTTP on 127.0.0.1 (a free port) in a thread: returns (base URL, stop)."""
+    server = LoopbackServer(directory, delay_s)
+    return server.url, server.stop
+
+
+# img2dataset 1.25.4 resizes with albumentations 1.x functional helpers (A.smallest_max_size, A.center_crop,
+# A.longest_max_size, A.pad) that albumentations 2 removed: with albumentations 2 every image fails as
+# "failed_to_resize". This shim defines them with the same cv2 calls albumentations 1.3.1 made. It is
+# installed as a sitecustomize module so that img2dataset's spawned worker processes get it too.
+_ALBUMENTATIONS_SHIM = """
+def _install():
+    try:
+        import albumentations as A
+        import cv2
+    except ImportError:
+        return
+    if hasattr(A, "smallest_max_size"):
+        return
+
+    def _max_size(img, max_size, interpolation, func):
+        height, width = img.shape[:2]
+        scale = max_size / float(func(width, height))
+        if scale != 1.0:
+            new_h, new_w = round(height * scale), round(width * scale)
+            img = cv2.resize(img, (new_w, new_h), interpolation=interpolation)
+        return img
+
+    def center_crop(img, crop_height, crop_width):
+        height, width = img.shape[:2]
+        y1, x1 = (height - crop_height) // 2, (width - crop_width) // 2
+        return img[y1 : y1 + crop_height, x1 : x1 + crop_width]
+
+    def pad(img, min_height, min_width, border_mode=cv2.BORDER_REFLECT_101, value=None):
+        height, width = img.shape[:2]
+        top = max(0, (min_height - height) // 2)
+        left = max(0, (min_width - width) // 2)
+        bottom = max(0, min_height - height - top)
+        right = max(0, min_width - width - left)
+        return cv2.copyMakeBorder(img, top, bottom, left, right, border_mode, value=value)
+
+    A.smallest_max_size = lambda img, max_size, interpolation: _max_size(img, max_size, interpolation, min)
+    A.longest_max_size = lambda img, max_size, interpolation: _max_size(img, max_size, interpolation, max)
+    A.center_crop = center_crop
+    A.pad = pad
+
+
+_install()
+"""
+
+
+def img2dataset_env(shim_dir: str | Path) -> dict[str, str]:
+    """Environment for running the img2dataset CLI with the albumentations shim (see above) on its path."""
+    import os
+
+    shim_dir = Path(shim_dir)
+    shim_dir.mkdir(parents=True, exist_ok=True)
+    (shim_dir / "sitecustomize.py").write_text(_ALBUMENTATIONS_SHIM)
+    path = os.pathsep.join(p for p in (str(shim_dir), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path}

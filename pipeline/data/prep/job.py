@@ -1,0 +1,700 @@
+"""The shard job: plan -> shard units (any executor, any SLURM array task) -> merge. Run it with
+``python -m data_prep.shard --config my.toml``; see docs/data-prep.md.
+
+* **Plan** (once, deterministic, cached in ``<output>/_plan/``): list the inputs and their row counts, find
+  duplicate uids over the whole input, list a folder source, index an img2dataset output. Input file ``i``
+  rows ``[k*S, (k+1)*S)`` become shard unit number ``sum(units of files < i) + k`` (``S =
+  output.samples_per_shard``), so every shard is an independent, idempotent unit of work.
+* **Shard**: each unit reads its rows, fetches images with a thread pool, decodes/filters/resizes them in
+  row order and writes one tar atomically, then its ``.stats.json`` (the completion marker). A re-run skips
+  units whose stats exist for the same config; a killed unit is simply redone and gives the same bytes.
+* **Merge** (when every unit is done): ``sizes.json``, ``failures.parquet``, ``duplicate_images.txt``,
+  subset uid lists and ``manifest.json``; checks ``kept + failed == input`` and raises if not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import traceback
+from collections import Counter, deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline import io
+from pipeline.config import ConfigError, to_dict
+from pipeline.data.prep import sources
+from pipeline.data.prep.executors import ExecutorConfig, run_units, task_range
+from pipeline.data.prep.filters import (
+    REASONS,
+    FilterConfig,
+    check_caption,
+    check_image_size,
+    check_score,
+    normalise_uid,
+)
+from pipeline.data.prep.images import ImageConfig, ImageError, process_image
+from pipeline.data.prep.sources import (
+    MISSING,
+    FetchConfig,
+    Fetcher,
+    FetchError,
+    ImageRef,
+    SourceConfig,
+    SynConfig,
+)
+from pipeline.data.prep.subsets import SubsetConfig, read_uid_list, write_subsets
+from pipeline.data.prep.writer import (
+    FAILURES_FILE,
+    OutputConfig,
+    open_shard,
+    read_stats,
+    remove_stale_temp_files,
+    shard_pattern,
+    stats_url,
+    write_dataset_files,
+)
+from pipeline.data.schema import (
+    CAPTION_KEY,
+    IMAGE_KEY,
+    META_KEY,
+    SCHEMA_VERSION,
+    SYN_KEY,
+    SampleMeta,
+    encode_syn,
+)
+
+PLAN_DIR = "_plan"
+PLAN_FILE = "plan.json"
+STAGES = ("all", "plan", "shard", "merge")
+
+
+@dataclass(frozen=True)
+class ShardJobConfig:
+    source: SourceConfig = field(default_factory=SourceConfig)
+    syn: SynConfig = field(default_factory=SynConfig)
+    fetch: FetchConfig = field(default_factory=FetchConfig)
+    image: ImageConfig = field(default_factory=ImageConfig)
+    filters: FilterConfig = field(default_factory=FilterConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    subsets: SubsetConfig = field(default_factory=SubsetConfig)
+    executor: ExecutorConfig = field(default_factory=ExecutorConfig)
+
+    def __post_init__(self) -> None:
+        self.source.check_required()
+        if self.source.extras and self.image.resize_mode != "none":
+            raise ValueError(
+                "source.extras: dense labels must stay aligned with the image; set image.resize_mode=none"
+            )
+        if not self.output.path:
+            raise ValueError("output.path: required (a folder or s3://bucket/prefix)")
+
+
+class ShardJobError(RuntimeError):
+    """Some units failed (storage errors, bugs) or the accounting does not add up; re-run to retry."""
+
+
+def content_config(cfg: ShardJobConfig) -> dict[str, Any]:
+    """The config keys that decide the shards' content: not the executor, fetch.threads, output.path or
+    output.overwrite (so a re-run may change those and still resume)."""
+    d = to_dict(cfg)
+    d.pop("executor")
+    d["fetch"].pop("threads")
+    d["output"].pop("overwrite")
+    d["output"].pop("path")
+    return d
+
+
+def config_hash(cfg: ShardJobConfig) -> str:
+    return hashlib.sha256(json.dumps(content_config(cfg), sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------- plan
+
+
+@dataclass(frozen=True)
+class Unit:
+    index: int
+    name: str
+    input_index: int
+    url: str
+    start: int
+    end: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    config_hash: str
+    inputs: list[dict[str, Any]]
+    """One entry per input file: {"url", "num_rows"} or {"url", "error"} for unreadable files."""
+
+    def units(self, out: OutputConfig) -> list[Unit]:
+        units: list[Unit] = []
+        for i, inp in enumerate(self.inputs):
+            n = inp.get("num_rows", 0)
+            for start in range(0, n, out.samples_per_shard):
+                k = len(units)
+                units.append(
+                    Unit(k, out.shard_name(k), i, inp["url"], start, min(n, start + out.samples_per_shard))
+                )
+        return units
+
+
+def _plan_url(cfg: ShardJobConfig, name: str) -> str:
+    return io.join(cfg.output.path, PLAN_DIR, name)
+
+
+def _uid_column(url: str, column: str) -> pa.Array | None:
+    fs, path = io.filesystem(url)
+    with fs.open(path, "rb") as f:
+        pf = pq.ParquetFile(f)
+        if column not in pf.schema_arrow.names:
+            return None
+        col = pf.read(columns=[column]).column(column).combine_chunks()
+    if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+        return pc.utf8_trim_whitespace(col.cast(pa.string()))
+    return pa.array([normalise_uid(v) for v in col.to_pylist()], pa.string())
+
+
+def find_duplicate_rows(inputs: list[dict[str, Any]], uid_column: str) -> pa.Table:
+    """(input, row) of every row whose uid appeared earlier in input order; first occurrence is kept."""
+    arrays, owners, offsets = [], [], []
+    for i, inp in enumerate(inputs):
+        if "error" in inp:
+            continue
+        try:
+            col = _uid_column(inp["url"], uid_column)
+        except Exception:  # noqa: BLE001 - an unreadable column: its rows fail in their unit instead
+            col = None
+        if col is None or len(col) == 0:
+            continue
+        arrays.append(col)
+        owners.append(i)
+        offsets.append(sum(len(a) for a in arrays[:-1]))
+    empty = pa.table({"input": pa.array([], pa.int32()), "row": pa.array([], pa.int64())})
+    if not arrays:
+        return empty
+    allv = pa.chunked_array(arrays, pa.string())
+    counts = pc.value_counts(allv.drop_null() if allv.null_count else allv)
+    dup_values = counts.field("values").filter(pc.greater(counts.field("counts"), 1))
+    if len(dup_values) == 0:
+        return empty
+    positions = pc.indices_nonzero(pc.is_in(allv, value_set=dup_values)).to_numpy()
+    values = pc.take(allv, pa.array(positions)).to_pylist()
+    offs = np.asarray(offsets)
+    seen: set[str] = set()
+    rows_in, rows_row = [], []
+    for pos, value in zip(positions.tolist(), values):
+        if value in seen:
+            k = int(np.searchsorted(offs, pos, side="right") - 1)
+            rows_in.append(owners[k])
+            rows_row.append(pos - offsets[k])
+        else:
+            seen.add(value)
+    return pa.table({"input": pa.array(rows_in, pa.int32()), "row": pa.array(rows_row, pa.int64())})
+
+
+def _write_parquet(url: str, table: pa.Table) -> None:
+    with io.atomic_write(url, "wb") as f:
+        pq.write_table(table, f)
+
+
+def make_plan(cfg: ShardJobConfig, chash: str, log: Callable[[str], None] = print) -> Plan:
+    """Load ``<output>/_plan/plan.json`` if it was made with this config, else build and write it."""
+    plan_url = _plan_url(cfg, PLAN_FILE)
+    if io.exists(plan_url):
+        old = io.read_json(plan_url)
+        if old.get("config_hash") == chash:
+            return Plan(old["config_hash"], old["inputs"])
+        if not cfg.output.overwrite:
+            raise ConfigError(
+                f"output.path: {cfg.output.path} was planned with another config ({old.get('config_hash')} != "
+                f"{chash}); use a new output.path or set output.overwrite=true"
+            )
+    t0 = time.time()
+    if cfg.source.kind == "folder":
+        folder_url = _plan_url(cfg, "folder.parquet")
+        _write_parquet(folder_url, sources.list_folder(cfg.source))
+        urls = [folder_url]
+    else:
+        urls = sources.expand_urls(cfg.source.parquet)
+        if not urls:
+            raise ConfigError(f"source.parquet: no files match {list(cfg.source.parquet)}")
+    inputs: list[dict[str, Any]] = []
+    for url in urls:
+        try:
+            inputs.append({"url": url, "num_rows": sources.count_rows(url)})
+        except Exception as e:  # noqa: BLE001 - a broken file is reported, not fatal
+            inputs.append({"url": url, "error": f"{type(e).__name__}: {e}"[:500]})
+    uid_column = "uid" if cfg.source.kind == "folder" else cfg.source.uid_column
+    if cfg.filters.dedupe_uid:
+        _write_parquet(_plan_url(cfg, "duplicates.parquet"), find_duplicate_rows(inputs, uid_column))
+    if cfg.source.images == "img2dataset":
+        index, report = sources.build_img2dataset_index(cfg.source)
+        _write_parquet(_plan_url(cfg, "img2dataset_index.parquet"), index)
+        if report.skipped:
+            log(f"img2dataset index: skipped members {dict(report.skipped)}")
+    io.write_json(plan_url, {"config_hash": chash, "inputs": inputs})
+    rows = sum(i.get("num_rows", 0) for i in inputs)
+    log(f"planned {len(inputs)} input file(s), {rows} rows in {time.time() - t0:.1f}s")
+    return Plan(chash, inputs)
+
+
+# ---------------------------------------------------------------------------------------------- shard units
+
+
+class _Resources:
+    """Per-process lookups shared by the units a worker runs (loaded once per process)."""
+
+    def __init__(self, cfg: ShardJobConfig) -> None:
+        root = cfg.source.folder if cfg.source.kind == "folder" else cfg.source.image_root
+        self.fetcher = Fetcher(cfg.fetch, root)
+        self.syn: dict[str, list[str]] = {}
+        if cfg.syn.paths:
+            self.syn, _ = sources.load_syn(cfg.syn, cfg.source.max_member_bytes)
+        self.duplicates: set[tuple[int, int]] = set()
+        if cfg.filters.dedupe_uid:
+            t = pq.read_table(_open_bytes(_plan_url(cfg, "duplicates.parquet")))
+            self.duplicates = set(zip(t.column("input").to_pylist(), t.column("row").to_pylist()))
+        self.include: set[str] | None = None
+        if cfg.filters.include_uids:
+            self.include = set(read_uid_list(cfg.filters.include_uids))
+        self.img2dataset: dict[str, ImageRef] = {}
+        if cfg.source.images == "img2dataset":
+            t = pq.read_table(_open_bytes(_plan_url(cfg, "img2dataset_index.parquet")))
+            for k, u, o, s in zip(*(t.column(c).to_pylist() for c in ("key", "url", "offset", "size"))):
+                self.img2dataset[k] = ImageRef(u, o, s)
+
+
+def _open_bytes(url: str) -> pa.BufferReader:
+    fs, path = io.filesystem(url)
+    with fs.open(path, "rb") as f:
+        return pa.BufferReader(f.read())
+
+
+_RESOURCES: dict[str, _Resources] = {}
+
+
+def _resources(cfg: ShardJobConfig, chash: str) -> _Resources:
+    key = f"{cfg.output.path}#{chash}"
+    if key not in _RESOURCES:
+        _RESOURCES.clear()
+        _RESOURCES[key] = _Resources(cfg)
+    return _RESOURCES[key]
+
+
+@dataclass
+class _Candidate:
+    row: int
+    uid: str
+    caption: str
+    syn: list[str] | None
+    scores: dict[str, float]
+    ref: ImageRef
+    source: str
+    extras: tuple[tuple[str, str], ...] = ()
+    """(member extension, path like ``ref.url``) of the optional dense-label files ``<stem>.<ext>``."""
+
+
+def _fetch(fetcher: Fetcher, c: _Candidate) -> tuple[bytes | None, FetchError | None, dict[str, bytes]]:
+    """The image bytes (or the error) and whichever extras exist; a missing extra is simply left out."""
+    try:
+        data = fetcher.fetch(c.ref)
+    except FetchError as e:
+        return None, e, {}
+    extras = {}
+    for ext, path in c.extras:
+        try:
+            extras[ext] = fetcher.fetch(ImageRef(path))
+        except FetchError:
+            pass
+    return data, None, extras
+
+
+def _select(cfg: ShardJobConfig, unit: Unit, res: _Resources, fail: Callable[..., None]) -> list[_Candidate]:
+    """Read the unit's rows and apply every check that needs no image; failures go to ``fail``."""
+    try:
+        rows = sources.read_rows(unit.url, unit.start, unit.end, _source_for(cfg))
+    except Exception as e:  # noqa: BLE001 - a corrupt row group fails its rows, not the job
+        for r in range(unit.start, unit.end):
+            fail(r, None, "unreadable_input", f"{type(e).__name__}: {e}"[:300])
+        return []
+    folder = cfg.source.kind == "folder"
+    out: list[_Candidate] = []
+    seen: set[str] = set()
+    for r in rows:
+        if r.uid is MISSING:
+            fail(r.row, None, "malformed_row", f"no column {cfg.source.uid_column!r}")
+            continue
+        uid = normalise_uid(r.uid)
+        if uid is None:
+            fail(r.row, None if r.uid is None else str(r.uid)[:200], "bad_uid")
+            continue
+        if (unit.input_index, r.row) in res.duplicates or uid in seen:
+            fail(r.row, uid, "duplicate_uid")
+            continue
+        seen.add(uid)
+        if res.include is not None and uid not in res.include:
+            fail(r.row, uid, "excluded_uid")
+            continue
+        if folder:
+            try:
+                raw = sources.read_caption_file(res.fetcher.resolve(r.text_path)) if r.text_path else None
+            except Exception as e:  # noqa: BLE001 - storage errors fail the row, a re-run does not retry it
+                fail(r.row, uid, "fetch_failed", f"caption: {type(e).__name__}: {e}"[:300])
+                continue
+        elif r.text is MISSING:
+            fail(r.row, uid, "malformed_row", f"no column {cfg.source.text_column!r}")
+            continue
+        else:
+            raw = r.text
+        caption, reason = check_caption(raw, cfg.filters)
+        reason = reason or check_score(r.scores, cfg.filters)
+        if reason:
+            fail(r.row, uid, reason)
+            continue
+        syn = res.syn.get(uid)
+        if syn is None and cfg.syn.required:
+            fail(r.row, uid, "syn_missing")
+            continue
+        source = r.url if isinstance(r.url, str) else ""
+        if cfg.source.images == "img2dataset":
+            ref = res.img2dataset.get(uid if cfg.source.img2dataset_join == "uid" else source)
+            if ref is None:
+                fail(r.row, uid, "not_in_img2dataset")
+                continue
+        elif r.url is MISSING or not (r.url is None or isinstance(r.url, str)):
+            fail(r.row, uid, "malformed_row", f"column {cfg.source.url_column!r} missing or not a string")
+            continue
+        elif not (r.url or "").strip():
+            fail(r.row, uid, "missing_url")
+            continue
+        else:
+            ref = ImageRef(r.url.strip())
+        scores = {k: v for k, v in r.scores.items() if v is not None and v == v}
+        stem = ref.url.rsplit(".", 1)[0]
+        extras = tuple((ext, f"{stem}.{ext}") for ext in cfg.source.extras) if folder else ()
+        out.append(_Candidate(r.row, uid, caption, syn, scores, ref, source, extras))
+    return out
+
+
+def _source_for(cfg: ShardJobConfig) -> SourceConfig:
+    if cfg.source.kind == "folder":  # the planned listing has fixed column names
+        return SourceConfig(
+            kind="folder",
+            folder=cfg.source.folder,
+            uid_column="uid",
+            url_column="url",
+            text_column="text",
+            score_columns=("__none__",),
+        )
+    return cfg.source
+
+
+def process_unit(cfg: ShardJobConfig, chash: str, unit: Unit) -> dict[str, Any]:
+    """Write one shard (or skip it when its stats show it is done); returns a slim summary."""
+    out = cfg.output.path
+    done = read_stats(out, unit.name)
+    if done is not None and done.get("config_hash") == chash:
+        return {**_slim(done), "skipped": True}
+    t0 = time.time()
+    res = _resources(cfg, chash)
+    failures: list[dict[str, Any]] = []
+
+    def fail(row: int, uid: str | None, reason: str, detail: str = "") -> None:
+        assert reason in REASONS, reason
+        failures.append({"row": row, "uid": uid, "reason": reason, "detail": detail})
+
+    candidates = _select(cfg, unit, res, fail)
+    kept_uids: list[str] = []
+    kept_sha: list[str] = []
+    first_by_sha: dict[str, str] = {}
+    num_reencoded = num_syn = 0
+    window = max(2, 2 * cfg.fetch.threads)
+    with ThreadPoolExecutor(cfg.fetch.threads) as pool, open_shard(io.join(out, unit.name)) as tar:
+        queue: deque[tuple[_Candidate, Any]] = deque()
+        todo = iter(candidates)
+        while True:
+            while len(queue) < window:
+                c = next(todo, None)
+                if c is None:
+                    break
+                queue.append((c, pool.submit(_fetch, res.fetcher, c)))
+            if not queue:
+                break
+            c, future = queue.popleft()
+            data, error, extras = future.result()
+            if error is not None:
+                fail(c.row, c.uid, error.reason, error.detail)
+                continue
+            sha = hashlib.sha256(data).hexdigest()
+            if cfg.filters.dedupe_image and sha in first_by_sha:
+                fail(c.row, c.uid, "duplicate_image", f"same bytes as {first_by_sha[sha]}")
+                continue
+            try:
+                img = process_image(data, cfg.image, lambda w, h: check_image_size(w, h, cfg.filters))
+            except ImageError as e:
+                fail(c.row, c.uid, e.reason, e.detail[:300])
+                continue
+            if extras and img.rotated:
+                fail(c.row, c.uid, "dense_label_mismatch")
+                continue
+            meta = SampleMeta(
+                c.uid,
+                sha,
+                img.original_width,
+                img.original_height,
+                img.width,
+                img.height,
+                source=c.source,
+                scores=c.scores,
+            )
+            members = {IMAGE_KEY: img.data, CAPTION_KEY: c.caption.encode("utf-8"), META_KEY: meta.to_json()}
+            if c.syn is not None:
+                members[SYN_KEY] = encode_syn(c.syn)
+                num_syn += 1
+            members.update(extras)
+            tar.add(c.uid, members)
+            first_by_sha[sha] = c.uid
+            kept_uids.append(c.uid)
+            kept_sha.append(sha)
+            num_reencoded += img.reencoded
+    failures.sort(key=lambda f: f["row"])
+    num_input = unit.end - unit.start
+    if len(kept_uids) + len(failures) != num_input:
+        raise AssertionError(
+            f"{unit.name}: kept {len(kept_uids)} + failed {len(failures)} != input {num_input}"
+        )
+    stats = {
+        "schema_version": SCHEMA_VERSION,
+        "shard": unit.name,
+        "index": unit.index,
+        "config_hash": chash,
+        "input": {"index": unit.input_index, "url": unit.url, "start": unit.start, "end": unit.end},
+        "num_input": num_input,
+        "num_kept": len(kept_uids),
+        "num_failed": len(failures),
+        "failed": dict(sorted(Counter(f["reason"] for f in failures).items())),
+        "bytes": tar.size,
+        "num_reencoded": num_reencoded,
+        "num_syn": num_syn,
+        "seconds": round(time.time() - t0, 3),
+        "uids": kept_uids,
+        "sha256": kept_sha,
+        "failures": failures,
+    }
+    io.write_json(stats_url(out, unit.name), stats)
+    return {**_slim(stats), "skipped": False}
+
+
+def _slim(stats: dict[str, Any]) -> dict[str, Any]:
+    keys = ("shard", "index", "num_input", "num_kept", "num_failed", "failed", "bytes")
+    return {k: stats[k] for k in keys}
+
+
+@dataclass(frozen=True)
+class UnitTask:
+    """A picklable call of :func:`process_unit` that never raises (errors come back as data)."""
+
+    cfg: ShardJobConfig
+    chash: str
+
+    def __call__(self, unit: Unit) -> dict[str, Any]:
+        try:
+            return {"ok": True, **process_unit(self.cfg, self.chash, unit)}
+        except Exception:  # noqa: BLE001 - reported by the driver; a re-run retries the unit
+            return {"ok": False, "shard": unit.name, "error": traceback.format_exc(limit=8)}
+
+
+# ---------------------------------------------------------------------------------------------- merge
+
+
+def merge(cfg: ShardJobConfig, plan: Plan, units: list[Unit]) -> dict[str, Any] | None:
+    """Write the dataset files if every unit is done (else return None); check the accounting."""
+    out = cfg.output.path
+    with ThreadPoolExecutor(16) as pool:
+        all_stats = list(pool.map(lambda u: read_stats(out, u.name), units))
+    if any(s is None or s.get("config_hash") != plan.config_hash for s in all_stats):
+        return None
+    sizes: dict[str, int] = {}
+    failures: list[dict[str, Any]] = []
+    reasons: Counter[str] = Counter()
+    shards, subset_input = [], []
+    first_by_sha: dict[str, str] = {}
+    duplicate_images: list[str] = []
+    total_bytes = 0
+    for unit, st in zip(units, all_stats):
+        assert st is not None
+        if st["num_kept"] + st["num_failed"] != unit.end - unit.start:
+            raise ShardJobError(f"{unit.name}: stats do not add up to its {unit.end - unit.start} input rows")
+        sizes[unit.name] = st["num_kept"]
+        total_bytes += st["bytes"]
+        shards.append({"name": unit.name, "num_samples": st["num_kept"], "bytes": st["bytes"]})
+        subset_input.append((unit.name, st["uids"]))
+        reasons.update(st["failed"])
+        for f in st["failures"]:
+            failures.append({"shard": unit.name, "input": unit.url, **f})
+        for uid, sha in zip(st["uids"], st["sha256"]) if cfg.filters.dedupe_image else ():
+            if sha in first_by_sha:
+                duplicate_images.append(uid)
+            else:
+                first_by_sha[sha] = uid
+    for inp in plan.inputs:
+        if "error" in inp:
+            failures.append(
+                {
+                    "shard": None,
+                    "input": inp["url"],
+                    "row": -1,
+                    "uid": None,
+                    "reason": "unreadable_input",
+                    "detail": inp["error"],
+                }
+            )
+            reasons["unreadable_input"] += 1
+    num_input = sum(i.get("num_rows", 1 if "error" in i else 0) for i in plan.inputs)
+    num_kept = sum(sizes.values())
+    num_failed = len(failures)
+    if num_kept + num_failed != num_input or sum(reasons.values()) != num_failed:
+        raise ShardJobError(f"accounting: kept {num_kept} + failed {num_failed} != input {num_input}")
+    subsets = write_subsets(out, subset_input, cfg.subsets) if cfg.subsets.fractions else {}
+    names = [u.name for u in units]
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "config_hash": plan.config_hash,
+        "config": content_config(cfg),
+        "inputs": plan.inputs,
+        "num_shards": len(units),
+        "shard_pattern": shard_pattern(names),
+        "shards": shards,
+        "totals": {
+            "input": num_input,
+            "kept": num_kept,
+            "failed": num_failed,
+            "failed_by_reason": dict(sorted(reasons.items())),
+            "bytes": total_bytes,
+            "duplicate_images_across_shards": len(duplicate_images),
+        },
+        "failures_file": FAILURES_FILE,
+        "subsets": subsets,
+        "members": {
+            "jpg": "image",
+            "txt": "web caption",
+            "syn.json": "synthetic captions",
+            "json": "metadata",
+        },
+    }
+    write_dataset_files(out, sizes, failures, duplicate_images, manifest)
+    remove_stale_temp_files(out)
+    return manifest
+
+
+# ---------------------------------------------------------------------------------------------- driver
+
+
+def run(
+    cfg: ShardJobConfig,
+    stage: str = "all",
+    task_index: int = 0,
+    num_tasks: int = 1,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Run ``stage`` (all / plan / shard / merge) of the job for array task ``task_index`` of ``num_tasks``.
+
+    Returns {"plan", "units_run", "units_skipped", "this_run": {...}, "manifest" (None until merged)}.
+    Raises :class:`ShardJobError` when units failed (after running all others) or accounting is off.
+    """
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    t0 = time.time()
+    chash = config_hash(cfg)
+    plan = make_plan(cfg, chash, log)
+    units = plan.units(cfg.output)
+    result: dict[str, Any] = {"plan": plan, "units_run": 0, "units_skipped": 0, "manifest": None}
+    if stage == "plan":
+        return result
+    this_run: Counter[str] = Counter()
+    if stage in ("all", "shard"):
+        mine = [units[i] for i in task_range(len(units), task_index, num_tasks)]
+        errors = _run_shards(cfg, chash, mine, this_run, result)
+        if errors:
+            for e in errors[:5]:
+                log(f"shard {e['shard']} failed:\n{e['error']}")
+            raise ShardJobError(
+                f"{len(errors)} of {len(mine)} shards failed (first: {errors[0]['shard']}); "
+                "re-run the same command to retry them"
+            )
+    elapsed = time.time() - t0
+    result["this_run"] = {**this_run, "seconds": round(elapsed, 3)}
+    if stage in ("all", "merge"):
+        result["manifest"] = merge(cfg, plan, units)
+        if result["manifest"] is None:
+            if stage == "merge" or num_tasks == 1:
+                raise ShardJobError(
+                    "not every shard is done yet; run the shard stage (all array tasks) first"
+                )
+            log("other array tasks are still running; the last one to finish writes the dataset files")
+    log(summary_table(result, elapsed))
+    return result
+
+
+def _run_shards(
+    cfg: ShardJobConfig, chash: str, mine: list[Unit], this_run: Counter[str], result: dict[str, Any]
+) -> list[dict[str, Any]]:
+    from tqdm import tqdm
+
+    errors = []
+    task = UnitTask(cfg, chash)
+    with tqdm(total=len(mine), unit="shard", disable=not cfg.executor.progress, dynamic_ncols=True) as bar:
+        for _, r in run_units(task, mine, cfg.executor):
+            bar.update(1)
+            if not r["ok"]:
+                errors.append(r)
+                continue
+            if r["skipped"]:
+                result["units_skipped"] += 1
+                continue
+            result["units_run"] += 1
+            this_run.update(
+                {
+                    "input": r["num_input"],
+                    "kept": r["num_kept"],
+                    "failed": r["num_failed"],
+                    "bytes": r["bytes"],
+                }
+            )
+            bar.set_postfix(kept=this_run["kept"], failed=this_run["failed"], refresh=False)
+    return errors
+
+
+def summary_table(result: dict[str, Any], elapsed: float) -> str:
+    """Dataset totals (when merged) and this run's throughput, as an aligned text table."""
+    run = result.get("this_run", {})
+    rows: list[tuple[str, str]] = []
+    manifest = result.get("manifest")
+    if manifest is not None:
+        t = manifest["totals"]
+        rows += [
+            ("dataset input rows", f"{t['input']:,}"),
+            ("kept", f"{t['kept']:,}"),
+            ("failed", f"{t['failed']:,}"),
+        ]
+        rows += [(f"  {reason}", f"{n:,}") for reason, n in t["failed_by_reason"].items()]
+        rows += [("bytes", f"{t['bytes']:,}"), ("shards", f"{manifest['num_shards']:,}")]
+    processed = run.get("input", 0)
+    rows += [
+        ("shards written / skipped (this run)", f"{result['units_run']} / {result['units_skipped']}"),
+        ("rows processed (this run)", f"{processed:,}"),
+        ("seconds", f"{elapsed:.1f}"),
+        ("samples/s (this run)", f"{processed / elapsed:,.1f}" if elapsed > 0 else "-"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v:>14}" for k, v in rows)

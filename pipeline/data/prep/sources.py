@@ -1,0 +1,557 @@
+"""Inputs of the shard job: metadata rows, the images they point to, and synthetic captions to join.
+
+* DataComp-style parquet (``uid, url, text, <scores>...``): read by row range (only the row groups that
+  overlap), so every output shard is an independent unit of work.
+* A plain folder of images with ``.txt`` captions: listed once into a parquet of the same shape.
+* Images by URL (``http(s)://``, ``s3://`` or any fsspec URL, or a local path, optionally relative to
+  ``source.image_root``), fetched by a thread pool with timeouts, retries and a size cap; or from an
+  img2dataset output folder (tars or files), joined by uid (or url) through an index of byte ranges.
+* DataCompDR-style synthetic captions (``{"syn_text": [...]}``) from JSONL files or sidecar tars.
+
+Everything external is read through fsspec (``pipeline.io.filesystem``), tars through ``safe_tar``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io as _io
+import json
+import os
+import posixpath
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline import io
+from pipeline.data.prep import safe_tar
+from pipeline.data.schema import SYN_KEY
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
+MISSING = object()  # a column the file does not have
+
+
+@dataclass(frozen=True)
+class FetchConfig:
+    threads: int = 16
+    """Concurrent downloads / reads per worker process."""
+    timeout_s: float = 10.0
+    """Connect + read timeout per attempt."""
+    retries: int = 2
+    """Extra attempts after a failed fetch (not after 404-like errors)."""
+    backoff_s: float = 0.5
+    """Wait before retry k is backoff_s * 2**k."""
+    max_bytes: int = 32 << 20
+    """Images larger than this fail as too_large (never read into memory beyond the cap)."""
+    user_agent: str = "clip-pipeline-shard/1.0"
+    """HTTP User-Agent header."""
+
+    def __post_init__(self) -> None:
+        if self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
+        if self.retries < 0 or self.timeout_s <= 0 or self.max_bytes <= 0:
+            raise ValueError("retries must be >= 0 and timeout_s, max_bytes > 0")
+
+
+@dataclass(frozen=True)
+class SynConfig:
+    paths: tuple[str, ...] = ()
+    """DataCompDR-style synthetic captions: JSONL files ({"uid"|"key": ..., "syn_text": [...]}, .gz ok) and/or
+    sidecar tars with <uid>.syn.json members; globs and URLs allowed. Joined by uid."""
+    required: bool = False
+    """Rows without synthetic captions fail as syn_missing (otherwise they get no syn.json)."""
+    max_captions: int = 0
+    """Keep at most this many synthetic captions per sample (0: all)."""
+
+    def __post_init__(self) -> None:
+        if self.max_captions < 0:
+            raise ValueError(f"max_captions must be >= 0, got {self.max_captions}")
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    kind: Literal["parquet", "folder"] = "parquet"
+    """parquet: metadata tables (DataComp style); folder: a folder of images with .txt captions."""
+    parquet: tuple[str, ...] = ()
+    """Parquet files, globs or folders (local paths or URLs), read in this order (globs sorted)."""
+    folder: str = ""
+    """For kind=folder: the folder, searched recursively for images; captions from <stem>.txt beside them."""
+    uid_column: str = "uid"
+    """Parquet column with the sample id (becomes the tar key)."""
+    url_column: str = "url"
+    """Parquet column with the image URL or path (also the img2dataset url join key)."""
+    text_column: str = "text"
+    """Parquet column with the web caption (string or binary UTF-8)."""
+    score_columns: tuple[str, ...] = ()
+    """Columns copied into json "scores"; empty: every numeric column whose name contains "score"."""
+    images: Literal["url", "img2dataset"] = "url"
+    """Where images come from: url = fetch the url column; img2dataset = an img2dataset output folder."""
+    image_root: str = ""
+    """Prefix for relative paths in the url column (a folder or URL)."""
+    img2dataset: str = ""
+    """For images=img2dataset: the img2dataset output folder (webdataset tars or files format)."""
+    img2dataset_join: Literal["uid", "url"] = "uid"
+    """Join img2dataset samples to rows by their json's uid (needs save_additional_columns=["uid"]) or url."""
+    max_member_bytes: int = 64 << 20
+    """Members of external tars larger than this are skipped."""
+    extras: tuple[str, ...] = ()
+    """For kind=folder: dense labels copied verbatim into the sample from files beside each image
+    (<stem>.<ext>), e.g. ["seg.png", "depth.npy", "ann.json"]; needs image.resize_mode=none."""
+
+    def check_required(self) -> None:
+        """Raise ValueError naming the missing field (called by the job: empty defaults keep --help working)."""
+        if self.kind == "parquet" and not self.parquet:
+            raise ValueError(
+                "source.parquet: give at least one parquet file, glob or folder (or kind=folder)"
+            )
+        if self.kind == "folder" and not self.folder:
+            raise ValueError("source.folder: required when source.kind=folder")
+        if self.images == "img2dataset" and not self.img2dataset:
+            raise ValueError("source.img2dataset: required when source.images=img2dataset")
+        if self.extras and self.kind != "folder":
+            raise ValueError("source.extras: only a folder source (source.kind=folder) has extras")
+        reserved = {"jpg", "txt", "json", "syn.json"}
+        if reserved & set(self.extras):
+            raise ValueError(f"source.extras: {sorted(reserved & set(self.extras))} are written by the job")
+        if self.kind == "folder" and self.images != "url":
+            raise ValueError("source.images: a folder source reads its own images; leave images=url")
+
+
+# ---------------------------------------------------------------------------------------------- listing
+
+
+def _has_glob(s: str) -> bool:
+    return any(c in s for c in "*?[")
+
+
+def expand_urls(patterns: Sequence[str], suffixes: tuple[str, ...] = (".parquet",)) -> list[str]:
+    """Files named by ``patterns`` (files, globs, folders searched for ``suffixes``), sorted per pattern."""
+    out: list[str] = []
+    for pattern in patterns:
+        fs, path = io.filesystem(pattern)
+        if _has_glob(path):
+            found = sorted(fs.glob(path))
+        elif fs.isdir(path):
+            found = sorted(p for p in fs.find(path) if p.endswith(suffixes))
+        else:
+            found = [path]
+        local = io.is_local(pattern)
+        for p in found:
+            url = p if local else fs.unstrip_protocol(p)
+            if url not in out:
+                out.append(url)
+    return out
+
+
+def count_rows(url: str) -> int:
+    """Rows in a parquet file, from its footer (raises when the footer cannot be read)."""
+    fs, path = io.filesystem(url)
+    with fs.open(path, "rb") as f:
+        return pq.ParquetFile(f).metadata.num_rows
+
+
+def list_folder(cfg: SourceConfig) -> pa.Table:
+    """The images of a folder source as a table (uid, url, text_path), sorted by relative path.
+
+    ``url`` and ``text_path`` are relative to the folder (so shards do not depend on where it lies). The
+    uid is the relative path without extension with every character outside [A-Za-z0-9_-] replaced by
+    ``_`` (``cats/img.1.jpg`` -> ``cats_img_1``); collisions are reported as duplicate_uid.
+    """
+    fs, root = io.filesystem(cfg.folder)
+    root = root.rstrip("/")
+    suffixes = tuple("." + e for e in IMAGE_EXTENSIONS)
+    extras = tuple("." + e for e in cfg.extras)  # a.seg.png is a's label, not an image
+    rels = sorted(
+        posixpath.relpath(p, root)
+        for p in fs.find(root)
+        if p.lower().endswith(suffixes) and not p.endswith(extras)
+    )
+    uids = []
+    for rel in rels:
+        stem = rel.rsplit(".", 1)[0]
+        uids.append("".join(c if (c.isascii() and (c.isalnum() or c in "_-")) else "_" for c in stem))
+    text_paths = [rel.rsplit(".", 1)[0] + ".txt" for rel in rels]
+    return pa.table(
+        {
+            "uid": pa.array(uids, pa.string()),
+            "url": pa.array(rels, pa.string()),
+            "text_path": pa.array(text_paths, pa.string()),
+        }
+    )
+
+
+# ---------------------------------------------------------------------------------------------- rows
+
+
+@dataclass
+class InputRow:
+    row: int
+    """Index of the row in its input file."""
+    uid: Any
+    url: Any
+    text: Any
+    text_path: str | None = None
+    scores: dict[str, float | None] = field(default_factory=dict)
+
+
+def _score_columns(schema: pa.Schema, cfg: SourceConfig) -> list[str]:
+    if cfg.score_columns:
+        return [c for c in cfg.score_columns if c in schema.names]
+    return [
+        f.name
+        for f in schema
+        if "score" in f.name.lower() and (pa.types.is_floating(f.type) or pa.types.is_integer(f.type))
+    ]
+
+
+def _as_score(value: Any) -> float | None:
+    if isinstance(value, bool) or value is None:
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _values(col: pa.ChunkedArray) -> list[Any]:
+    """Python values; strings come back as bytes so that one bad UTF-8 value fails its row, not the file."""
+    if pa.types.is_string(col.type):
+        col = col.cast(pa.binary())
+    elif pa.types.is_large_string(col.type):
+        col = col.cast(pa.large_binary())
+    return col.to_pylist()
+
+
+def _text(value: Any) -> Any:
+    """Decode bytes as strict UTF-8; invalid bytes and other values come back unchanged."""
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            return value
+    return value
+
+
+def read_rows(url: str, start: int, end: int, cfg: SourceConfig) -> list[InputRow]:
+    """Rows ``[start, end)`` of a parquet file, reading only the row groups that overlap the range.
+
+    Columns the file lacks come back as :data:`MISSING`; the caller turns that into ``malformed_row``.
+    """
+    fs, path = io.filesystem(url)
+    with fs.open(path, "rb") as f:
+        pf = pq.ParquetFile(f)
+        meta = pf.metadata
+        groups, first = [], None
+        offset = 0
+        for g in range(meta.num_row_groups):
+            n = meta.row_group(g).num_rows
+            if offset < end and offset + n > start:
+                groups.append(g)
+                first = offset if first is None else first
+            offset += n
+        names = pf.schema_arrow.names
+        wanted = [cfg.uid_column, cfg.url_column, cfg.text_column, "text_path"]
+        scores = _score_columns(pf.schema_arrow, cfg)
+        columns = [c for c in dict.fromkeys(wanted + scores) if c in names]
+        if not groups:
+            return []
+        table = pf.read_row_groups(groups, columns=columns).slice(start - first, end - start)
+    data = {c: _values(table.column(c)) for c in columns}
+    n = table.num_rows
+
+    def col(name: str) -> list[Any]:
+        return data[name] if name in data else [MISSING] * n
+
+    uids, urls, texts = col(cfg.uid_column), col(cfg.url_column), col(cfg.text_column)
+    tpaths = data.get("text_path", [None] * n)
+    return [
+        InputRow(
+            row=start + i,
+            uid=uids[i],
+            url=_text(urls[i]),
+            text=texts[i],
+            text_path=_text(tpaths[i]),
+            scores={c: _as_score(data[c][i]) for c in scores},
+        )
+        for i in range(n)
+    ]
+
+
+# ---------------------------------------------------------------------------------------------- fetching
+
+
+class FetchError(Exception):
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """Where an image's bytes are: a URL or path, optionally a byte range inside it (img2dataset tars)."""
+
+    url: str
+    offset: int = -1
+    size: int = -1
+
+
+class _Permanent(Exception):
+    """A fetch error that retrying will not fix (404, missing file, too large)."""
+
+
+class Fetcher:
+    """Reads image bytes from http(s), any fsspec URL or local paths, with timeouts, retries and a size cap."""
+
+    def __init__(self, cfg: FetchConfig, image_root: str = "") -> None:
+        self.cfg = cfg
+        self.image_root = image_root
+        self._lock = threading.Lock()
+        self._filesystems: dict[str, Any] = {}
+
+    def resolve(self, url: str) -> str:
+        if self.image_root and "://" not in url and not os.path.isabs(url):
+            return io.join(self.image_root, url)
+        return url
+
+    def fetch(self, ref: ImageRef) -> bytes:
+        url = self.resolve(ref.url)
+        if 0 <= ref.size and ref.size > self.cfg.max_bytes:
+            raise FetchError("too_large", f"{ref.size} bytes")
+        last = ""
+        for attempt in range(self.cfg.retries + 1):
+            if attempt:
+                time.sleep(self.cfg.backoff_s * 2 ** (attempt - 1))
+            try:
+                return self._fetch_once(url, ref)
+            except FetchError:
+                raise
+            except _Permanent as e:
+                raise FetchError("fetch_failed", str(e)) from None
+            except Exception as e:  # noqa: BLE001 - network / S3 / OS errors are all retried, then reported
+                last = f"{type(e).__name__}: {e}"
+        raise FetchError("fetch_failed", last[:500])
+
+    def _limit(self, data: bytes) -> bytes:
+        if len(data) > self.cfg.max_bytes:
+            raise FetchError("too_large", f"> {self.cfg.max_bytes} bytes")
+        return data
+
+    def _fetch_once(self, url: str, ref: ImageRef) -> bytes:
+        if url.startswith(("http://", "https://")) and ref.offset < 0:
+            return self._http(url)
+        if io.is_local(url):
+            path = url[len("file://") :] if url.startswith("file://") else url
+            try:
+                with open(path, "rb") as f:
+                    if ref.offset >= 0:
+                        return safe_tar.read_range(f, safe_tar.TarEntry(path, ref.offset, ref.size))
+                    return self._limit(f.read(self.cfg.max_bytes + 1))
+            except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as e:
+                raise _Permanent(f"{type(e).__name__}: {e}") from None
+        fs, path = self._filesystem(url)
+        try:
+            if ref.offset >= 0:
+                data = fs.cat_file(path, start=ref.offset, end=ref.offset + ref.size)
+                if len(data) != ref.size:
+                    raise EOFError(f"short read {len(data)} of {ref.size} bytes")
+                return data
+            with fs.open(path, "rb") as f:
+                return self._limit(f.read(self.cfg.max_bytes + 1))
+        except FileNotFoundError as e:
+            raise _Permanent(f"not found: {e}") from None
+
+    def _filesystem(self, url: str) -> tuple[Any, str]:
+        protocol = url.split("://", 1)[0]
+        with self._lock:
+            if protocol not in self._filesystems:
+                self._filesystems[protocol] = io.filesystem(url)[0]
+            fs = self._filesystems[protocol]
+        return fs, fs._strip_protocol(url)
+
+    def _http(self, url: str) -> bytes:
+        req = urllib.request.Request(url, headers={"User-Agent": self.cfg.user_agent})
+        try:
+            with urllib.request.urlopen(req, timeout=self.cfg.timeout_s) as resp:
+                length = resp.headers.get("Content-Length")
+                if length and length.isdigit() and int(length) > self.cfg.max_bytes:
+                    raise FetchError("too_large", f"Content-Length {length}")
+                return self._limit(resp.read(self.cfg.max_bytes + 1))
+        except urllib.error.HTTPError as e:
+            if 400 <= e.code < 500 and e.code not in (408, 429):
+                raise _Permanent(f"HTTP {e.code}") from None
+            raise
+
+
+def read_caption_file(url: str) -> bytes | None:
+    """Bytes of a ``.txt`` caption beside a folder image, or None when there is none."""
+    try:
+        if io.is_local(url):
+            with open(url, "rb") as f:
+                return f.read(1 << 20)
+        fs, path = io.filesystem(url)
+        with fs.open(path, "rb") as f:
+            return f.read(1 << 20)
+    except (FileNotFoundError, IsADirectoryError):
+        return None
+
+
+# ---------------------------------------------------------------------------------------------- syn captions
+
+
+def _parse_syn(obj: Any, max_captions: int) -> list[str] | None:
+    texts = obj.get("syn_text") if isinstance(obj, dict) else None
+    if not isinstance(texts, list):
+        return None
+    clean = [t for t in texts if isinstance(t, str) and t.strip()]
+    return clean[:max_captions] if max_captions else clean
+
+
+@dataclass
+class SynReport:
+    loaded: int = 0
+    invalid: int = 0
+    duplicates: int = 0
+    tar: safe_tar.TarReport = field(default_factory=safe_tar.TarReport)
+
+
+def iter_syn_records(cfg: SynConfig, max_member_bytes: int, report: SynReport) -> Iterator[tuple[str, Any]]:
+    """``(uid, parsed json or None)`` from every JSONL file and sidecar tar in ``cfg.paths``."""
+    urls = expand_urls(cfg.paths, suffixes=(".jsonl", ".jsonl.gz", ".tar", ".tar.gz", ".tgz"))
+    for url in urls:
+        fs, path = io.filesystem(url)
+        if path.endswith((".tar", ".tar.gz", ".tgz")):
+            with fs.open(path, "rb") as f:
+                for key, members in safe_tar.iter_tar_samples(f, max_member_bytes, report.tar):
+                    if SYN_KEY in members:
+                        try:
+                            yield posixpath.basename(key), json.loads(members[SYN_KEY])
+                        except ValueError:
+                            report.invalid += 1
+            continue
+        with fs.open(path, "rb") as raw:
+            stream = gzip.open(raw) if path.endswith(".gz") else raw
+            for line in _io.TextIOWrapper(stream, encoding="utf-8", errors="replace"):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                    uid = obj.get("uid", obj.get("key"))
+                except (ValueError, AttributeError):
+                    report.invalid += 1
+                    continue
+                if uid is None:
+                    report.invalid += 1
+                    continue
+                yield str(uid), obj
+
+
+def load_syn(cfg: SynConfig, max_member_bytes: int = 64 << 20) -> tuple[dict[str, list[str]], SynReport]:
+    """uid -> synthetic captions (the first record of a uid wins), plus what was skipped."""
+    report = SynReport()
+    out: dict[str, list[str]] = {}
+    for uid, obj in iter_syn_records(cfg, max_member_bytes, report):
+        texts = _parse_syn(obj, cfg.max_captions)
+        if texts is None:
+            report.invalid += 1
+        elif uid in out:
+            report.duplicates += 1
+        else:
+            out[uid] = texts
+            report.loaded += 1
+    return out, report
+
+
+# ---------------------------------------------------------------------------------------------- img2dataset
+
+
+_IMAGE_EXT_SET = frozenset(IMAGE_EXTENSIONS)
+
+
+def _index_sample(
+    members: dict[str, tuple[str, int, int]], read: Any, join: str
+) -> tuple[str, tuple[str, int, int]] | None:
+    """(join key, image location) for one img2dataset sample, or None when it is not a usable success."""
+    image = next((members[e] for e in ("jpg", "jpeg", "png", "webp") if e in members), None)
+    if image is None or "json" not in members:
+        return None
+    try:
+        meta = json.loads(read(members["json"]))
+    except (ValueError, OSError, EOFError):
+        return None
+    if not isinstance(meta, dict) or meta.get("status", "success") != "success":
+        return None
+    value = meta.get(join)
+    if value is None:
+        return None
+    return str(value), image
+
+
+def build_img2dataset_index(cfg: SourceConfig) -> tuple[pa.Table, safe_tar.TarReport]:
+    """Index an img2dataset output folder: join key (uid or url) -> (file, byte offset, size) of the image.
+
+    Webdataset output: each tar's headers are read (data skipped) and each sample's small json member is
+    read to get the key. Files output: ``<shard>/<key>.jpg`` beside ``<key>.json``. First key wins.
+    """
+    report = safe_tar.TarReport()
+    fs, root = io.filesystem(cfg.img2dataset)
+    files = sorted(fs.find(root))
+    keys: list[str] = []
+    locs: list[tuple[str, int, int]] = []
+    seen: set[str] = set()
+
+    def add(item: tuple[str, tuple[str, int, int]] | None) -> None:
+        if item is not None and item[0] not in seen:
+            seen.add(item[0])
+            keys.append(item[0])
+            locs.append(item[1])
+
+    local = io.is_local(cfg.img2dataset)
+    for path in files:
+        url = path if local else fs.unstrip_protocol(path)
+        if not path.endswith(".tar"):
+            continue
+        with fs.open(path, "rb") as f:
+            entries = safe_tar.index_tar(f, cfg.max_member_bytes, report)
+
+            def read(loc: tuple[str, int, int], f: Any = f) -> bytes:
+                return safe_tar.read_range(f, safe_tar.TarEntry(loc[0], loc[1], loc[2]))
+
+            groups: dict[str, dict[str, tuple[str, int, int]]] = {}
+            for e in entries:
+                key, ext = safe_tar.split_key(e.name)
+                groups.setdefault(key, {})[ext] = (url, e.offset, e.size)
+            for key in groups:
+                add(_index_sample(groups[key], read, cfg.img2dataset_join))
+    # files output format: <root>/<shard>/<key>.<ext>
+    by_key: dict[str, dict[str, tuple[str, int, int]]] = {}
+    for path in files:
+        base = posixpath.basename(path)
+        stem, _, ext = base.partition(".")
+        if ext in _IMAGE_EXT_SET or ext == "json":
+            url = path if local else fs.unstrip_protocol(path)
+            by_key.setdefault(posixpath.join(posixpath.dirname(path), stem), {})[ext] = (url, -1, -1)
+
+    def read_file(loc: tuple[str, int, int]) -> bytes:
+        with fs.open(fs._strip_protocol(loc[0]) if not local else loc[0], "rb") as f:
+            return f.read(1 << 20)
+
+    for key in sorted(by_key):
+        add(_index_sample(by_key[key], read_file, cfg.img2dataset_join))
+    return (
+        pa.table(
+            {
+                "key": keys,
+                "url": [loc[0] for loc in locs],
+                "offset": pa.array([loc[1] for loc in locs], pa.int64()),
+                "size": pa.array([loc[2] for loc in locs], pa.int64()),
+            }
+        ),
+        report,
+    )

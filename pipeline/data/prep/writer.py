@@ -1,0 +1,212 @@
+"""Deterministic, atomic WebDataset shard writing, per-shard stats and the dataset-level files.
+
+A shard is built in a temporary file and published in one step: ``os.replace`` onto ``<name>.tar`` for
+local folders, a single upload for object stores (so neither ever shows a partial tar). Its
+``<name>.stats.json`` is written after the tar and is the completion marker a re-run checks.
+
+Tars are byte-identical for identical samples: GNU format, members in sample order and, within a sample, in
+:data:`MEMBER_ORDER`, mtime 0, uid/gid 0, empty user/group names, mode 0444.
+
+Dataset files written by :func:`write_dataset_files` after every shard is done: ``sizes.json``
+(open_clip's ``{shard file name: samples}``), ``failures.parquet`` (every failed input row and its reason),
+``duplicate_images.txt`` and ``manifest.json``.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import tarfile
+import tempfile
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import IO, Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline import io
+from pipeline.data.schema import (
+    ANN_KEY,
+    CAPTION_KEY,
+    DEPTH_KEY,
+    IMAGE_KEY,
+    MANIFEST_FILE,
+    META_KEY,
+    SEG_KEY,
+    SIZES_FILE,
+    STATS_SUFFIX,
+    SYN_KEY,
+)
+
+MEMBER_ORDER = (IMAGE_KEY, CAPTION_KEY, SYN_KEY, META_KEY, SEG_KEY, DEPTH_KEY, ANN_KEY)
+FAILURES_FILE = "failures.parquet"
+DUPLICATE_IMAGES_FILE = "duplicate_images.txt"
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    path: str = ""
+    """Output folder or URL (s3://bucket/prefix): shards, stats, sizes.json, manifest.json, failures."""
+    samples_per_shard: int = 10_000
+    """Input rows per shard: each shard holds at most this many samples (fewer when rows fail)."""
+    name_format: str = "{index:06d}"
+    """Shard file stem, formatted with the shard index (the file is <stem>.tar)."""
+    overwrite: bool = False
+    """Allow re-running into a folder planned with a different config (stale shards are rewritten)."""
+
+    def __post_init__(self) -> None:
+        if self.samples_per_shard < 1:
+            raise ValueError(f"samples_per_shard must be >= 1, got {self.samples_per_shard}")
+        try:
+            a, b = self.name_format.format(index=0), self.name_format.format(index=1)
+        except (KeyError, IndexError, ValueError):
+            raise ValueError(f"name_format must use only {{index}}, got {self.name_format!r}") from None
+        if a == b or "/" in a or a.startswith("."):
+            raise ValueError(f"name_format must give distinct plain file names, got {self.name_format!r}")
+
+    def shard_name(self, index: int) -> str:
+        return self.name_format.format(index=index) + ".tar"
+
+
+def _member_sort_key(ext: str) -> tuple[int, str]:
+    return (MEMBER_ORDER.index(ext), ext) if ext in MEMBER_ORDER else (len(MEMBER_ORDER), ext)
+
+
+class TarBuilder:
+    """Appends samples to an open binary file as a deterministic tar."""
+
+    def __init__(self, fileobj: IO[bytes]) -> None:
+        self._tar = tarfile.open(fileobj=fileobj, mode="w", format=tarfile.GNU_FORMAT)
+        self.num_samples = 0
+        self.size = 0  # bytes, set by open_shard once the tar is closed
+
+    def add(self, key: str, members: dict[str, bytes]) -> None:
+        for ext in sorted(members, key=_member_sort_key):
+            data = members[ext]
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size = len(data)
+            info.mtime = 0
+            info.mode = 0o444
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            self._tar.addfile(info, _BytesReader(data))
+        self.num_samples += 1
+
+    def close(self) -> None:
+        self._tar.close()
+
+
+class _BytesReader:
+    """Minimal file object over bytes (avoids a BytesIO copy per member)."""
+
+    def __init__(self, data: bytes) -> None:
+        self._view = memoryview(data)
+        self._pos = 0
+
+    def read(self, n: int = -1) -> bytes:
+        end = len(self._view) if n < 0 else min(len(self._view), self._pos + n)
+        out = bytes(self._view[self._pos : end])
+        self._pos = end
+        return out
+
+
+@contextmanager
+def open_shard(url: str) -> Iterator[TarBuilder]:
+    """Build a tar and publish it at ``url`` only if the block completes (temp file + rename / one upload)."""
+    if io.is_local(url):
+        path = url[len("file://") :] if url.startswith("file://") else url
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    else:
+        fd, tmp = tempfile.mkstemp(suffix=".tar")
+        os.close(fd)
+    try:
+        with open(tmp, "wb") as f:
+            builder = TarBuilder(f)
+            yield builder
+            builder.close()
+            builder.size = f.tell()
+            f.flush()
+            os.fsync(f.fileno())
+        if io.is_local(url):
+            os.replace(tmp, path)
+        else:
+            fs, remote = io.filesystem(url)
+            fs.put_file(tmp, remote)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def remove_stale_temp_files(output_url: str) -> int:
+    """Delete ``*.tmp-*`` files left by killed writers (only call when no writer is running)."""
+    if not io.is_local(output_url):
+        return 0  # object stores never see our temporaries
+    stale = glob.glob(os.path.join(output_url, "*.tmp-*"))
+    for path in stale:
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            pass
+    return len(stale)
+
+
+def stats_url(output_url: str, shard_name: str) -> str:
+    return io.join(output_url, shard_name[: -len(".tar")] + STATS_SUFFIX)
+
+
+def read_stats(output_url: str, shard_name: str) -> dict[str, Any] | None:
+    """The shard's stats when both it and its tar exist (the completion marker), else None."""
+    url = stats_url(output_url, shard_name)
+    try:
+        stats = io.read_json(url)
+    except (FileNotFoundError, ValueError):
+        return None
+    if not io.exists(io.join(output_url, shard_name)):
+        return None
+    return stats
+
+
+def shard_pattern(names: Sequence[str]) -> str:
+    """A brace pattern for the shard list (``{000000..000041}.tar``) when names are contiguous numbers."""
+    if not names:
+        return ""
+    stems = [n[: -len(".tar")] for n in names]
+    if all(s.isdigit() and len(s) == len(stems[0]) for s in stems):
+        ints = [int(s) for s in stems]
+        if ints == list(range(ints[0], ints[0] + len(ints))):
+            return f"{{{stems[0]}..{stems[-1]}}}.tar" if len(stems) > 1 else names[0]
+    return "::".join(names)
+
+
+def write_failures(output_url: str, rows: Sequence[dict[str, Any]]) -> None:
+    """The failure table: one row per failed input row (shard, input, row, uid, reason, detail)."""
+    schema = pa.schema(
+        [
+            ("shard", pa.string()),
+            ("input", pa.string()),
+            ("row", pa.int64()),
+            ("uid", pa.string()),
+            ("reason", pa.string()),
+            ("detail", pa.string()),
+        ]
+    )
+    table = pa.Table.from_pylist(list(rows), schema=schema)
+    with io.atomic_write(io.join(output_url, FAILURES_FILE), "wb") as f:
+        pq.write_table(table, f)
+
+
+def write_dataset_files(
+    output_url: str,
+    sizes: dict[str, int],
+    failures: Sequence[dict[str, Any]],
+    duplicate_images: Sequence[str],
+    manifest: dict[str, Any],
+) -> None:
+    write_failures(output_url, failures)
+    io.write_text(io.join(output_url, DUPLICATE_IMAGES_FILE), "".join(u + "\n" for u in duplicate_images))
+    io.write_json(io.join(output_url, SIZES_FILE), sizes)
+    io.write_json(io.join(output_url, MANIFEST_FILE), manifest)
