@@ -1,0 +1,876 @@
+"""The training data loader: WebDataset shards -> batches of augmented images and tokenized captions.
+
+    loader = build_loader(LoaderConfig(shards="data/shards/{00000..00099}.tar", micro_batch=256),
+                          rank, world_size, tokenizer, start=checkpoint.get("data"))
+    for batch in loader:   # dict(image=[B,3,H,W] float, text=[B,ctx] long, syn_text=[B,ctx] long,
+        ...                #      has_syn=[B] bool, uid=list[str])
+        state = loader.state_dict()   # JSON-able; position after the last yielded batch
+
+Shards are tar files of the schema in :mod:`pipeline.data.schema`, named by brace patterns, ``::``-joined
+lists of patterns, globs, a folder, or a list file (``.txt``), on local disk or any fsspec URL (``s3://``; the
+endpoint comes from ``S3_ENDPOINT_URL``). Tars are read by a small streaming reader of our own (no webdataset
+pipeline, so no ``KeyError: 'fname'`` at shard ends): only regular members, keys from the member's base name
+(never its path), members over ``max_member_bytes`` dropped unread.
+
+Bad samples never stop training: undecodable / missing / oversized images, missing / empty / non-UTF-8
+captions, bad ``json`` or ``syn.json``, unreadable or truncated shards are skipped and counted by reason in
+``loader.stats``. Samples with no synthetic caption get their web caption as ``syn_text`` (``has_syn`` is then
+False, and ``loader.counts["syn_fallback"]`` counts them).
+
+Order, shuffling and exact resume
+---------------------------------
+Everything below is a pure function of (config, rank, world size, number of workers), never of timing.
+
+- Slots: rank ``r``'s loader worker ``w`` is slot ``s = r * W + w`` of ``S = world_size * W`` (``W =
+  max(1, num_workers)``). Epoch ``e`` permutes the shard list with a seed from (seed, e) and slot ``s`` reads
+  shards ``s, s + S, s + 2S, ...`` of that permutation, so in one epoch every shard is read by exactly one
+  slot. Needs at least ``S`` shards. In resampled mode slot ``s`` instead draws its ``k``-th shard uniformly
+  with replacement from a seed of (seed, r, w, k): an endless stream.
+- Shuffle: each slot cuts its stream into windows of ``shuffle_buffer`` samples (windows never cross an
+  epoch; with ``group_size > 1`` they end on group boundaries) and emits each window in a random order seeded
+  by (seed, epoch, slot, window start). This is a block shuffle: a sample moves at most one window away from
+  its place in the slot's stream (webdataset's rolling buffer mixes a bit further, but cannot be resumed
+  without replaying the stream). Shards are shuffled every epoch, so windows differ between epochs.
+- Hard-negative groups (``group_size = g``): samples ``g*k .. g*k+g-1`` of a shard form a group; windows
+  shuffle whole groups, so a group's samples stay consecutive and, as ``micro_batch`` is a multiple of ``g``,
+  in one micro-batch (unless a member was dropped as bad or by the subset filter).
+- Batches: each worker builds whole micro-batches from its own stream (a batch may span an epoch boundary);
+  the loader takes batches from workers in a fixed round-robin order, as torch's DataLoader does.
+- Augmentation and caption choice are seeded per sample from (seed, visit, uid), ``visit`` being the epoch
+  (resampled mode: the shard draw index): a sample gets a new crop each epoch, the same crop on a resume.
+  ``syn_sampling``: ``random`` (uniform from that seed), ``first``, or ``cycle`` (caption ``visit mod n``).
+- State: per worker (epoch, window start as (shard index, sample index in shard), samples of the window
+  consumed) plus bad-sample counters, and which worker delivers next. On resume a worker re-opens the
+  window's shard, skips to the window start reading only tar headers, re-reads that one window (raw bytes, no
+  decoding) and skips the consumed samples; earlier shards are never touched. The next batches are then
+  identical to an uninterrupted run's. A resume needs the same shards, seed, shuffle settings, micro-batch,
+  world size, rank and number of workers (checked: a mismatch raises ``ValueError`` naming the field);
+  image size and augmentation settings may change. A shard-level read error inside the re-read window is
+  counted again after a resume.
+- Finite runs: ``epochs = n`` stops each worker after ``n`` passes; with ``drop_last = False`` each worker's
+  last partial batch is yielded, so one epoch yields every (good) sample exactly once over all ranks and
+  workers. Ranks may then yield different numbers of batches: distributed training uses endless mode.
+- A subset (``subset_uids``, a uid list file from data prep's nested subsets, one uid per line or a JSON
+  list) keeps only those uids, decided from tar keys before any decoding: no re-sharding. Windows count only
+  kept samples.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import logging
+import random
+import time
+import zlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from pipeline import io as pio
+from pipeline.data import schema
+from pipeline.data.tokenizer import get_tokenizer, tokenize
+from pipeline.data.transforms import CLIP_MEAN, CLIP_STD, BadImage, eval_image, normalize_batch, train_image
+
+log = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+IMAGE_KEYS = (schema.IMAGE_KEY, "jpeg", "png", "webp")
+LoaderState = dict[str, Any]
+"""What ``Loader.state_dict()`` returns and ``build_loader(start=...)`` takes (JSON-able)."""
+
+
+@dataclass(frozen=True)
+class LoaderConfig:
+    """Training data: which shards, how they are split, shuffled, augmented and tokenized."""
+
+    shards: str = ""
+    """Shards: brace pattern(s) joined by '::', a glob, a folder, or a .txt list file; local or fsspec URL."""
+    micro_batch: int = 64
+    """Samples per batch, per rank."""
+    num_workers: int = 2
+    """Worker processes per rank (0 = decode in the main process)."""
+    shuffle_buffer: int = 1000
+    """Samples per shuffle window (0 or 1: no sample shuffle)."""
+    shuffle_shards: bool = True
+    """Permute the shard list every epoch."""
+    resampled: bool = False
+    """Draw shards with replacement (an endless stream) instead of epochs over the shard list."""
+    epochs: int | None = None
+    """Stop after this many passes over the shards (None: endless, the usual for training)."""
+    drop_last: bool = True
+    """With epochs set, drop each worker's last partial batch."""
+    seed: int = 0
+    """Seed of shard order, shuffle windows, crops and synthetic-caption choice."""
+    image_size: int = 224
+    """Output image side in pixels."""
+    augment: bool = True
+    """RandomResizedCrop (True) or resize + center crop (False)."""
+    scale: tuple[float, float] = (0.9, 1.0)
+    """RandomResizedCrop area range."""
+    ratio: tuple[float, float] = (0.75, 4.0 / 3.0)
+    """RandomResizedCrop aspect-ratio range."""
+    mean: tuple[float, float, float] = CLIP_MEAN
+    """Normalisation mean (CLIP's)."""
+    std: tuple[float, float, float] = CLIP_STD
+    """Normalisation std (CLIP's)."""
+    context_length: int = 77
+    """Tokens per caption."""
+    subset_uids: str | None = None
+    """uid list file (one per line, or a JSON list) selecting a subset of the shards' samples."""
+    syn_sampling: Literal["random", "first", "cycle"] = "random"
+    """Which synthetic caption a sample gets per visit (epoch): random, the first, or cycling."""
+    group_size: int = 1
+    """Keep groups of this many consecutive samples of a shard together (hard negatives)."""
+    prefetch_factor: int = 2
+    """Batches each worker prepares ahead."""
+    pin_memory: bool = True
+    """Pin batches in page-locked memory (only when CUDA is available)."""
+    max_member_bytes: int = 64 * 1024 * 1024
+    """Tar members larger than this are skipped unread (counted as member_too_large)."""
+    max_pixels: int = 64_000_000
+    """Images with more pixels are skipped (decompression-bomb guard)."""
+    jpeg_draft: bool = True
+    """Decode large JPEGs at 1/2, 1/4 or 1/8 scale when the crop still has enough pixels (faster)."""
+    read_retries: int = 2
+    """Re-open a shard this many times after an I/O error (not after a corrupt tar)."""
+
+    def __post_init__(self) -> None:
+        if self.micro_batch < 1:
+            raise ValueError(f"micro_batch must be >= 1, got {self.micro_batch}")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+        if self.shuffle_buffer < 0:
+            raise ValueError(f"shuffle_buffer must be >= 0, got {self.shuffle_buffer}")
+        if self.epochs is not None and self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1 or None, got {self.epochs}")
+        if self.epochs is not None and self.resampled:
+            raise ValueError("epochs: a resampled stream is endless; leave epochs unset")
+        if self.image_size < 1:
+            raise ValueError(f"image_size must be >= 1, got {self.image_size}")
+        if not 0 < self.scale[0] <= self.scale[1]:
+            raise ValueError(f"scale must satisfy 0 < min <= max, got {self.scale}")
+        if not 0 < self.ratio[0] <= self.ratio[1]:
+            raise ValueError(f"ratio must satisfy 0 < min <= max, got {self.ratio}")
+        if self.context_length < 2:
+            raise ValueError(f"context_length must be >= 2, got {self.context_length}")
+        if self.syn_sampling not in ("random", "first", "cycle"):
+            raise ValueError(f"syn_sampling must be random, first or cycle, got {self.syn_sampling!r}")
+        if self.group_size < 1:
+            raise ValueError(f"group_size must be >= 1, got {self.group_size}")
+        if self.micro_batch % self.group_size:
+            raise ValueError(
+                f"group_size ({self.group_size}) must divide micro_batch ({self.micro_batch}) "
+                "so that groups stay inside one batch"
+            )
+        if self.prefetch_factor < 1:
+            raise ValueError(f"prefetch_factor must be >= 1, got {self.prefetch_factor}")
+        if self.max_member_bytes < 1:
+            raise ValueError(f"max_member_bytes must be >= 1, got {self.max_member_bytes}")
+        if self.read_retries < 0:
+            raise ValueError(f"read_retries must be >= 0, got {self.read_retries}")
+
+
+# Fields that decide which sample comes when; a resume must keep them.
+_FINGERPRINT_FIELDS = (
+    "shards", "micro_batch", "num_workers", "shuffle_buffer", "shuffle_shards", "resampled", "seed",
+    "subset_uids", "group_size",
+)  # fmt: skip
+
+
+def _hash_int(*parts: object) -> int:
+    """A stable 64-bit hash of ``parts`` (Python's ``hash`` is salted per process)."""
+    text = "\x1f".join(str(p) for p in parts).encode("utf-8")
+    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little")
+
+
+# ---------------------------------------------------------------------------------------------- shard lists
+
+
+def _read_lines(url: str) -> list[str]:
+    fs, path = pio.filesystem(url)
+    with fs.open(path, "rb") as f:
+        text = f.read().decode("utf-8")
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
+
+
+def _expand_one(part: str) -> list[str]:
+    import braceexpand
+
+    if part.endswith((".txt", ".list", ".lst")) and "{" not in part:
+        base = part.rsplit("/", 1)[0] if "/" in part else ""
+        out = []
+        for line in _read_lines(part):
+            line = line if ("://" in line or line.startswith("/") or not base) else pio.join(base, line)
+            out.extend(_expand_one(line))
+        return out
+    if any(c in part for c in "*?["):
+        fs, path = pio.filesystem(part)
+        return [p if pio.is_local(part) else fs.unstrip_protocol(p) for p in sorted(fs.glob(path))]
+    if "{" not in part and not part.endswith((".tar", ".tgz", ".tar.gz")):
+        fs, path = pio.filesystem(part)
+        if fs.isdir(path):
+            found = sorted(p for p in fs.ls(path, detail=False) if p.endswith((".tar", ".tgz", ".tar.gz")))
+            return [p if pio.is_local(part) else fs.unstrip_protocol(p) for p in found]
+    return list(braceexpand.braceexpand(part))
+
+
+def expand_shards(spec: str) -> list[str]:
+    """Shard URLs named by ``spec`` (see :class:`LoaderConfig.shards`), in order."""
+    urls: list[str] = []
+    for part in str(spec).split("::"):
+        if part.strip():
+            urls.extend(_expand_one(part.strip()))
+    return urls
+
+
+# ------------------------------------------------------------------------------------------------- subsets
+
+
+def _uid_hash(uid: str) -> int:
+    return int.from_bytes(hashlib.blake2b(uid.encode("utf-8"), digest_size=8).digest(), "little")
+
+
+class UidSubset:
+    """A set of uids stored as sorted 64-bit hashes (8 bytes per uid, shared copy-on-write by workers)."""
+
+    def __init__(self, uids: Sequence[str]):
+        self._hashes = np.unique(np.fromiter((_uid_hash(u) for u in uids), dtype=np.uint64, count=len(uids)))
+
+    @classmethod
+    def from_file(cls, url: str) -> UidSubset:
+        """One uid per line (``#`` comments allowed), or a JSON list / ``{"uids": [...]}`` for ``.json``."""
+        if url.endswith(".json"):
+            data = pio.read_json(url)
+            uids = data.get("uids", []) if isinstance(data, dict) else data
+            if not isinstance(uids, list):
+                raise ValueError(f"subset_uids: {url} holds no list of uids")
+            return cls([str(u) for u in uids])
+        return cls(_read_lines(url))
+
+    def __len__(self) -> int:
+        return int(self._hashes.size)
+
+    def __contains__(self, uid: object) -> bool:
+        h = np.uint64(_uid_hash(str(uid)))
+        i = int(np.searchsorted(self._hashes, h))
+        return i < self._hashes.size and self._hashes[i] == h
+
+
+# ------------------------------------------------------------------------------------------- tar reading
+
+_ERROR = "__error__"
+
+
+class TarFormatError(ValueError):
+    """The bytes are not a (complete) tar archive."""
+
+
+_BLOCK = 512
+_MAX_HEADER_BYTES = 1 << 20  # pax / GNU long-name headers larger than this are treated as corruption
+_REGULAR = (b"0", b"\x00", b"7")
+
+
+def _read_exact(f: Any, n: int) -> bytes:
+    data = f.read(n)
+    if len(data) != n:
+        raise TarFormatError(f"unexpected end of data ({len(data)} of {n} bytes)")
+    return data
+
+
+def _skip(f: Any, n: int) -> None:
+    if n <= 0:
+        return
+    if getattr(f, "seekable", lambda: False)():
+        f.seek(n, 1)
+        return
+    while n > 0:
+        chunk = f.read(min(n, 1 << 20))
+        if not chunk:
+            raise TarFormatError("unexpected end of data")
+        n -= len(chunk)
+
+
+def _octal(field: bytes) -> int:
+    if field[:1] and field[0] & 0x80:  # GNU base-256
+        return int.from_bytes(field[1:], "big")
+    text = field.split(b"\x00", 1)[0].strip(b" \x00")
+    if not text:
+        return 0
+    try:
+        return int(text, 8)
+    except ValueError:
+        raise TarFormatError(f"bad number field {field!r}") from None
+
+
+def _pax(data: bytes) -> dict[str, str]:
+    out, pos = {}, 0
+    while pos < len(data):
+        space = data.find(b" ", pos)
+        if space < 0:
+            break
+        try:
+            length = int(data[pos:space])
+        except ValueError:
+            raise TarFormatError("bad pax record") from None
+        if length <= 0 or pos + length > len(data):
+            raise TarFormatError("bad pax record length")
+        key, _, value = data[space + 1 : pos + length - 1].partition(b"=")
+        out[key.decode("utf-8", "replace")] = value.decode("utf-8", "replace")
+        pos += length
+    return out
+
+
+def iter_tar(f: Any, want: Callable[[str], bool], max_bytes: int) -> Iterator[tuple[str, bytes | None]]:
+    """``(member name, data)`` for the regular files of an uncompressed tar stream.
+
+    A small reader of our own (ustar, pax and GNU long names), faster than :mod:`tarfile` on the many small
+    members of WebDataset shards. Nothing is trusted: names are only returned (callers use base names),
+    links / folders / devices are skipped, header extensions over 1 MiB and bad checksums raise
+    :class:`TarFormatError`. ``data`` is None, and the member is skipped unread, when ``want(name)`` is
+    False or the member is over ``max_bytes``.
+    """
+    long_name: str | None = None
+    pax: dict[str, str] = {}
+    while True:
+        block = f.read(_BLOCK)
+        if block == bytes(_BLOCK):
+            return  # end-of-archive marker
+        if not block:
+            raise TarFormatError("no end-of-archive marker: truncated")
+        if len(block) != _BLOCK:
+            raise TarFormatError("truncated header")
+        stored = _octal(block[148:156])
+        if stored != sum(block[:148]) + 256 + sum(block[156:]):
+            raise TarFormatError("bad header checksum")
+        size = _octal(block[124:136])
+        kind = block[156:157]
+        padded = (size + _BLOCK - 1) // _BLOCK * _BLOCK
+        if kind in (b"x", b"L", b"g"):
+            if size > _MAX_HEADER_BYTES:
+                raise TarFormatError(f"{size}-byte extended header")
+            data = _read_exact(f, padded)[:size]
+            if kind == b"x":
+                pax = _pax(data)
+            elif kind == b"L":
+                long_name = data.split(b"\x00", 1)[0].decode("utf-8", "replace")
+            continue
+        name = block[0:100].split(b"\x00", 1)[0].decode("utf-8", "replace")
+        if block[257:262] == b"ustar" and block[345:346] != b"\x00" and block[262:263] == b"\x00":
+            prefix = block[345:500].split(b"\x00", 1)[0].decode("utf-8", "replace")
+            name = f"{prefix}/{name}"
+        name = pax.get("path", long_name or name)
+        if "size" in pax:
+            try:
+                size = int(pax["size"])
+            except ValueError:
+                raise TarFormatError("bad pax size") from None
+            padded = (size + _BLOCK - 1) // _BLOCK * _BLOCK
+        pax, long_name = {}, None
+        if size < 0:
+            raise TarFormatError("negative member size")
+        if kind not in _REGULAR:
+            _skip(f, padded)
+            continue
+        if not want(name) or size > max_bytes:  # want() sees every regular member, in order
+            _skip(f, padded)
+            yield name, None
+            continue
+        data = _read_exact(f, size)
+        _skip(f, padded - size)
+        yield name, data
+
+
+def _split_name(name: str) -> tuple[str, str] | None:
+    """``dir/abc.seg.png`` -> (``abc``, ``seg.png``): key from the base name only; None when unusable."""
+    base = name.replace("\\", "/").rsplit("/", 1)[-1]
+    key, dot, ext = base.partition(".")
+    if not key or not dot or not ext or base.startswith("."):
+        return None
+    return key, ext.lower()
+
+
+def _tar_groups(
+    fileobj: Any, skip: int, max_bytes: int
+) -> Iterator[tuple[int, str, dict[str, bytes | None]]]:
+    """``(index in shard, key, {ext: bytes})`` for each sample of a tar stream, from sample ``skip`` on.
+
+    Keys come from the member's base name up to its first dot (never its path); links, folders, hidden and
+    extension-less names are ignored. Members of the first ``skip`` samples are not read; members over
+    ``max_bytes`` become None.
+    """
+    state = {"index": -1, "key": None, "exts": set()}
+
+    def want(name: str) -> bool:
+        # Called once per regular member, in order: tracks sample boundaries before any data is read.
+        parts = _split_name(name)
+        if parts is None:
+            return False
+        key, ext = parts
+        if key != state["key"] or ext in state["exts"]:
+            state["index"], state["key"], state["exts"] = state["index"] + 1, key, set()
+        state["exts"].add(ext)
+        return state["index"] >= skip
+
+    index, key, members = -1, None, {}
+    for name, data in iter_tar(fileobj, want, max_bytes):
+        if state["index"] < skip:
+            continue
+        parts = _split_name(name)
+        if parts is None:
+            continue
+        if state["index"] != index:
+            if key is not None:
+                yield index, key, members
+            index, key, members = state["index"], parts[0], {}
+        members[parts[1]] = data
+    if key is not None:
+        yield index, key, members
+
+
+def _maybe_gunzip(f: Any) -> Any:
+    head = f.read(2)
+    f.seek(0)
+    if head == b"\x1f\x8b":
+        return gzip.GzipFile(fileobj=f, mode="rb")
+    return f
+
+
+def _open_shard(url: str) -> Any:
+    if pio.is_local(url):
+        return open(url.removeprefix("file://"), "rb", buffering=1 << 20)
+    fs, path = pio.filesystem(url)
+    return fs.open(path, "rb", block_size=8 << 20)
+
+
+_CORRUPT = (TarFormatError, EOFError, zlib.error, gzip.BadGzipFile)
+"""A shard that raises one of these is corrupt or truncated."""
+
+
+def _shard_groups(
+    url: str, skip: int, max_bytes: int, retries: int
+) -> Iterator[tuple[int, str | None, dict[str, Any]]]:
+    """:func:`_tar_groups` over a shard URL; a read failure ends the shard with an error marker sample."""
+    next_index, attempt = skip, 0
+    while True:
+        try:
+            with _open_shard(url) as raw:
+                f = _maybe_gunzip(raw)
+                for index, key, members in _tar_groups(f, next_index, max_bytes):
+                    yield index, key, members
+                    next_index = index + 1
+            return
+        except _CORRUPT as e:  # deterministic: no retry
+            log.warning("shard %s: unreadable after sample %d (%s); skipping its rest", url, next_index, e)
+            yield next_index, None, {_ERROR: "truncated_shard"}
+            return
+        except FileNotFoundError as e:
+            log.warning("shard %s: %s", url, e)
+            yield next_index, None, {_ERROR: "shard_error"}
+            return
+        except Exception as e:  # I/O, object store: retry from where we were
+            attempt += 1
+            if attempt > retries:
+                log.warning("shard %s: giving up after %d attempts (%s)", url, attempt, e)
+                yield next_index, None, {_ERROR: "shard_error"}
+                return
+            time.sleep(0.5 * attempt)
+
+
+# ---------------------------------------------------------------------------------------------- the stream
+
+
+@dataclass
+class _WorkerState:
+    epoch: int = 0
+    shard: int = 0  # window start: index into this worker's shard sequence of the epoch
+    sample: int = 0  # window start: sample index inside that shard
+    offset: int = 0  # samples of the (shuffled) window already consumed
+    done: bool = False
+    stats: dict[str, int] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch, "shard": self.shard, "sample": self.sample, "offset": self.offset,
+            "done": self.done, "stats": dict(self.stats), "counts": dict(self.counts),
+        }  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> _WorkerState:
+        return cls(
+            epoch=int(d["epoch"]), shard=int(d["shard"]), sample=int(d["sample"]), offset=int(d["offset"]),
+            done=bool(d.get("done", False)), stats=dict(d.get("stats", {})), counts=dict(d.get("counts", {})),
+        )  # fmt: skip
+
+
+class _SlotStream:
+    """The batches of one (rank, worker) slot, from a given state. Runs inside a loader worker."""
+
+    def __init__(
+        self,
+        cfg: LoaderConfig,
+        urls: list[str],
+        subset: UidSubset | None,
+        tokenizer: Callable[..., torch.Tensor],
+        rank: int,
+        world_size: int,
+        worker: int,
+        state: _WorkerState,
+    ):
+        self.cfg, self.urls, self.subset, self.tokenizer = cfg, urls, subset, tokenizer
+        self.rank, self.worker = rank, worker
+        self.num_workers = max(1, cfg.num_workers)
+        self.slot = rank * self.num_workers + worker
+        self.num_slots = world_size * self.num_workers
+        self.state = state
+
+    # -- shard sequence
+    def _epoch_shards(self, epoch: int) -> list[str]:
+        order = list(range(len(self.urls)))
+        if self.cfg.shuffle_shards:
+            random.Random(_hash_int(self.cfg.seed, "shards", epoch)).shuffle(order)
+        return [self.urls[i] for i in order[self.slot :: self.num_slots]]
+
+    def _shard_at(self, epoch: int, i: int, mine: list[str] | None) -> str | None:
+        if self.cfg.resampled:
+            return self.urls[_hash_int(self.cfg.seed, "resample", self.rank, self.worker, i) % len(self.urls)]
+        assert mine is not None
+        return mine[i] if i < len(mine) else None
+
+    def _raw(self, epoch: int, shard: int, sample: int) -> Iterator[tuple[int, int, str | None, dict]]:
+        mine = None if self.cfg.resampled else self._epoch_shards(epoch)
+        i, idle = shard, 0
+        while (url := self._shard_at(epoch, i, mine)) is not None:
+            kept = 0
+            for j, key, members in _shard_groups(
+                url, sample if i == shard else 0, self.cfg.max_member_bytes, self.cfg.read_retries
+            ):
+                if key is not None and self.subset is not None and key not in self.subset:
+                    continue
+                kept += 1
+                yield i, j, key, members
+            idle = 0 if kept else idle + 1
+            if self.cfg.resampled and idle > 4 * len(self.urls) + 16:
+                raise RuntimeError(
+                    f"rank {self.rank} worker {self.worker}: {idle} shard draws in a row gave no "
+                    f"sample (shards {self.cfg.shards!r}, subset {self.cfg.subset_uids!r})"
+                )
+            i += 1
+
+    def _windows(self, epoch: int, shard: int, sample: int) -> Iterator[tuple[tuple[int, int], list]]:
+        """Windows of >= shuffle_buffer kept samples (ending on group boundaries), with their start position."""
+        size, g = max(1, self.cfg.shuffle_buffer), self.cfg.group_size
+        items: list[tuple[int, int, str | None, dict]] = []
+        start = (shard, sample)
+        for i, j, key, members in self._raw(epoch, shard, sample):
+            if len(items) >= size and j % g == 0:
+                yield start, items
+                items, start = [], (i, j)
+            items.append((i, j, key, members))
+        if items:
+            yield start, items
+
+    def _order(self, epoch: int, start: tuple[int, int], items: list) -> list:
+        if self.cfg.shuffle_buffer <= 1:
+            return items
+        rng = random.Random(_hash_int(self.cfg.seed, "window", epoch, self.rank, self.worker, *start))
+        g = self.cfg.group_size
+        if g == 1:
+            items = list(items)
+            rng.shuffle(items)
+            return items
+        units: dict[tuple[int, int], list] = {}
+        for item in items:
+            units.setdefault((item[0], item[1] // g), []).append(item)
+        groups = list(units.values())
+        rng.shuffle(groups)
+        return [item for group in groups for item in group]
+
+    # -- samples
+    def _bad(self, reason: str) -> None:
+        self.state.stats[reason] = self.state.stats.get(reason, 0) + 1
+
+    def _count(self, name: str) -> None:
+        self.state.counts[name] = self.state.counts.get(name, 0) + 1
+
+    def _sample(self, key: str | None, members: dict[str, Any], visit: int) -> dict[str, Any] | None:
+        cfg = self.cfg
+        if key is None:
+            self._bad(members[_ERROR])
+            return None
+        image_key = next((k for k in IMAGE_KEYS if k in members), None)
+        if image_key is None:
+            self._bad("missing_image")
+            return None
+        if members[image_key] is None or members.get(schema.CAPTION_KEY, b"") is None:
+            self._bad("member_too_large")
+            return None
+        if schema.CAPTION_KEY not in members:
+            self._bad("missing_txt")
+            return None
+        try:
+            text = members[schema.CAPTION_KEY].decode("utf-8").strip()
+        except UnicodeDecodeError:
+            self._bad("bad_txt")
+            return None
+        if not text:
+            self._bad("empty_txt")
+            return None
+        if schema.META_KEY in members:
+            try:
+                meta = json.loads(members[schema.META_KEY] or b"")
+                if not isinstance(meta, dict):
+                    raise ValueError("not an object")
+            except ValueError:
+                self._bad("bad_json")
+                return None
+        syn: list[str] = []
+        if schema.SYN_KEY in members:
+            try:
+                syn = schema.decode_syn(members[schema.SYN_KEY] or b"")
+            except (ValueError, TypeError, AttributeError):
+                self._bad("bad_syn_json")
+                return None
+        try:
+            if cfg.augment:
+                rng = random.Random(_hash_int(cfg.seed, "crop", visit, key))
+                image = train_image(
+                    members[image_key],
+                    cfg.image_size,
+                    cfg.scale,
+                    cfg.ratio,
+                    rng,
+                    cfg.max_pixels,
+                    cfg.jpeg_draft,
+                )
+            else:
+                image = eval_image(members[image_key], cfg.image_size, cfg.max_pixels, cfg.jpeg_draft)
+        except BadImage:
+            self._bad("undecodable_image")
+            return None
+        if syn:
+            if cfg.syn_sampling == "first":
+                choice = 0
+            elif cfg.syn_sampling == "cycle":
+                choice = visit % len(syn)
+            else:
+                choice = _hash_int(cfg.seed, "syn", visit, key) % len(syn)
+            syn_text, has_syn = syn[choice], True
+        else:
+            syn_text, has_syn = text, False
+            self._count("syn_fallback")
+        self._count("samples")
+        return {"image": image, "text": text, "syn_text": syn_text, "has_syn": has_syn, "uid": key}
+
+    def _collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        cfg = self.cfg
+        return {
+            "image": normalize_batch([s["image"] for s in samples], cfg.mean, cfg.std),
+            "text": tokenize(self.tokenizer, [s["text"] for s in samples], cfg.context_length),
+            "syn_text": tokenize(self.tokenizer, [s["syn_text"] for s in samples], cfg.context_length),
+            "has_syn": torch.tensor([s["has_syn"] for s in samples], dtype=torch.bool),
+            "uid": [s["uid"] for s in samples],
+            "_worker": self.worker,
+            "_state": self.state.to_dict(),
+        }
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        cfg, st = self.cfg, self.state
+        pending: list[dict[str, Any]] = []
+        empty_epochs, bad_run, was_done = 0, 0, st.done
+        while not st.done:
+            if cfg.epochs is not None and st.epoch >= cfg.epochs:
+                st.done = True
+                break
+            from_start, good = st.shard == 0 and st.sample == 0 and st.offset == 0, 0
+            skip = st.offset  # only the first window after a (re)start is partly consumed
+            for start, items in self._windows(st.epoch, st.shard, st.sample):
+                order = self._order(st.epoch, start, items)
+                st.shard, st.sample, st.offset = start[0], start[1], skip
+                for k in range(skip, len(order)):
+                    i, _, key, members = order[k]
+                    sample = self._sample(key, members, i if cfg.resampled else st.epoch)
+                    st.offset = k + 1
+                    if sample is None:
+                        bad_run += 1
+                        if bad_run >= 100_000:
+                            raise RuntimeError(
+                                f"rank {self.rank} worker {self.worker}: {bad_run} bad samples "
+                                f"in a row; loader stats {st.stats}"
+                            )
+                        continue
+                    good, bad_run = good + 1, 0
+                    pending.append(sample)
+                    if len(pending) == cfg.micro_batch:
+                        yield self._collate(pending)
+                        pending = []
+                skip = 0
+            empty_epochs = empty_epochs + 1 if (from_start and not good) else 0
+            if cfg.epochs is None and empty_epochs > 2 * self.num_slots + 2:
+                raise RuntimeError(
+                    f"rank {self.rank} worker {self.worker}: {empty_epochs} epochs in a row gave "
+                    f"no usable sample from shards {cfg.shards!r}; loader stats {st.stats}"
+                )
+            st.epoch, st.shard, st.sample, st.offset = st.epoch + 1, 0, 0, 0
+        if pending and not cfg.drop_last:
+            yield self._collate(pending)
+        if not was_done:  # end of a finite stream: report the final state (bad samples after the last batch)
+            yield {"_worker": self.worker, "_state": st.to_dict()}
+
+
+class _Dataset(IterableDataset):
+    """Hands each DataLoader worker its slot; worker ``j`` plays logical worker ``(j + rotation) mod W``."""
+
+    def __init__(self, loader: Loader, states: list[_WorkerState], rotation: int):
+        super().__init__()
+        self.cfg, self.urls, self.subset = loader.cfg, loader.urls, loader.subset
+        self.tokenizer, self.rank, self.world_size = loader.tokenizer, loader.rank, loader.world_size
+        self.states, self.rotation = states, rotation
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        num = max(1, self.cfg.num_workers)
+        worker = ((info.id if info is not None else 0) + self.rotation) % num
+        state = _WorkerState.from_dict(self.states[worker].to_dict())
+        return iter(
+            _SlotStream(
+                self.cfg, self.urls, self.subset, self.tokenizer, self.rank, self.world_size, worker, state
+            )
+        )
+
+
+class Loader:
+    """Iterable of batches; ``state_dict()`` is the position after the last batch it yielded.
+
+    Iterating again continues from that position (fresh worker processes).
+    """
+
+    def __init__(
+        self,
+        cfg: LoaderConfig,
+        rank: int,
+        world_size: int,
+        tokenizer: Callable[..., torch.Tensor] | None = None,
+        start: LoaderState | None = None,
+    ):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+        if not cfg.shards:
+            raise ValueError("shards: no shards given")
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.tokenizer = tokenizer or get_tokenizer("ViT-B-16", cfg.context_length)
+        self.urls = expand_shards(cfg.shards)
+        if not self.urls:
+            raise ValueError(f"shards: {cfg.shards!r} names no shard")
+        num_slots = world_size * max(1, cfg.num_workers)
+        if not cfg.resampled and len(self.urls) < num_slots:
+            raise ValueError(
+                f"shards: {len(self.urls)} shards for {num_slots} readers (world_size {world_size} x "
+                f"num_workers {max(1, cfg.num_workers)}); use more shards, fewer workers, or resampled"
+            )
+        self.subset = UidSubset.from_file(cfg.subset_uids) if cfg.subset_uids else None
+        self._states = [_WorkerState() for _ in range(max(1, cfg.num_workers))]
+        self._batches = 0
+        self._next_worker = 0
+        if start is not None:
+            self._load(start)
+
+    def _fingerprint(self) -> dict[str, Any]:
+        fp = {name: getattr(self.cfg, name) for name in _FINGERPRINT_FIELDS}
+        fp.update(rank=self.rank, world_size=self.world_size, num_shards=len(self.urls))
+        return fp
+
+    def _load(self, state: LoaderState) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"loader state version {state.get('version')!r}, expected {STATE_VERSION}")
+        saved = state["fingerprint"]
+        for name, value in self._fingerprint().items():
+            if saved.get(name) != value:
+                raise ValueError(
+                    f"{name}: the loader state was saved with {name}={saved.get(name)!r}, now {value!r}; "
+                    "exact resume needs the same value"
+                )
+        self._states = [_WorkerState.from_dict(d) for d in state["workers"]]
+        self._batches = int(state["batches"])
+        self._next_worker = int(state["next_worker"])
+
+    def state_dict(self) -> LoaderState:
+        return {
+            "version": STATE_VERSION,
+            "fingerprint": self._fingerprint(),
+            "batches": self._batches,
+            "next_worker": self._next_worker,
+            "workers": [s.to_dict() for s in self._states],
+        }
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Bad samples by reason, over this rank's workers (carried over a resume)."""
+        return _sum_dicts(s.stats for s in self._states)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """``samples`` decoded (all delivered but a dropped last partial batch) and ``syn_fallback`` (of those,
+        the samples whose ``syn_text`` is their web caption)."""
+        return _sum_dicts(s.counts for s in self._states)
+
+    @property
+    def epoch(self) -> int:
+        """The epoch the slowest worker of this rank is in."""
+        return min(s.epoch for s in self._states)
+
+    @property
+    def batches(self) -> int:
+        return self._batches
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        cfg = self.cfg
+        dataset = _Dataset(
+            self, [_WorkerState.from_dict(s.to_dict()) for s in self._states], self._next_worker
+        )
+        if cfg.num_workers == 0:
+            source: Any = iter(dataset)
+        else:
+            source = iter(
+                DataLoader(
+                    dataset,
+                    batch_size=None,
+                    num_workers=cfg.num_workers,
+                    prefetch_factor=cfg.prefetch_factor,
+                    pin_memory=cfg.pin_memory and torch.cuda.is_available(),
+                    persistent_workers=False,
+                )
+            )
+        for batch in source:
+            worker = int(batch.pop("_worker"))
+            self._states[worker] = _WorkerState.from_dict(batch.pop("_state"))
+            self._next_worker = (worker + 1) % max(1, cfg.num_workers)
+            if not batch:  # a worker's end-of-stream state report
+                continue
+            self._batches += 1
+            yield batch
+
+
+def _sum_dicts(dicts: Any) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for d in dicts:
+        for k, v in d.items():
+            out[k] = out.get(k, 0) + int(v)
+    return dict(sorted(out.items()))
+
+
+def build_loader(
+    cfg: LoaderConfig,
+    rank: int = 0,
+    world_size: int = 1,
+    tokenizer: Callable[..., torch.Tensor] | None = None,
+    start: LoaderState | None = None,
+) -> Loader:
+    """The training loader of ``rank`` (of ``world_size``), continuing from ``start`` (a ``state_dict()``)."""
+    return Loader(cfg, rank, world_size, tokenizer, start)
