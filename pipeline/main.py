@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import sys
 from collections.abc import Sequence
 
@@ -29,7 +30,11 @@ JOBS: dict[str, tuple[str, str]] = {
 def _available() -> dict[str, tuple[str, str]]:
     out = {}
     for name, (module, doc) in JOBS.items():
-        if importlib.util.find_spec(module) is not None:
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ModuleNotFoundError:  # the job's package is not there at all
+            found = False
+        if found:
             out[name] = (module, doc)
     return out
 
