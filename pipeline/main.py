@@ -17,6 +17,7 @@ JOBS: dict[str, tuple[str, str]] = {
     "synthworld": ("data_prep.synthworld", "generate the synthetic image-text world in real data layouts"),
     "shard": ("data_prep.shard", "DataComp/DataCompDR-style pairs -> WebDataset shards"),
     "caption": ("data_prep.caption", "synthetic captions (CoCa / HF image-to-text) for shards"),
+    "train_coca": ("data_prep.train_coca", "train a small CoCa captioner (e.g. on the synthetic world)"),
     "pretrain": ("jobs.pretrain", "DeepSpeed ZeRO CLIP pretraining"),
     "finetune": ("jobs.finetune", "one downstream fine-tuning stage"),
     "finetune_sweep": ("jobs.finetune_sweep", "Ray Tune sweeps over fine-tuning stages"),
