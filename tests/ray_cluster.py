@@ -56,7 +56,7 @@ def local_ray_cluster(num_cpus: int = 2, object_store_bytes: int = 300_000_000) 
     ]
     # Jobs submitted to this cluster run `python` from the head's PATH: make it this venv's.
     bin_dir = str(Path(sys.executable).parent)
-    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", PATH=bin_dir + os.pathsep + os.environ.get("PATH", ""))
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled", PATH=bin_dir + os.pathsep + os.environ.get("PATH", ""))
     log = open(os.path.join(temp_dir, "ray-start.log"), "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     dashboard = f"http://127.0.0.1:{dash_port}"
