@@ -1,0 +1,68 @@
+"""CLIP pretraining with DeepSpeed ZeRO: ``python -m jobs.pretrain --config jobs/configs/<name>.toml [--a.b=c]``.
+
+The same command runs under every launcher (ranks come from the environment, see ``pipeline.dist``):
+
+    python -m jobs.pretrain --config jobs/configs/debug.toml --data.shards=data/shards
+    torchrun --nproc_per_node 8 -m jobs.pretrain --config jobs/configs/vit_b16.toml
+    deepspeed --num_gpus 8 jobs/pretrain.py --config jobs/configs/vit_b16.toml      # passes --local_rank=N
+    srun python -m jobs.pretrain --config jobs/configs/vit_b16.toml                 # SLURM_PROCID etc.
+
+Presets: ``--preset debug`` / ``--preset vit_b16`` (the TOML files of the same names). ``--print-config``
+prints the resolved config; ``--print-ds-config`` the DeepSpeed config it builds. Exit code 0 when done,
+124 when a SIGUSR1 / SIGTERM made it checkpoint and stop (slurm/ scripts requeue on 124).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file (the deepspeed launcher does that): make `pipeline` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.cli import parse_config  # noqa: E402
+from pipeline.config import load_config  # noqa: E402
+from pipeline.train.trainer import TrainConfig  # noqa: E402
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+PRESETS = {name: (lambda name=name: load_config(TrainConfig, CONFIG_DIR / f"{name}.toml")) for name in ("debug", "vit_b16")}
+
+
+def _extra_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher")
+    parser.add_argument("--print-ds-config", action="store_true", help="print the DeepSpeed config and exit")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    cfg, args = parse_config(
+        TrainConfig, argv, prog="python -m jobs.pretrain", description=__doc__.split("\n")[0],
+        presets=PRESETS, extra_args=_extra_args,
+    )  # fmt: skip
+    if args.local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    from pipeline.dist import close_distributed, world_info_from_env
+
+    if args.print_ds_config:
+        from pipeline.train.engine import deepspeed_config
+
+        world = world_info_from_env().world_size
+        ds = deepspeed_config(cfg.engine, cfg.optim, cfg.data.micro_batch, cfg.accumulation_for(world), world)
+        print(json.dumps(ds, indent=2, sort_keys=True))
+        return 0
+    from pipeline.train.trainer import Trainer
+
+    trainer = Trainer(cfg)
+    try:
+        code = trainer.train()
+    finally:
+        trainer.close()
+    close_distributed()  # ZeRO-3 can abort at exit without a final barrier + destroy
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,287 @@
+"""Evaluation during and after training: zero-shot classification and image/text retrieval.
+
+    metrics = evaluate(model, tokenizer, preprocess, EvalConfig(zero_shot="data/val_folder",
+                                                                 retrieval="data/val/{000..003}.tar"))
+    # {"zs_top1": ..., "zs_top5": ..., "i2t_r1": ..., "i2t_r5": ..., "t2i_r1": ..., "t2i_r5": ...}
+
+- **Zero-shot classification** on an ImageNet-style folder: ``<root>/<class>/<image files>``. Class names are
+  the folder names with ``_`` read as a space, or come from ``<root>/classnames.txt`` (one per line, in sorted
+  folder order). Each class's text embedding is the normalised mean of its prompts (``templates``, each with
+  a ``{}``), as in CLIP.
+- **Retrieval** R@1 / R@5 in both directions on a held-out split given either as WebDataset shards of our
+  schema (one image, its ``txt`` caption) or as a COCO/Flickr-style captions file (``*.json`` with
+  ``images: [{id, file_name}]`` and ``annotations: [{image_id, caption}]``, image files beside it). With
+  several captions per image, image -> text counts a hit when any of its captions ranks in the top K.
+
+Images get the evaluation transform (resize shorter side, center crop, normalise) of the model's
+preprocessing config. ``model`` is a plain open_clip model (the trainer loads EMA weights into a copy).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.data.loader import LoaderConfig, build_loader
+from pipeline.data.transforms import BadImage, eval_image, normalize_batch
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+DEFAULT_TEMPLATES: tuple[str, ...] = (
+    "a photo of a {}.",
+    "a bad photo of a {}.",
+    "a photo of the large {}.",
+    "a photo of the small {}.",
+    "a rendering of a {}.",
+    "a drawing of a {}.",
+    "itap of a {}.",
+)
+"""A few of CLIP's ImageNet prompt templates."""
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    interval: int = 0
+    """Evaluate every this many optimizer steps (0: only at the end of training)."""
+    zero_shot: str = ""
+    """ImageNet-style folder (<root>/<class>/<images>) for zero-shot classification; "" skips it."""
+    templates: tuple[str, ...] = DEFAULT_TEMPLATES
+    """Zero-shot prompt templates, each with one '{}' for the class name."""
+    retrieval: str = ""
+    """Held-out image-text pairs: WebDataset shards (brace pattern / folder) or a COCO-style captions .json."""
+    batch_size: int = 256
+    """Images or texts per forward pass."""
+    max_samples: int = 0
+    """Use at most this many images per task (0: all)."""
+    ema: bool = True
+    """Evaluate the EMA weights when the run keeps an EMA (the final weights are evaluated at the end too)."""
+
+    def __post_init__(self) -> None:
+        if self.interval < 0:
+            raise ValueError(f"interval: must be >= 0, got {self.interval}")
+        if not self.templates or any("{}" not in t for t in self.templates):
+            raise ValueError("templates: need at least one, and each must contain '{}'")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size: must be >= 1, got {self.batch_size}")
+        if self.max_samples < 0:
+            raise ValueError(f"max_samples: must be >= 0, got {self.max_samples}")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.zero_shot or self.retrieval)
+
+
+Tokenizer = Callable[..., torch.Tensor]
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _image_size(preprocess: dict[str, Any]) -> int:
+    size = preprocess.get("size", 224)
+    return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+
+@torch.no_grad()
+def encode_images(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    return F.normalize(model.encode_image(images.to(_device(model))).float(), dim=-1)
+
+
+@torch.no_grad()
+def encode_texts(model: nn.Module, tokenizer: Tokenizer, texts: Sequence[str], batch_size: int) -> torch.Tensor:
+    out = []
+    for i in range(0, len(texts), batch_size):
+        tokens = tokenizer(list(texts[i : i + batch_size])).to(_device(model))
+        out.append(F.normalize(model.encode_text(tokens).float(), dim=-1))
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+# --------------------------------------------------------------------------------------- zero-shot
+
+
+def read_image_folder(root: str | Path) -> tuple[list[str], list[tuple[Path, int]]]:
+    """``(class names, [(image path, class index)])`` of an ImageNet-style folder."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ValueError(f"zero_shot: {root} is not a folder")
+    folders = sorted(p for p in root.iterdir() if p.is_dir())
+    if not folders:
+        raise ValueError(f"zero_shot: {root} has no class folders")
+    names_file = root / "classnames.txt"
+    if names_file.exists():
+        names = [line.strip() for line in names_file.read_text().splitlines() if line.strip()]
+        if len(names) != len(folders):
+            raise ValueError(f"zero_shot: {names_file} names {len(names)} classes, {root} has {len(folders)}")
+    else:
+        names = [p.name.replace("_", " ") for p in folders]
+    items = [
+        (f, label)
+        for label, folder in enumerate(folders)
+        for f in sorted(folder.iterdir())
+        if f.suffix.lower() in IMAGE_SUFFIXES
+    ]
+    return names, items
+
+
+def _load_images(paths: Sequence[Path], preprocess: dict[str, Any]) -> tuple[torch.Tensor, list[int]]:
+    """Normalised images and the positions of the ones that decoded (bad files are skipped)."""
+    size = _image_size(preprocess)
+    arrays, kept = [], []
+    for i, path in enumerate(paths):
+        try:
+            arrays.append(eval_image(Path(path).read_bytes(), size))
+            kept.append(i)
+        except (OSError, BadImage):
+            continue
+    if not arrays:
+        return torch.zeros(0, 3, size, size), kept
+    mean = preprocess.get("mean", (0.48145466, 0.4578275, 0.40821073))
+    std = preprocess.get("std", (0.26862954, 0.26130258, 0.27577711))
+    return normalize_batch(arrays, mean, std), kept
+
+
+@torch.no_grad()
+def zero_shot_classifier(
+    model: nn.Module, tokenizer: Tokenizer, classnames: Sequence[str], templates: Sequence[str], batch_size: int
+) -> torch.Tensor:
+    """``[num_classes, D]``: per class, the normalised mean of its normalised prompt embeddings."""
+    texts = [t.format(c) for c in classnames for t in templates]
+    emb = encode_texts(model, tokenizer, texts, batch_size).view(len(classnames), len(templates), -1)
+    return F.normalize(emb.mean(dim=1), dim=-1)
+
+
+@torch.no_grad()
+def zero_shot(
+    model: nn.Module, tokenizer: Tokenizer, preprocess: dict[str, Any], cfg: EvalConfig
+) -> dict[str, float]:
+    names, items = read_image_folder(cfg.zero_shot)
+    if cfg.max_samples:
+        rng = np.random.default_rng(0)
+        order = rng.permutation(len(items))[: cfg.max_samples]
+        items = [items[i] for i in sorted(order)]
+    classifier = zero_shot_classifier(model, tokenizer, names, cfg.templates, cfg.batch_size)
+    correct1 = correct5 = total = 0
+    k = min(5, len(names))
+    for i in range(0, len(items), cfg.batch_size):
+        chunk = items[i : i + cfg.batch_size]
+        images, kept = _load_images([p for p, _ in chunk], preprocess)
+        if not kept:
+            continue
+        labels = torch.tensor([chunk[j][1] for j in kept], device=classifier.device)
+        top = (encode_images(model, images) @ classifier.T).topk(k, dim=1).indices
+        correct1 += int((top[:, 0] == labels).sum())
+        correct5 += int((top == labels[:, None]).any(dim=1).sum())
+        total += len(kept)
+    if total == 0:
+        raise ValueError(f"zero_shot: no readable images under {cfg.zero_shot}")
+    return {"zs_top1": correct1 / total, "zs_top5": correct5 / total, "zs_chance": 1 / len(names),
+            "zs_images": total}
+
+
+# --------------------------------------------------------------------------------------- retrieval
+
+
+def _coco_pairs(path: Path) -> tuple[list[Path], list[str], list[int]]:
+    data = json.loads(path.read_text())
+    images = {int(im["id"]): path.parent / im["file_name"] for im in data["images"]}
+    order = {image_id: i for i, image_id in enumerate(sorted(images))}
+    texts, owner = [], []
+    for ann in data["annotations"]:
+        if int(ann["image_id"]) in order:
+            texts.append(str(ann["caption"]))
+            owner.append(order[int(ann["image_id"])])
+    return [images[i] for i in sorted(images)], texts, owner
+
+
+def _shard_batches(spec: str, preprocess: dict[str, Any], tokenizer: Tokenizer, batch: int) -> Iterator[dict]:
+    size = _image_size(preprocess)
+    cfg = LoaderConfig(
+        shards=spec, micro_batch=batch, num_workers=0, shuffle_buffer=0, shuffle_shards=False, epochs=1,
+        drop_last=False, augment=False, image_size=size,
+        mean=tuple(preprocess.get("mean", LoaderConfig.mean)), std=tuple(preprocess.get("std", LoaderConfig.std)),
+        context_length=int(getattr(tokenizer, "context_length", 77)),
+    )  # fmt: skip
+    yield from build_loader(cfg, 0, 1, tokenizer)
+
+
+def recall_at_k(similarity: torch.Tensor, owner: torch.Tensor, ks: Sequence[int] = (1, 5)) -> dict[str, float]:
+    """R@K both ways from ``similarity`` [images, texts]; ``owner[t]`` is the image of text ``t``."""
+    out: dict[str, float] = {}
+    num_images = similarity.shape[0]
+    for k in ks:
+        kk = min(k, similarity.shape[1])
+        top_texts = similarity.topk(kk, dim=1).indices  # image -> text: any own caption in the top k
+        i2t = (owner[top_texts] == torch.arange(num_images, device=owner.device)[:, None]).any(dim=1)
+        top_images = similarity.T.topk(min(k, num_images), dim=1).indices
+        t2i = (top_images == owner[:, None]).any(dim=1)
+        out[f"i2t_r{k}"] = float(i2t.float().mean())
+        out[f"t2i_r{k}"] = float(t2i.float().mean())
+    return out
+
+
+@torch.no_grad()
+def retrieval(
+    model: nn.Module, tokenizer: Tokenizer, preprocess: dict[str, Any], cfg: EvalConfig
+) -> dict[str, float]:
+    path = Path(cfg.retrieval)
+    image_parts, text_parts, owners = [], [], []
+    if path.suffix == ".json":
+        image_paths, texts, owner = _coco_pairs(path)
+        if cfg.max_samples:
+            image_paths = image_paths[: cfg.max_samples]
+            keep = [i for i, o in enumerate(owner) if o < len(image_paths)]
+            texts, owner = [texts[i] for i in keep], [owner[i] for i in keep]
+        remap, base = {}, 0
+        for i in range(0, len(image_paths), cfg.batch_size):
+            images, kept = _load_images(image_paths[i : i + cfg.batch_size], preprocess)
+            for j in kept:
+                remap[i + j] = base
+                base += 1
+            if kept:
+                image_parts.append(encode_images(model, images))
+        pairs = [(t, remap[o]) for t, o in zip(texts, owner) if o in remap]
+        text_parts.append(encode_texts(model, tokenizer, [t for t, _ in pairs], cfg.batch_size))
+        owners = [o for _, o in pairs]
+    else:
+        seen = 0
+        for batch in _shard_batches(cfg.retrieval, preprocess, tokenizer, cfg.batch_size):
+            n = batch["image"].shape[0]
+            if cfg.max_samples:
+                n = min(n, cfg.max_samples - seen)
+            image_parts.append(encode_images(model, batch["image"][:n]))
+            text_parts.append(F.normalize(model.encode_text(batch["text"][:n].to(_device(model))).float(), dim=-1))
+            owners.extend(range(seen, seen + n))
+            seen += n
+            if cfg.max_samples and seen >= cfg.max_samples:
+                break
+    if not image_parts or not owners:
+        raise ValueError(f"retrieval: no usable pairs in {cfg.retrieval}")
+    img, txt = torch.cat(image_parts), torch.cat(text_parts)
+    result = recall_at_k(img @ txt.T, torch.tensor(owners, device=img.device))
+    result["retrieval_images"] = img.shape[0]
+    return result
+
+
+def evaluate(
+    model: nn.Module, tokenizer: Tokenizer, preprocess: dict[str, Any], cfg: EvalConfig
+) -> dict[str, float]:
+    """Every configured task; keys ``zs_*`` and ``i2t_r*`` / ``t2i_r*``."""
+    was_training = model.training
+    model.eval()
+    try:
+        out: dict[str, float] = {}
+        if cfg.zero_shot:
+            out.update(zero_shot(model, tokenizer, preprocess, cfg))
+        if cfg.retrieval:
+            out.update(retrieval(model, tokenizer, preprocess, cfg))
+        return out
+    finally:
+        model.train(was_training)

@@ -1,0 +1,281 @@
+"""The exact large-batch CLIP contrastive loss: gathered features, tiled log-sum-exp, real + synthetic captions.
+
+Every sample's negatives are the whole *global* batch (all ranks, and with :mod:`pipeline.train.gradcache`
+all accumulation steps). The full-batch loss this module reproduces exactly is the symmetric InfoNCE of CLIP:
+
+    logits = logit_scale * I @ T.T                      # N x N over the global batch (features L2-normalised)
+    loss   = (CE(logits, arange(N)) + CE(logits.T, arange(N))) / 2        # ``naive_clip_loss``
+
+**Tiled (Inf-CL, arXiv 2410.17243).** ``clip_loss`` never materialises the N x N matrix: it walks it in
+``tile_size`` x ``tile_size`` tiles (one matmul each), keeping a running log-sum-exp per row (image -> text)
+and per column (text -> image). Its backward recomputes each tile from the saved row/column log-sum-exps, so
+memory is O(N x D + tile^2) instead of O(N^2) (65,536^2 fp32 logits alone are 17 GB).
+
+**Distributed (local-loss formulation).** Rank r holds n local pairs at global offset r*n. It gathers the texts
+of all ranks *with gradient* and computes only its own row block ``I_local @ T_all.T`` (n x N). The image ->
+text log-sum-exps of its rows are complete locally; the text -> image (column) log-sum-exps are combined
+across ranks with two all-reduces of N floats (max, then sum of exps). Rank r's loss is
+
+    loss_r = W / (2N) * (sum_{i local} lse_row_i + sum_{j local} lse_col_j - 2 * scale * sum_{i local} I_i.T_i)
+
+so ``mean_r loss_r`` equals the full-batch loss, and because each backward adds its row block's share of every
+column's gradient (the all-gather's backward sums them back to their owner rank), *averaging parameter
+gradients over ranks* - what DDP and DeepSpeed do - gives exactly the gradient of the full-batch loss, for the
+features and for ``logit_scale``. Each rank does one n x N matmul forward and three in backward (open_clip's
+local loss does two and four). Local batch sizes must be equal on every rank (the loader drops ragged ends).
+
+**Real and synthetic captions (DataCompDR).** ``contrastive_loss`` returns
+``w_real * CLIP(image, text) + w_syn * CLIP(image, syn_text)``. Missing synthetic captions: the *caller*
+(the trainer / loader) puts the sample's web caption in ``syn_text`` for samples that have no synthetic
+caption, so every row keeps a positive and the batch stays rectangular across ranks; when the batch has no
+``syn_text`` key at all only the real term is used. ``logit_scale`` is the multiplicative scale
+(``exp`` of the model's learnable log-temperature; the model / trainer clamps it to 100 as CLIP does).
+
+    cfg = LossConfig(tile_size=4096)
+    loss, terms = contrastive_loss({"image": img, "text": txt, "syn_text": syn}, out["logit_scale"], cfg)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    tile_size: int = 4096
+    """Rows / columns per tile of the similarity matrix (peak extra memory ~ 3 x tile^2 fp32 values)."""
+    w_real: float = 1.0
+    """Weight of CLIP(image, web caption)."""
+    w_syn: float = 1.0
+    """Weight of CLIP(image, synthetic caption); used when the batch carries ``syn_text`` features."""
+    gather_with_grad: bool = True
+    """All-gather features with gradient (exact). False drops the gradient reaching other ranks' features
+    (cheaper backward, not the full-batch gradient; for comparisons only)."""
+    impl: Literal["auto", "tiled", "naive"] = "auto"
+    """``tiled``: Inf-CL tiles, memory linear in the batch. ``naive``: full logits (open_clip-style local
+    loss when distributed). ``auto``: naive on one process when the batch fits in one tile, else tiled."""
+
+    def __post_init__(self) -> None:
+        if self.tile_size < 1:
+            raise ValueError(f"tile_size: must be >= 1, got {self.tile_size}")
+        if self.w_real < 0 or self.w_syn < 0:
+            raise ValueError(f"w_real / w_syn: weights must be >= 0, got {self.w_real}, {self.w_syn}")
+        if self.w_real == 0 and self.w_syn == 0:
+            raise ValueError("w_real / w_syn: at least one loss weight must be > 0")
+        if self.impl not in ("auto", "tiled", "naive"):
+            raise ValueError(f"impl: must be auto, tiled or naive, got {self.impl!r}")
+
+
+def world() -> tuple[int, int]:
+    """(world_size, rank) of the default process group; (1, 0) when not distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """All-gather (rank order along dim 0) whose backward sums each slice's gradient onto its owner rank."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[override]
+        world_size = dist.get_world_size()
+        parts = [torch.empty_like(x) for _ in range(world_size)]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
+        world_size, rank = dist.get_world_size(), dist.get_rank()
+        grad = grad.contiguous()
+        if dist.get_backend() == "nccl":
+            out = torch.empty_like(grad.chunk(world_size)[rank])
+            dist.reduce_scatter_tensor(out, grad)
+            return out
+        dist.all_reduce(grad)  # gloo has no reduce-scatter; the gradient is only N x D
+        return grad.chunk(world_size)[rank].clone()
+
+
+def gather_features(x: Tensor) -> Tensor:
+    """Concatenate ``x`` (n x D, the same n on every rank) from all ranks in rank order, *with* gradient.
+
+    The backward sums every rank's gradient for a slice back onto the rank that owns it (reduce-scatter on
+    NCCL, all-reduce + slice on gloo). Identity when not distributed.
+    """
+    world_size, _ = world()
+    if world_size == 1:
+        return x
+    return _GatherWithGrad.apply(x)
+
+
+def gather_features_no_grad(x: Tensor) -> Tensor:
+    """Like :func:`gather_features` but only the local slice keeps its gradient (open_clip's default)."""
+    world_size, rank = world()
+    if world_size == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(world_size)]
+    dist.all_gather(parts, x.detach().contiguous())
+    parts[rank] = x
+    return torch.cat(parts, dim=0)
+
+
+def naive_clip_loss(img: Tensor, txt: Tensor, logit_scale: Tensor | float) -> Tensor:
+    """The reference full-batch loss on one process: ``(CE(logits) + CE(logits.T)) / 2``, N x N logits."""
+    logits = logit_scale * img @ txt.T
+    labels = torch.arange(img.shape[0], device=img.device)
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
+def _naive_local_loss(img: Tensor, txt: Tensor, logit_scale: Tensor, cfg: LossConfig) -> Tensor:
+    """open_clip's local loss (full n x N logits per direction), scaled like the tiled loss."""
+    world_size, rank = world()
+    gather = gather_features if cfg.gather_with_grad else gather_features_no_grad
+    img_all, txt_all = gather(img), gather(txt)
+    n, total = img.shape[0], img_all.shape[0]
+    labels = torch.arange(n, device=img.device) + rank * n
+    loss_i = F.cross_entropy(logit_scale * img @ txt_all.T, labels, reduction="sum")
+    loss_t = F.cross_entropy(logit_scale * txt @ img_all.T, labels, reduction="sum")
+    return (loss_i + loss_t) * (world_size / (2 * total))
+
+
+class _TiledLSE(torch.autograd.Function):
+    """Row and column log-sum-exps of ``scale * a @ b.T`` computed tile by tile (see the module docstring).
+
+    a: n x D local rows, b: N x D all columns (rows offset..offset+n of the global matrix are ``a``'s).
+    Returns ``row_lse`` (n,) over all N columns, and ``col_lse`` (n,) of the columns offset..offset+n over
+    all rows of *all ranks*. Both are fp32.
+    """
+
+    @staticmethod
+    def forward(ctx, a: Tensor, b: Tensor, scale: Tensor, offset: int, tile: int) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        n, total = a.shape[0], b.shape[0]
+        s = scale.detach().to(torch.float32)
+        row_lse = torch.full((n,), -math.inf, dtype=torch.float32, device=a.device)
+        col_lse = torch.full((total,), -math.inf, dtype=torch.float32, device=a.device)
+        for i0 in range(0, n, tile):
+            a_t = a[i0 : i0 + tile]
+            row_parts = []
+            for j0 in range(0, total, tile):
+                z = (a_t @ b[j0 : j0 + tile].T).to(torch.float32).mul_(s)
+                row_parts.append(torch.logsumexp(z, dim=1))
+                col = col_lse[j0 : j0 + tile]
+                torch.logaddexp(col, torch.logsumexp(z, dim=0), out=col)
+            row_lse[i0 : i0 + tile] = torch.logsumexp(torch.stack(row_parts, dim=1), dim=1)
+        world_size, _ = world()
+        if world_size > 1:  # combine the column log-sum-exps of every rank's row block
+            col_max = col_lse.clone()
+            dist.all_reduce(col_max, op=dist.ReduceOp.MAX)
+            col_sum = torch.exp(col_lse - col_max)
+            dist.all_reduce(col_sum, op=dist.ReduceOp.SUM)
+            col_lse = col_max + torch.log(col_sum)
+        ctx.save_for_backward(a, b, scale, row_lse, col_lse)
+        ctx.offset, ctx.tile = offset, tile
+        return row_lse, col_lse[offset : offset + n].clone()
+
+    @staticmethod
+    def backward(ctx, g_row: Tensor, g_col_local: Tensor):  # type: ignore[override]
+        a, b, scale, row_lse, col_lse = ctx.saved_tensors
+        tile = ctx.tile
+        n, total = a.shape[0], b.shape[0]
+        s = scale.detach().to(torch.float32)
+        g_row = g_row.to(torch.float32)
+        world_size, _ = world()
+        if world_size > 1:  # every rank's row block touches every column: it needs all columns' upstream grads
+            parts = [torch.empty_like(g_col_local, dtype=torch.float32) for _ in range(world_size)]
+            dist.all_gather(parts, g_col_local.to(torch.float32).contiguous())
+            g_col = torch.cat(parts)
+        else:
+            g_col = g_col_local.to(torch.float32)
+        need_a, need_b, need_s = ctx.needs_input_grad[:3]
+        grad_a = torch.zeros(a.shape, dtype=torch.float32, device=a.device) if need_a else None
+        grad_b = torch.zeros(b.shape, dtype=torch.float32, device=b.device) if need_b else None
+        grad_s = torch.zeros((), dtype=torch.float32, device=a.device)
+        for i0 in range(0, n, tile):
+            a_t = a[i0 : i0 + tile]
+            r_lse, r_g = row_lse[i0 : i0 + tile, None], g_row[i0 : i0 + tile, None]
+            for j0 in range(0, total, tile):
+                b_t = b[j0 : j0 + tile]
+                z = (a_t @ b_t.T).to(torch.float32).mul_(s)
+                # d(sum g_row*row_lse + sum g_col*col_lse)/d z = softmax_row * g_row + softmax_col * g_col
+                p = torch.sub(z, r_lse).exp_().mul_(r_g)
+                p.add_(z.sub_(col_lse[None, j0 : j0 + tile]).exp_().mul_(g_col[None, j0 : j0 + tile]))
+                p = p.to(a.dtype)
+                pb = p @ b_t  # (tile, D); dz/ds = a_t @ b_t.T so sum(p * a_t @ b_t.T) = sum(a_t * pb)
+                if need_a:
+                    grad_a[i0 : i0 + tile] += pb
+                if need_b:
+                    grad_b[j0 : j0 + tile] += p.T @ a_t
+                if need_s:
+                    grad_s += (a_t.to(torch.float32) * pb).sum()
+        if need_a:
+            grad_a = grad_a.mul_(s).to(a.dtype)
+        if need_b:
+            grad_b = grad_b.mul_(s).to(b.dtype)
+        return grad_a, grad_b, (grad_s.to(scale.dtype).reshape(scale.shape) if need_s else None), None, None
+
+
+def tiled_lse(a: Tensor, b: Tensor, logit_scale: Tensor, offset: int, tile_size: int) -> tuple[Tensor, Tensor]:
+    """(row_lse, col_lse) of ``logit_scale * a @ b.T``; see :class:`_TiledLSE`."""
+    return _TiledLSE.apply(a, b, logit_scale, offset, tile_size)
+
+
+def clip_loss(img_local: Tensor, txt_local: Tensor, logit_scale: Tensor | float, cfg: LossConfig) -> Tensor:
+    """This rank's share of the full-batch CLIP loss (see the module docstring for the exact contract).
+
+    On one process it *is* the full-batch loss; with W ranks, ``mean_r loss_r`` is the full-batch loss and
+    averaging parameter gradients over ranks gives its exact gradient (``logit_scale`` included).
+    """
+    if img_local.shape != txt_local.shape:
+        raise ValueError(f"image / text features differ in shape: {tuple(img_local.shape)} vs {tuple(txt_local.shape)}")
+    # The loss runs in fp32 outside autocast (its cost is small next to the towers'; logits at scale 100 in
+    # bf16 would lose ~0.4 nats); gradients flow back to the features in their own dtype.
+    with torch.autocast(device_type=img_local.device.type, enabled=False):
+        # a 0-dim scale (open_clip models may keep it as a 1-element parameter)
+        scale = torch.as_tensor(logit_scale, device=img_local.device).to(torch.float32).reshape(())
+        return _clip_loss_fp32(img_local.to(torch.float32), txt_local.to(torch.float32), scale, cfg)
+
+
+def _clip_loss_fp32(img_local: Tensor, txt_local: Tensor, scale: Tensor, cfg: LossConfig) -> Tensor:
+    world_size, rank = world()
+    n = img_local.shape[0]
+    if cfg.impl == "naive" or (cfg.impl == "auto" and world_size == 1 and n <= cfg.tile_size):
+        if world_size == 1:
+            return naive_clip_loss(img_local, txt_local, scale)
+        return _naive_local_loss(img_local, txt_local, scale, cfg)
+    txt_all = gather_features(txt_local) if cfg.gather_with_grad else gather_features_no_grad(txt_local)
+    total = txt_all.shape[0]
+    row_lse, col_lse = tiled_lse(img_local, txt_all, scale, rank * n, cfg.tile_size)
+    positives = scale * (img_local * txt_local).sum()
+    return (row_lse.sum() + col_lse.sum() - 2 * positives) * (world_size / (2 * total))
+
+
+def contrastive_loss(
+    features: dict[str, Tensor], logit_scale: Tensor | float, cfg: LossConfig
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """``w_real * CLIP(image, text) + w_syn * CLIP(image, syn_text)`` and its terms (detached, for logging).
+
+    ``features``: ``image`` and ``text`` (n x D, normalised), optionally ``syn_text`` (n x D: one synthetic
+    caption per sample, the web caption where a sample has none). Terms: ``loss_real``, ``loss_syn``.
+    With several ranks each value is this rank's share: average them over ranks to log the full-batch loss.
+    """
+    for key in ("image", "text"):
+        if key not in features:
+            raise ValueError(f"features: missing {key!r} (got {sorted(features)})")
+    terms: dict[str, Tensor] = {}
+    total: Tensor | None = None
+    parts = [("loss_real", "text", cfg.w_real), ("loss_syn", "syn_text", cfg.w_syn)]
+    for name, key, weight in parts:
+        if weight == 0 or key not in features:
+            continue
+        term = clip_loss(features["image"], features[key], logit_scale, cfg)
+        terms[name] = term.detach()
+        total = weight * term if total is None else total + weight * term
+    if total is None:
+        raise ValueError("w_real: is 0 and the batch has no syn_text features, so there is no loss term")
+    return total, terms

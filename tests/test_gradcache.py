@@ -1,0 +1,236 @@
+"""Acceptance test of the exact large-batch loss: gradient caching + gathered tiled loss == naive full batch.
+
+One optimizer step's parameter gradient through ``cached_contrastive_step`` (micro-batches, ranks, tiled loss,
+real + synthetic captions) must equal the gradient of the naive full-batch loss on one process.
+
+    .venv/bin/pytest tests/test_gradcache.py -q
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from open_clip.model import CLIP
+from torch import nn
+
+from pipeline.train.gradcache import cached_contrastive_step
+from pipeline.train.loss import LossConfig, contrastive_loss, naive_clip_loss
+
+GLOBAL_BATCH = 16
+W_REAL, W_SYN = 1.0, 0.5
+
+
+def _tiny_clip() -> CLIP:
+    torch.manual_seed(0)
+    model = CLIP(
+        embed_dim=32,
+        vision_cfg={"image_size": 32, "patch_size": 16, "width": 64, "layers": 2, "head_width": 32},
+        text_cfg={"context_length": 16, "vocab_size": 1000, "width": 64, "heads": 2, "layers": 2},
+    )
+    return model.train()
+
+
+def _global_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    images = torch.randn(GLOBAL_BATCH, 3, 32, 32, generator=g)
+    texts = torch.randint(1, 1000, (GLOBAL_BATCH, 16), generator=g)
+    syn = torch.randint(1, 1000, (GLOBAL_BATCH, 16), generator=g)
+    return images, texts, syn
+
+
+def _embed(model: CLIP, batch: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
+    images, texts, syn = batch
+    return {
+        "image": model.encode_image(images, normalize=True),
+        "text": model.encode_text(texts, normalize=True),
+        "syn_text": model.encode_text(syn, normalize=True),
+        "logit_scale": model.logit_scale.exp(),
+    }
+
+
+def _flat_grad(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None])
+
+
+def _naive_reference() -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Gradient (all parameters), logit-scale gradient and loss of the naive loss over the whole batch."""
+    model = _tiny_clip()
+    out = _embed(model, _global_batch())
+    s = out["logit_scale"]
+    loss = W_REAL * naive_clip_loss(out["image"], out["text"], s) + W_SYN * naive_clip_loss(out["image"], out["syn_text"], s)
+    loss.backward()
+    return _flat_grad(model), model.logit_scale.grad.clone(), float(loss.detach())
+
+
+def _cached_step(model: CLIP, rank: int, world_size: int, accumulation: int) -> dict[str, torch.Tensor]:
+    local = GLOBAL_BATCH // world_size
+    shard = [t[rank * local : (rank + 1) * local] for t in _global_batch()]
+    micro = [tuple(t.chunk(accumulation)[k] for t in shard) for k in range(accumulation)]
+    cfg = LossConfig(tile_size=3, impl="tiled", w_real=W_REAL, w_syn=W_SYN)  # tiles not dividing the batch
+    return cached_contrastive_step(partial(_embed, model), micro, partial(contrastive_loss, cfg=cfg))
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("accumulation", [1, 4])
+def test_one_process_cached_step_gradient_equals_naive_full_batch_gradient(accumulation: int) -> None:
+    ref_grad, ref_scale_grad, ref_loss = _naive_reference()
+    model = _tiny_clip()
+    out = _cached_step(model, rank=0, world_size=1, accumulation=accumulation)
+    assert ref_grad.norm() > 0 and ref_scale_grad.abs() > 0
+    assert _rel(_flat_grad(model), ref_grad) < 1e-5
+    assert _rel(model.logit_scale.grad, ref_scale_grad) < 1e-5
+    assert abs(float(out["loss"]) - ref_loss) < 1e-5 * ref_loss
+    assert float(out["reembed_max_abs_diff"]) == 0.0
+
+
+def _two_rank_worker(rank: int, world_size: int, store: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
+    try:
+        for accumulation in (1, 4):
+            model = _tiny_clip()
+            out = _cached_step(model, rank, world_size, accumulation)
+            grad = _flat_grad(model)
+            dist.all_reduce(grad)  # what DDP / DeepSpeed do with the gradients: average over ranks
+            scale_grad = model.logit_scale.grad.clone()
+            dist.all_reduce(scale_grad)
+            loss = out["loss"].clone()
+            dist.all_reduce(loss)
+            if rank == 0:
+                result = {"grad": grad / world_size, "scale_grad": scale_grad / world_size, "loss": loss / world_size}
+                torch.save(result, Path(out_dir) / f"accum{accumulation}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_rank_cached_step_averaged_gradient_equals_naive_full_batch_gradient(tmp_path: Path) -> None:
+    mp.spawn(_two_rank_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    ref_grad, ref_scale_grad, ref_loss = _naive_reference()
+    for accumulation in (1, 4):
+        got = torch.load(tmp_path / f"accum{accumulation}.pt", weights_only=True)
+        assert _rel(got["grad"], ref_grad) < 1e-5, accumulation
+        assert _rel(got["scale_grad"], ref_scale_grad) < 1e-5, accumulation
+        assert abs(float(got["loss"]) - ref_loss) < 1e-5 * ref_loss
+
+
+class _DropoutTowers(nn.Module):
+    """Two small MLP towers with dropout: the re-embedding must redraw the very same masks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.image = nn.Sequential(nn.Linear(12, 32), nn.GELU(), nn.Dropout(0.5), nn.Linear(32, 8))
+        self.text = nn.Sequential(nn.Linear(10, 32), nn.GELU(), nn.Dropout(0.5), nn.Linear(32, 8))
+        self.logit_scale = nn.Parameter(torch.tensor(2.0))
+
+    def forward(self, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
+        x, t = batch
+        return {"image": F.normalize(self.image(x), dim=1), "text": F.normalize(self.text(t), dim=1),
+                "logit_scale": self.logit_scale.exp()}
+
+
+def test_cached_step_replays_dropout_masks_and_leaves_the_rng_where_one_pass_would() -> None:
+    g = torch.Generator().manual_seed(2)
+    micro = [(torch.randn(5, 12, generator=g), torch.randn(5, 10, generator=g)) for _ in range(3)]
+    loss_fn = partial(contrastive_loss, cfg=LossConfig(tile_size=4, impl="tiled"))
+
+    ref_model = _DropoutTowers().train()
+    torch.manual_seed(123)
+    outs = [ref_model(mb) for mb in micro]  # one pass with grad, drawing masks in the same order
+    feats = {k: torch.cat([o[k] for o in outs]) for k in ("image", "text")}
+    loss_fn(feats, outs[0]["logit_scale"])[0].backward()
+    ref_next = torch.rand(3)
+
+    model = _DropoutTowers().train()
+    torch.manual_seed(123)
+    out = cached_contrastive_step(model, micro, loss_fn)
+    assert float(out["reembed_max_abs_diff"]) == 0.0
+    assert _rel(_flat_grad(model), _flat_grad(ref_model)) < 1e-5
+    assert torch.equal(torch.rand(3), ref_next)
+
+
+def test_backward_scale_argument_multiplies_every_gradient() -> None:
+    g = torch.Generator().manual_seed(3)
+    micro = [(torch.randn(4, 12, generator=g), torch.randn(4, 10, generator=g)) for _ in range(2)]
+    loss_fn = partial(contrastive_loss, cfg=LossConfig())
+    model_a, model_b = _DropoutTowers().eval(), _DropoutTowers().eval()
+    cached_contrastive_step(model_a, micro, loss_fn)
+    calls: list[float] = []
+
+    def divided_backward(t: torch.Tensor) -> None:  # like DeepSpeed's engine.backward with 2 accumulation steps
+        calls.append(float(t.detach()))
+        (t / 2).backward()
+
+    cached_contrastive_step(model_b, micro, loss_fn, backward=divided_backward, scale=2.0)
+    assert len(calls) == 2
+    assert _rel(_flat_grad(model_b), _flat_grad(model_a)) < 1e-6
+
+
+def test_cached_step_rejects_an_embed_output_without_logit_scale() -> None:
+    with pytest.raises(ValueError, match="logit_scale"):
+        cached_contrastive_step(lambda mb: {"image": mb, "text": mb}, [torch.randn(2, 4)], contrastive_loss)
+
+
+def _deepspeed_worker(rank: int, world_size: int, store: str, out_dir: str) -> None:
+    import os
+
+    import deepspeed  # only this test drives a real engine; the library imports DeepSpeed in one module
+
+    from pipeline.train.gradcache import engine_backward
+
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
+    try:
+        model = _tiny_clip()
+        # DeepSpeed 0.19.8 cannot broadcast a 0-dim parameter (view as uint8): give logit_scale shape [1].
+        model.logit_scale = nn.Parameter(model.logit_scale.detach().reshape(1))
+        before = [p.detach().clone() for p in model.parameters()]
+        accumulation, local = 4, GLOBAL_BATCH // world_size
+        config = {
+            "train_micro_batch_size_per_gpu": local // accumulation,
+            "gradient_accumulation_steps": accumulation,
+            "zero_optimization": {"stage": 3},
+            "zero_allow_untested_optimizer": True,
+            "gradient_clipping": 0.0,
+            "steps_per_print": 10**9,
+        }
+        engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
+                                          config=config)
+
+        def embed(batch: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
+            images, texts, syn = batch  # through the engine's forward: ZeRO-3 gathers parameters in its hooks
+            image, text, logit_scale = engine(images, texts)
+            return {"image": image, "text": text, "syn_text": engine(None, syn)[1], "logit_scale": logit_scale}
+
+        shard = [t[rank * local : (rank + 1) * local] for t in _global_batch()]
+        micro = [tuple(t.chunk(accumulation)[k] for t in shard) for k in range(accumulation)]
+        cfg = LossConfig(tile_size=3, impl="tiled", w_real=W_REAL, w_syn=W_SYN)
+        cached_contrastive_step(embed, micro, partial(contrastive_loss, cfg=cfg), backward=engine_backward(engine))
+        with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
+            after = [p.detach().clone() for p in engine.module.parameters()]
+        if rank == 0:
+            step = torch.cat([(b - a).reshape(-1) for a, b in zip(after, before)])  # SGD lr 1: -gradient
+            torch.save({"step": step, "global_steps": engine.global_steps}, Path(out_dir) / "deepspeed.pt")
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_deepspeed_zero3_step_with_engine_backward_applies_the_naive_full_batch_gradient(tmp_path: Path) -> None:
+    pytest.importorskip("deepspeed")
+    mp.spawn(_deepspeed_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    got = torch.load(tmp_path / "deepspeed.pt", weights_only=True)
+    ref_grad, _, _ = _naive_reference()
+    assert got["global_steps"] == 1  # one optimizer step for the 4 micro-batches
+    assert _rel(got["step"], ref_grad) < 1e-5
