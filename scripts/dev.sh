@@ -42,6 +42,8 @@ case "$cmd" in
     setup
     system_setup
     "$VENV/bin/ruff" check .
+    # One ninja (the venv's) for every process, so DeepSpeed's JIT ops are built once and then reused.
+    export PATH="$PWD/$VENV/bin:$PATH"
     export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.venv/torch_extensions}
     exec "$VENV/bin/python" -m pytest tests "$@"
     ;;
