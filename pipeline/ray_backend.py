@@ -12,6 +12,7 @@ their ``PYTHONPATH`` (for clusters whose nodes do not share this checkout, submi
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -177,7 +178,15 @@ def _sweep_train_worker(loop_config: dict[str, Any]) -> None:
     from pipeline.finetune.sweep import run_trial
 
     ctx = ray.train.get_context()
-    run_trial(loop_config["trial"], rank=ctx.get_world_rank(), world_size=ctx.get_world_size())
+    run_trial(
+        loop_config["trial"], rank=ctx.get_world_rank(), world_size=ctx.get_world_size(), out=_stdout_line
+    )
+
+
+def _stdout_line(text: str) -> None:
+    """One progress line to stdout (Ray Train's patched ``print`` would log it twice)."""
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
 
 
 def _tune_metrics(summary: dict[str, Any]) -> dict[str, Any]:
@@ -216,8 +225,15 @@ def _sweep_trial_driver(config: dict[str, Any], trials: dict[str, Any], options:
         print(f"[sweep] {trial.name}: already complete ({summary.get('primary_metric')} = "
               f"{summary.get('primary_value')}); not rerun", flush=True)  # fmt: skip
     else:
-        workers, cpus, gpus = options["workers_per_trial"], options["cpus_per_worker"], options["gpus_per_worker"]
-        print(f"[sweep] {trial.name}: starting Ray Train with {workers} worker(s) x ({cpus} CPU, {gpus} GPU)", flush=True)
+        workers, cpus, gpus = (
+            options["workers_per_trial"],
+            options["cpus_per_worker"],
+            options["gpus_per_worker"],
+        )
+        print(
+            f"[sweep] {trial.name}: starting Ray Train with {workers} worker(s) x ({cpus} CPU, {gpus} GPU)",
+            flush=True,
+        )
         resources = {"CPU": cpus} | ({"GPU": gpus} if gpus else {})
         storage_path, storage_fs = _storage_for_ray(options["train_storage"])
         trainer = TorchTrainer(

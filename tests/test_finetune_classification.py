@@ -1,0 +1,81 @@
+"""Classification stage (full fine-tune with EMA, mixup / CutMix; linear probe) on the synthetic world."""
+
+from __future__ import annotations
+
+import json
+
+import open_clip
+import pytest
+import torch
+
+from pipeline.finetune.classification import (
+    ClassificationConfig,
+    ClassifierConfig,
+    mix_batch,
+    run_stage,
+    soft_targets,
+)
+from pipeline.finetune.common import OptimConfig, Preempted, TrainConfig
+from pipeline.finetune.datasets import DataConfig
+from pipeline.model.backbone import BackboneConfig
+
+
+@pytest.fixture(scope="module")
+def debug_checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "debug_clip.pt"
+    torch.save(open_clip.create_model("debug").state_dict(), path)
+    return str(path)
+
+
+def config(checkpoint: str, classifier: ClassifierConfig, **train) -> ClassificationConfig:
+    return ClassificationConfig(
+        backbone=BackboneConfig(checkpoint=checkpoint, drop_path_rate=0.1),
+        classifier=classifier,
+        data=DataConfig(num_train=16, num_val=8),
+        optim=OptimConfig(lr=1e-3, layer_decay=0.75),
+        train=TrainConfig(**{"steps": 6, "batch_size": 4, "log_every": 1, **train}),
+    )
+
+
+def test_finetune_with_ema_and_mixing_resumes_to_the_same_top1(tmp_path, debug_checkpoint):
+    cls = ClassifierConfig(mixup_alpha=0.8, cutmix_alpha=1.0, ema_decay=0.9)
+    whole = run_stage(config(debug_checkpoint, cls), tmp_path / "whole")
+    assert {"top1", "top5", "ema_top1", "ema_top5"} <= set(whole["metrics"])
+    assert 0 <= whole["metrics"]["top1"] <= whole["metrics"]["top5"] <= 100
+    with pytest.raises(Preempted):
+        run_stage(config(debug_checkpoint, cls, stop_after_step=2), tmp_path / "split")
+    resumed = run_stage(config(debug_checkpoint, cls), tmp_path / "split")
+    assert resumed["metrics"] == pytest.approx(whole["metrics"])
+
+    def losses(run: str) -> list[float]:
+        lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+        return [r["loss"] for r in map(json.loads, lines) if "loss" in r]
+
+    assert losses("split") == losses("whole")
+
+
+def test_linear_probe_trains_only_the_new_linear_layer(tmp_path, debug_checkpoint):
+    cls = ClassifierConfig(mode="linear_probe", label_smoothing=0.0)
+    summary = run_stage(config(debug_checkpoint, cls), tmp_path / "probe")
+    width = 64
+    num_classes = len(summary["classes"])
+    assert summary["trainable_params"] == width * num_classes + num_classes
+    # The frozen encoder runs under no_grad: its backward costs nothing, only the head's does.
+    assert summary["flops"]["backward_per_step"] == 2 * (2 * 4 * width * num_classes)
+    before = torch.load(debug_checkpoint, weights_only=True)["visual.conv1.weight"]
+    state = torch.load(tmp_path / "probe" / "checkpoints" / "6" / "state.pt", weights_only=True)["model"]
+    assert torch.equal(state["backbone.visual.conv1.weight"], before)
+
+
+def test_mixing_keeps_soft_targets_normalised_and_cutmix_lambda_matches_the_pasted_area():
+    torch.manual_seed(0)
+    images = torch.randn(4, 3, 32, 32)
+    targets = soft_targets(torch.tensor([0, 1, 2, 3]), 5, 0.1)
+    assert torch.allclose(targets.sum(1), torch.ones(4))
+    mixed, t, lam = mix_batch(images, targets, ClassifierConfig(cutmix_alpha=1.0))
+    assert torch.allclose(t.sum(1), torch.ones(4))
+    same = (mixed == images).all(1).float().mean().item()  # fraction of pixels left from the image itself
+    assert same == pytest.approx(lam, abs=1e-6)
+    _, _, lam_off = mix_batch(images, targets, ClassifierConfig())
+    assert lam_off == 1.0
