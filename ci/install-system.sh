@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# System packages the cluster-job tests need (SLURM, munge, numactl); see docs/cluster-jobs.md.
+# System packages the tests need: SLURM, munge, numactl (cluster jobs, docs/cluster-jobs.md) and chromium
+# (the HTML report opened in a real headless browser, docs/reports.md).
 #
 # Run as root (CI: called from .ci/run): `bash ci/install-system.sh`. Idempotent and quick: when every
 # binary is already on PATH it does nothing; otherwise one `apt-get install` (~10 s). Tests never install.
 set -euo pipefail
 
 need=()
-for pair in slurmctld:slurmctld slurmd:slurmd sbatch:slurm-client munged:munge numactl:numactl; do
+for pair in slurmctld:slurmctld slurmd:slurmd sbatch:slurm-client munged:munge numactl:numactl chromium:chromium; do
   bin=${pair%%:*}
   pkg=${pair##*:}
   if ! command -v "$bin" >/dev/null 2>&1 && [ ! -x "/usr/sbin/$bin" ]; then
@@ -15,7 +16,7 @@ for pair in slurmctld:slurmctld slurmd:slurmd sbatch:slurm-client munged:munge n
 done
 
 if [ ${#need[@]} -eq 0 ]; then
-  echo "install-system: slurm, munge and numactl already present"
+  echo "install-system: slurm, munge, numactl and chromium already present"
   exit 0
 fi
 
