@@ -1,0 +1,175 @@
+"""Transfer benchmark: a CLIP checkpoint pretrained by our trainer vs random initialisation, at equal steps,
+on semantic segmentation and depth of the synthetic world.
+
+    # with a checkpoint you already have (an export folder of jobs.pretrain, or any open_clip checkpoint):
+    python -m benchmarks.bench_transfer --checkpoint runs/pretrain/export/final --steps 300
+    # or let the benchmark pretrain the debug model first (writes shards, runs jobs.pretrain):
+    python -m benchmarks.bench_transfer --pretrain_steps 1500 --steps 300 --out runs/bench_transfer
+
+For every stage and seed both runs share everything (architecture, head, data, order of batches,
+augmentation, schedule) except the image encoder's starting weights. Each run is a normal fine-tuning
+run directory under ``--out`` (finished runs are reused, so an interrupted benchmark continues). Prints a
+markdown table and writes ``--json_out``. A benchmark, not a test: the margin depends on how long and on
+what the checkpoint was pretrained.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import webdataset as wds
+from PIL import Image
+
+from pipeline.data import schema
+from pipeline.data import synthworld as sw
+from pipeline.finetune.common import TrainConfig
+from pipeline.finetune.datasets import DataConfig
+from pipeline.finetune.stages import load_stage
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_pretraining_shards(out: Path, world: sw.WorldConfig, num_shards: int, per_shard: int) -> str:
+    """WebDataset shards of world split ``train`` (schema.py layout; noisy web caption + 3 synthetic ones)."""
+    out.mkdir(parents=True, exist_ok=True)
+    index = 0
+    for s in range(num_shards):
+        with wds.TarWriter(str(out / f"{s:05d}.tar")) as tw:
+            for _ in range(per_shard):
+                scene = sw.make_scene(world, index, "train")
+                buf = io.BytesIO()
+                Image.fromarray(scene.image).save(buf, format="JPEG", quality=95)
+                jpg = buf.getvalue()
+                meta = schema.SampleMeta(
+                    uid=scene.uid, sha256=hashlib.sha256(jpg).hexdigest(), original_width=scene.width,
+                    original_height=scene.height, width=scene.width, height=scene.height, source="synthworld",
+                )  # fmt: skip
+                tw.write({
+                    "__key__": scene.uid,
+                    schema.IMAGE_KEY: jpg,
+                    schema.CAPTION_KEY: scene.noisy_caption.encode(),
+                    schema.META_KEY: meta.to_json(),
+                    schema.SYN_KEY: schema.encode_syn(sw.synthetic_captions(scene, 3, seed=0)),
+                })  # fmt: skip
+                index += 1
+    return str(out / f"{{00000..{num_shards - 1:05d}}}.tar")
+
+
+def pretrain(out: Path, steps: int, num_samples: int, extra: list[str]) -> Path:
+    """Pretrain the debug CLIP with jobs.pretrain (one process) and return its export folder."""
+    export = out / "pretrain" / "export" / "final"
+    if (export / "export.json").is_file():
+        return export
+    per_shard = 512
+    shards = write_pretraining_shards(
+        out / "shards", sw.WorldConfig(), max(1, num_samples // per_shard), per_shard
+    )
+    args = [
+        sys.executable, "-m", "jobs.pretrain", "--config=jobs/configs/debug.toml", f"--steps={steps}",
+        f"--data.shards={shards}", f"--run_dir={out / 'pretrain'}", "--log.progress=false",
+        "--checkpoint.interval=100", "--engine.zero_stage=0", *extra,
+    ]  # fmt: skip
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    subprocess.run(args, cwd=ROOT, env=env, check=True)
+    return export
+
+
+def stage_config(stage: str, checkpoint: str, args: argparse.Namespace, seed: int) -> Any:
+    cfg = load_stage(stage).presets()["debug"]()
+    return dataclasses.replace(
+        cfg,
+        backbone=dataclasses.replace(cfg.backbone, checkpoint=checkpoint, seed=seed),
+        data=DataConfig(num_train=args.num_train, num_val=args.num_val),
+        train=TrainConfig(
+            steps=args.steps, batch_size=args.batch_size, eval_batch_size=32, log_every=25, seed=seed
+        ),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.bench_transfer", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--checkpoint", default="", help="pretrained checkpoint (export folder or file)")
+    parser.add_argument(
+        "--pretrain_steps", type=int, default=0, help="pretrain the debug model first (steps)"
+    )
+    parser.add_argument("--pretrain_samples", type=int, default=8192, help="pretraining pool size (scenes)")
+    parser.add_argument(
+        "--pretrain_arg", action="append", default=[], help="extra jobs.pretrain override (repeat)"
+    )
+    parser.add_argument("--stages", default="segmentation,depth")
+    parser.add_argument("--steps", type=int, default=300, help="fine-tuning steps per run")
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--num_train", type=int, default=512)
+    parser.add_argument("--num_val", type=int, default=128)
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds (one run pair each)")
+    parser.add_argument("--out", default="runs/bench_transfer")
+    parser.add_argument("--json_out", default="")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    checkpoint = args.checkpoint
+    if not checkpoint:
+        if args.pretrain_steps <= 0:
+            parser.error("give --checkpoint (a pretrained export) or --pretrain_steps N")
+        started = time.time()
+        checkpoint = str(pretrain(out, args.pretrain_steps, args.pretrain_samples, args.pretrain_arg))
+        print(f"pretrained in {time.time() - started:.0f} s -> {checkpoint}", flush=True)
+    rows = []
+    for stage in [s.strip() for s in args.stages.split(",") if s.strip()]:
+        module = load_stage(stage)
+        for seed in [int(s) for s in args.seeds.split(",")]:
+            result: dict[str, Any] = {"stage": stage, "seed": seed}
+            for init, ckpt in (("pretrained", checkpoint), ("random", "")):
+                started = time.time()
+                summary = module.run_stage(
+                    stage_config(stage, ckpt, args, seed), out / stage / f"{init}-seed{seed}"
+                )
+                result[init] = summary["metrics"]
+                result["metric"] = summary["primary_metric"]
+                result["higher_is_better"] = summary["higher_is_better"]
+                result[f"{init}_s"] = round(time.time() - started, 1)
+                print(
+                    f"{stage} seed {seed} {init}: {summary['primary_metric']} = {summary['primary_value']:.4f}",
+                    flush=True,
+                )
+            rows.append(result)
+    report = {
+        "checkpoint": checkpoint,
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "num_train": args.num_train,
+        "num_val": args.num_val,
+        "rows": rows,
+    }
+    print("\n| stage | seed | metric | pretrained | random | pretrained better |\n|---|---|---|---|---|---|")
+    for r in rows:
+        for name in ("mIoU", "mAcc", "rmse", "abs_rel", "d1"):
+            if name in r["pretrained"]:
+                p, q = r["pretrained"][name], r["random"][name]
+                better = (p > q) if name in ("mIoU", "mAcc", "d1") else (p < q)
+                print(
+                    f"| {r['stage']} | {r['seed']} | {name} | {p:.4f} | {q:.4f} | {'yes' if better else 'no'} |"
+                )
+    wins = [(r["pretrained"][r["metric"]] > r["random"][r["metric"]]) == r["higher_is_better"] for r in rows]
+    print(f"\nprimary metric better with the pretrained checkpoint in {sum(wins)} of {len(wins)} run pairs")
+    report["primary_wins"] = int(np.sum(wins))
+    if args.json_out:
+        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json_out).write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
