@@ -54,6 +54,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     out = Path(cfg.out).resolve()
     cfg = dataclasses.replace(cfg, out=str(out))
+    record = out / "reproduce.json"
+    history = io.read_json(str(record)).get("invocations", []) if record.is_file() else []
+    before = sum(h["seconds"] for h in history), sum(h["cpu_seconds"] for h in history)
     print(f"[reproduce] data -> {out / 'data'}", flush=True)
     data = write_toy_data(cfg.data, out / "data")
     print(f"[reproduce] data ready after {time.time() - started:.0f} s", flush=True)
@@ -65,30 +68,41 @@ def main(argv: Sequence[str] | None = None) -> int:
     def verdict_hook(report: dict) -> dict:
         verdict = toy_verdict(report, study)
         seconds = time.time() - started
-        md = verdict_markdown(verdict, command.strip(), seconds, study.grid.seeds)
+        md = verdict_markdown(verdict, command.strip(), before[0] + seconds, study.grid.seeds)
         body = f'<div class="verdict {"good" if verdict["transfer"] == "yes" else "mixed"}">'
         body += H.paragraph(f"Do quality captions give better transfer? {verdict['transfer']}. "
                             f"Better data efficiency? {verdict['data_efficiency']}.") + "</div>"  # fmt: skip
         body += H.bullet_list(verdict["lines"]) + H.paragraph(f"Caveat: {verdict['caveat']}")
         load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-        body += H.paragraph(f"Command: {command.strip()}; seeds {list(study.grid.seeds)}; wall time "
-                            f"{seconds / 60:.1f} min, CPU time {cpu_seconds() / 60:.1f} min (data, pretraining, "
-                            f"fine-tuning, report) on {os.cpu_count()} CPUs, load average {load}.")  # fmt: skip
+        timing = f"wall time {seconds / 60:.1f} min, CPU time {cpu_seconds() / 60:.1f} min"
+        if history:
+            timing += (f" (this invocation; with the {len(history)} before it, which did the rest of the work: "
+                       f"{(before[0] + seconds) / 60:.1f} min wall, {(before[1] + cpu_seconds()) / 60:.1f} min CPU; "
+                       "see reproduce.json)")  # fmt: skip
+        body += H.paragraph(f"Command: {command.strip()}; seeds {list(study.grid.seeds)}; {timing}; data, "
+                            f"pretraining, fine-tuning and report on {os.cpu_count()} CPUs, load average {load}.")  # fmt: skip
         world = ", ".join(f"{k}={v}" for k, v in data["config"]["world"].items())
         body += H.paragraph(f"World: {world}; pool {data['pool_size']} samples; subsets "
                             f"{', '.join(data['subsets'])}; captions: web = noisy alt-text, syn = "
                             f"{cfg.data.num_syn_captions} paraphrases of the precise caption per image.")  # fmt: skip
         return {"verdict": verdict, "seconds": seconds, "markdown": md,
                 "sections": [H.Section("Toy reproduction: verdict", body, anchor="verdict")],
-                "meta": {"wall time": f"{seconds / 60:.1f} min", "seeds": list(study.grid.seeds)}}  # fmt: skip
+                "meta": {"wall time (all invocations)": f"{(before[0] + seconds) / 60:.1f} min",
+                         "seeds": list(study.grid.seeds)}}  # fmt: skip
 
     report = build_report(study, points, launches, finetune, hook=verdict_hook)
     seconds = time.time() - started
-    io.write_json(str(out / "reproduce.json"), {
+    history.append({
+        "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)), "seconds": round(seconds, 1),
+        "cpu_seconds": round(cpu_seconds(), 1), "load_average": list(os.getloadavg()),
+        "pretraining_launched": sum(launch.status != "done-before" for launch in launches),
+        "finetune_trials_run": len(finetune.get("rows", [])) - finetune.get("done_before", 0),
+    })  # fmt: skip
+    io.write_json(str(record), {
         "command": command.strip(), "seconds": round(seconds, 1), "cpu_seconds": round(cpu_seconds(), 1),
         "load_average": list(os.getloadavg()), "cpus": os.cpu_count(), "verdict": report["verdict"],
         "html": report["html"], "markdown": report["markdown"], "missing": report["missing"],
-        "seeds": list(study.grid.seeds),
+        "seeds": list(study.grid.seeds), "invocations": history,
     })  # fmt: skip
     verdict = report["verdict"]
     print(f"[reproduce] better transfer: {verdict['transfer']}; better data efficiency: {verdict['data_efficiency']}")

@@ -1,7 +1,7 @@
 """Scaling report: collection from run directories, fits with intervals, FLOPs accounting, the HTML report
 (opened in a real headless Chromium with its images), and the job's dry run.
 
-    .venv/bin/pytest tests/test_report.py -q        # ~30-60 s on a 2-core CPU (chromium test skipped if absent)
+    .venv/bin/pytest tests/test_report.py -q        # ~15 s on an idle 2-core CPU (chromium tests skip if absent)
 
 Run directories are fake but realistic: written through ``RunDir`` with the trainer's and the stages' own
 config classes, metrics on known curves (see tests/report_fixtures.py), and one real open_clip export.
@@ -419,3 +419,17 @@ def test_frozen_encoder_trials_are_a_separate_stage_from_full_fine_tuning(tmp_pa
     (row,) = [r for r in col.points_table(col.collect([tmp_path])) if r["point"] == "p"]
     assert row["segmentation.mIoU"] == 40.0 and row["segmentation-frozen.mIoU"] == 30.0
     assert row["segmentation.trials"] == row["segmentation-frozen.trials"] == 1
+
+
+def test_toy_verdict_says_when_a_readout_does_not_beat_random_initialisation():
+    from pipeline.report.toy import toy_verdict
+
+    comparisons = [_comparison("segmentation.mIoU", 512, 40.0, 41.0), _comparison("segmentation.mIoU", 2048, 41.0, 42.0)]
+    points = [{"point": "random init", "kind": "baseline", "segmentation.mIoU": 45.0}] + [
+        {"point": f"p{i}", "kind": "pretrain", "segmentation.mIoU": v} for i, v in enumerate((40.0, 41.0, 41.0, 42.0))
+    ]  # fmt: skip
+    report = {"metrics": ["segmentation.mIoU"], "comparisons": comparisons, "points": points,
+              "figures": [{"metric": "segmentation.mIoU", "higher": True}]}  # fmt: skip
+    v = toy_verdict(report, ScalingConfig())
+    assert v["per_metric"]["segmentation.mIoU"]["beats_random_init"] is False
+    assert any(line.startswith("Sensitivity, segmentation.mIoU") for line in v["lines"])

@@ -1,7 +1,7 @@
 """End to end: ``python -m jobs.scaling_report`` on a tiny synthetic-world grid with the real trainer and a real
 fine-tuning stage, then again to show that nothing finished is re-run.
 
-    .venv/bin/pytest tests/test_report_e2e.py -q       # ~1.5-3 min on a 2-core CPU (4 pretraining launches)
+    .venv/bin/pytest tests/test_report_e2e.py -q       # ~35 s on an idle 2-core CPU (4 pretraining launches)
 
 Grid: 2 caption sources (web, web+syn) x 2 nested subsets (32, 64 samples), 2 pretraining steps each, then
 the depth stage (2 steps) from every export and from random initialisation.

@@ -581,7 +581,8 @@ def run_finetuning(cfg: ScalingConfig, points: list[Point], echo: Any = print) -
                     errors[trial.name] = traceback.format_exc()
                     echo(f"[scaling] fine-tune {trial.name} failed: {errors[trial.name].splitlines()[-1]}", flush=True)
     rows = sw.write_results(scfg, trials, errors)
-    return {"rows": rows, "errors": errors, "trials": len(trials), "sweep_dir": scfg.sweep_dir}
+    return {"rows": rows, "errors": errors, "trials": len(trials), "done_before": len(trials) - len(pending),
+            "sweep_dir": scfg.sweep_dir}  # fmt: skip
 
 
 __all__ = [

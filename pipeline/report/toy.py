@@ -278,8 +278,22 @@ def toy_verdict(report: dict[str, Any], study: ScalingConfig) -> dict[str, Any]:
             text += f"; fitted data multiplier {', '.join(f'{m:.3g}x' for m in mults)} at the measured sizes"
         efficiency.append(answer)
         lines.append(text + ".")
+        baseline = next((p.get(metric) for p in report.get("points", []) if p.get("point") == "random init"), None)
+        pretrained = [p[metric] for p in report.get("points", []) if p.get("kind") == "pretrain"
+                      and isinstance(p.get(metric), float)]  # fmt: skip
+        beats_random = None
+        if isinstance(baseline, float) and pretrained:
+            best = max(pretrained) if higher else min(pretrained)
+            beats_random = sign * (best - baseline) > tol
+            if not beats_random:
+                lines.append(
+                    f"Sensitivity, {metric}: no pretrained encoder (either caption source, any size) beats random "
+                    f"initialisation ({baseline:.4g}; pretrained {min(pretrained):.4g}-{max(pretrained):.4g}), so "
+                    "this readout does not depend on the pretrained features at this scale and cannot show a "
+                    "caption effect."
+                )
         per_metric[metric] = {"transfer": transfer[-1], "data_efficiency": answer, "better_at": sum(better),
-                              "sizes": len(better), "multipliers": mults}  # fmt: skip
+                              "sizes": len(better), "multipliers": mults, "beats_random_init": beats_random}  # fmt: skip
     zs = [c for c in report["comparisons"] if c["metric"] == "zs_top1"]
     if zs:
         lines.append("Zero-shot shape accuracy after pretraining (EMA weights): " + ", ".join(
@@ -308,7 +322,7 @@ def verdict_markdown(verdict: dict[str, Any], command: str, seconds: float, seed
         "",
         f"Caveat: {verdict['caveat']}",
         "",
-        f"Command: `{command}`; seeds {list(seeds)}; wall time {seconds / 60:.1f} min.",
+        f"Command: `{command}`; seeds {list(seeds)}; wall time {seconds / 60:.1f} min (all invocations).",
     ]
     return "\n".join(lines)
 
