@@ -85,3 +85,21 @@ def test_semantic_fpn_stage_lowers_its_training_loss(tmp_path, debug_checkpoint)
     ]
     assert summary["head"] == "semfpn"
     assert min(losses[-3:]) < losses[0]
+
+
+def test_a_zero_backbone_lr_freezes_the_encoder_so_it_gets_no_gradients_and_stays_unchanged(
+    tmp_path, debug_checkpoint
+):
+    from pipeline.finetune.common import OptimConfig
+
+    cfg = small_config(debug_checkpoint, steps=3)
+    cfg = SegmentationConfig(**{**cfg.__dict__, "optim": OptimConfig(backbone_lr_mult=0.0, grad_clip_norm=1.0)})
+    summary = run_stage(cfg, tmp_path / "run")
+    state = torch.load(latest_checkpoint(tmp_path / "run"), map_location="cpu", weights_only=True)["model"]
+    start = build_backbone(cfg.backbone).state_dict()
+    assert all(torch.equal(state[f"backbone.{k}"], v) for k, v in start.items())
+    encoder = sum(v.numel() for v in build_backbone(cfg.backbone).parameters())
+    assert summary["trainable_params"] == summary["params"] - encoder > 0
+    full = run_stage(small_config(debug_checkpoint, steps=3), tmp_path / "full")
+    assert full["trainable_params"] == full["params"] > summary["trainable_params"]
+    assert summary["flops"]["per_step"] < full["flops"]["per_step"]

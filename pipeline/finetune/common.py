@@ -220,6 +220,19 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict[str, Any]]:
     return [g for g in groups.values() if g["lr_scale"] > 0]
 
 
+def freeze_zero_lr(model: nn.Module, cfg: OptimConfig) -> int:
+    """With ``backbone_lr_mult = 0`` (a frozen encoder) turn the image encoder's gradients off, so it costs no
+    weight-gradient work and its (never applied) gradients stay out of gradient clipping. Returns the number
+    of parameter tensors frozen."""
+    found = find_backbone(model) if cfg.backbone_lr_mult == 0 else None
+    if found is None:
+        return 0
+    params = [p for p in found[1].parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    return len(params)
+
+
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
     groups = param_groups(model, cfg)
     if not groups:
@@ -448,6 +461,8 @@ def fit(spec: StageSpec, cfg: Any, run_dir: str | Path, preemption: Any = None) 
     rd.write_config(cfg)
     device = resolve_device(tcfg.device)
     model = spec.model.to(device)
+    if frozen := freeze_zero_lr(model, cfg.optim):
+        log.info("%s: backbone_lr_mult = 0, image encoder frozen (%d parameter tensors)", spec.name, frozen)
     optimizer = build_optimizer(model, cfg.optim)
     ema = ModelEma(model, spec.ema_decay) if spec.ema_decay > 0 else None
     step, flops = 0, None
@@ -514,7 +529,8 @@ def fit(spec: StageSpec, cfg: Any, run_dir: str | Path, preemption: Any = None) 
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.optim.grad_clip_norm > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip_norm)
+            trainable = [p for p in model.parameters() if p.grad is not None]
+            torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.grad_clip_norm)
         optimizer.step()
         if ema is not None:
             ema.update(model)
