@@ -21,7 +21,7 @@ import sys
 from pipeline.caption.captioners import ARCH_DEBUG, CaptionerConfig
 from pipeline.caption.decode import DecodeConfig
 from pipeline.caption.job import CaptionExecutionConfig, CaptionJobConfig, make_plan, run_job
-from pipeline.cli import parse_config
+from pipeline.cli import add_array_task_args, parse_config
 from pipeline.config import ConfigError
 
 PROG = "python -m data_prep.caption"
@@ -40,18 +40,7 @@ def _extra_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--executor", choices=("local", "ray"), default=None, help="shortcut for --execution.kind=..."
     )
-    parser.add_argument(
-        "--task-index",
-        type=int,
-        default=None,
-        help="this array task (default: SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN, or 0)",
-    )
-    parser.add_argument(
-        "--num-tasks",
-        type=int,
-        default=None,
-        help="array tasks in all (default: SLURM_ARRAY_TASK_COUNT, or 1)",
-    )
+    add_array_task_args(parser)
 
 
 def main(argv: list[str] | None = None) -> int:

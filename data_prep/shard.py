@@ -15,7 +15,7 @@ import argparse
 import dataclasses
 import sys
 
-from pipeline.cli import parse_config
+from pipeline.cli import add_array_task_args, parse_config
 from pipeline.config import ConfigError
 from pipeline.data.prep.executors import task_from_env
 from pipeline.data.prep.job import STAGES, ShardJobConfig, ShardJobError, run
@@ -31,18 +31,7 @@ def _extra_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--executor", choices=("local", "ray"), default=None, help="shortcut for --executor.kind=..."
     )
-    parser.add_argument(
-        "--task-index",
-        type=int,
-        default=None,
-        help="this array task (default: SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN, or 0)",
-    )
-    parser.add_argument(
-        "--num-tasks",
-        type=int,
-        default=None,
-        help="array tasks in all (default: SLURM_ARRAY_TASK_COUNT, or 1)",
-    )
+    add_array_task_args(parser)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -59,3 +59,19 @@ def parse_config(
         print(to_toml(cfg), end="")
         parser.exit(0)
     return cfg, args
+
+
+def add_array_task_args(parser: argparse.ArgumentParser) -> None:
+    """``--task-index`` / ``--num-tasks`` for jobs that split their work over a SLURM array (or by hand)."""
+    parser.add_argument(
+        "--task-index",
+        type=int,
+        default=None,
+        help="this array task (default: SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN, or 0)",
+    )
+    parser.add_argument(
+        "--num-tasks",
+        type=int,
+        default=None,
+        help="array tasks in all (default: SLURM_ARRAY_TASK_COUNT, or 1)",
+    )
