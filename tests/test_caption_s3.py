@@ -6,16 +6,12 @@ shards and sidecar / merged outputs as s3:// URLs, the same bytes as a local run
 
 from __future__ import annotations
 
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+from moto_s3 import moto_s3
 from test_caption_job import common_args, write_shards
 
 from data_prep.caption import main
@@ -30,47 +26,11 @@ def _one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(n)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """moto_server on a free loopback port; yields its endpoint (set in env for pipeline.io)."""
-    port = _free_port()
-    exe = Path(sys.executable).with_name("moto_server")
-    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "w")
-    proc = subprocess.Popen(
-        [str(exe), "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT
-    )
-    endpoint = f"http://127.0.0.1:{port}"
-    mp = pytest.MonkeyPatch()
-    try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                urllib.request.urlopen(endpoint, timeout=1).read()
-                break
-            except OSError:
-                if time.time() > deadline or proc.poll() is not None:
-                    raise RuntimeError("moto_server did not start") from None
-                time.sleep(0.2)
-        env = {
-            "AWS_ACCESS_KEY_ID": "testing",
-            "AWS_SECRET_ACCESS_KEY": "testing",
-            "AWS_DEFAULT_REGION": "us-east-1",
-            "S3_ENDPOINT_URL": endpoint,
-        }
-        for k, v in env.items():
-            mp.setenv(k, v)
+    with moto_s3(tmp_path_factory.mktemp("moto")) as endpoint:
         yield endpoint
-    finally:
-        mp.undo()
-        proc.terminate()
-        proc.wait(timeout=10)
-        log.close()
 
 
 def _cat(url: str) -> bytes:

@@ -7,64 +7,25 @@ production), inputs and outputs as s3:// URLs, S3 errors on single images report
 from __future__ import annotations
 
 import json
-import socket
-import subprocess
-import sys
 import tarfile
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from moto_s3 import moto_s3
 
 from data_prep.shard import main
 from pipeline import io
 from pipeline.data.prep.fixtures import encode, scene_image
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """Start moto_server on a free loopback port; yields the endpoint URL (env set for pipeline.io)."""
-    port = _free_port()
-    exe = Path(sys.executable).with_name("moto_server")
-    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "w")
-    proc = subprocess.Popen(
-        [str(exe), "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT
-    )
-    endpoint = f"http://127.0.0.1:{port}"
-    mp = pytest.MonkeyPatch()
-    try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                urllib.request.urlopen(endpoint, timeout=1).read()
-                break
-            except OSError:
-                if time.time() > deadline or proc.poll() is not None:
-                    raise RuntimeError("moto_server did not start") from None
-                time.sleep(0.2)
-        for k, v in {
-            "AWS_ACCESS_KEY_ID": "testing",
-            "AWS_SECRET_ACCESS_KEY": "testing",
-            "AWS_DEFAULT_REGION": "us-east-1",
-            "S3_ENDPOINT_URL": endpoint,
-        }.items():
-            mp.setenv(k, v)
+    """moto_server on a free loopback port; yields the endpoint URL (env set for pipeline.io)."""
+    with moto_s3(tmp_path_factory.mktemp("moto")) as endpoint:
         yield endpoint
-    finally:
-        mp.undo()
-        proc.terminate()
-        proc.wait(timeout=10)
-        log.close()
 
 
 def _put(url: str, data: bytes) -> None:

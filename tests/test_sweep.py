@@ -11,16 +11,12 @@ import json
 import math
 import multiprocessing
 import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from moto_s3 import moto_s3
 
 from pipeline import io
 from pipeline.config import ConfigError, load_config
@@ -206,43 +202,13 @@ def test_results_table_marks_the_best_trial_by_the_metric_direction(tmp_path: Pa
 # ----------------------------------------------------------------------------------------------- S3
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
-def s3(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+def s3(tmp_path: Path) -> Iterator[str]:
     """moto_server on a free loopback port; S3 endpoint and dummy credentials in env, a bucket made."""
-    port = _free_port()
-    log = open(tmp_path / "moto.log", "w")
-    exe = Path(sys.executable).with_name("moto_server")
-    proc = subprocess.Popen(
-        [str(exe), "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT
-    )
-    endpoint = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                urllib.request.urlopen(endpoint, timeout=1).read()
-                break
-            except OSError:
-                if time.time() > deadline or proc.poll() is not None:
-                    raise RuntimeError("moto_server did not start") from None
-                time.sleep(0.2)
-        env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-               "S3_ENDPOINT_URL": endpoint}  # fmt: skip
-        for k, v in env.items():
-            monkeypatch.setenv(k, v)
+    with moto_s3(tmp_path):
         fs, _ = io.filesystem("s3://sweeps")
         fs.mkdir("sweeps")
         yield "s3://sweeps"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-        log.close()
 
 
 def test_sweep_on_s3_trains_in_scratch_and_keeps_its_record_in_the_bucket(tmp_path: Path, s3: str) -> None:
