@@ -433,3 +433,33 @@ def test_toy_verdict_says_when_a_readout_does_not_beat_random_initialisation():
     v = toy_verdict(report, ScalingConfig())
     assert v["per_metric"]["segmentation.mIoU"]["beats_random_init"] is False
     assert any(line.startswith("Sensitivity, segmentation.mIoU") for line in v["lines"])
+
+
+def test_the_shipped_toy_config_loads_and_its_pretraining_overrides_are_trainer_keys():
+    from pipeline.config import load_config
+    from pipeline.report.toy import ReproduceConfig
+    from pipeline.train.trainer import TrainConfig
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config(ReproduceConfig, root / "jobs" / "configs" / "reproduce.toml")
+    assert max(cfg.data.subset_sizes) <= cfg.data.pool_size
+    assert list(cfg.study.grid.caption_sources) == ["web", "web+syn"]
+    overrides = list(cfg.study.pretrain.overrides)
+    train = load_config(TrainConfig, root / cfg.study.pretrain.config, overrides)  # a mistyped key raises
+    assert f"--steps={train.steps}" in overrides and f"--global_batch={train.global_batch}" in overrides
+
+
+def test_toy_verdict_calls_a_gain_whose_intervals_all_include_zero_not_significant():
+    from pipeline.report.toy import toy_verdict
+
+    def with_ci(size, ref, src, lo, hi):
+        return {**_comparison("segmentation.mIoU", size, ref, src), "gain_lo": lo, "gain_hi": hi}
+
+    figures = [{"metric": "segmentation.mIoU", "higher": True}]
+    wide = [with_ci(512, 40.0, 40.2, -0.5, 0.9), with_ci(2048, 41.0, 41.1, -1.0, 1.2)]
+    v = toy_verdict({"metrics": ["segmentation.mIoU"], "comparisons": wide, "figures": figures}, ScalingConfig())
+    assert v["transfer"] == "not significant"
+    assert "every interval includes zero" in v["lines"][0] and "95% CI -0.5 to +0.9" in v["lines"][0]
+    tight = [with_ci(512, 40.0, 41.0, 0.4, 1.6), with_ci(2048, 41.0, 41.1, -1.0, 1.2)]
+    v = toy_verdict({"metrics": ["segmentation.mIoU"], "comparisons": tight, "figures": figures}, ScalingConfig())
+    assert v["transfer"] == "yes"

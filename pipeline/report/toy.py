@@ -207,6 +207,10 @@ def study_config(cfg: ReproduceConfig, data: dict[str, Any]) -> ScalingConfig:
 # --------------------------------------------------------------------------------------------- verdict
 
 
+def _finite(x: Any) -> bool:
+    return isinstance(x, float) and math.isfinite(x)
+
+
 def _overall(answers: list[str]) -> str:
     if not answers:
         return "not measured"
@@ -220,7 +224,9 @@ def toy_verdict(report: dict[str, Any], study: ScalingConfig) -> dict[str, Any]:
 
     Per stage metric (from the measured means, no model):
 
-    - transfer: "yes" when the quality source is better at every subset size, "no" when at none;
+    - transfer: "yes" when the quality source is better at every subset size, "no" when at none; with two or
+      more seeds (confidence intervals on the gains), "not significant" when it is better at every size but no
+      size's 95% interval excludes zero;
     - data efficiency: "yes" when the quality source at the smallest size is better than the reference at
       that size *and* at least as good as the reference at a larger size; "no" when it is not better at the
       smallest size; "undetermined" when the reference itself does not improve from the smallest to the largest
@@ -244,13 +250,19 @@ def toy_verdict(report: dict[str, Any], study: ScalingConfig) -> dict[str, Any]:
         sign = 1.0 if higher else -1.0
         tol = 1e-9 * max(1.0, max(abs(r["reference_mean"]) for r in mine))
         better = [r["gain"] > tol for r in mine]
-        transfer.append("yes" if all(better) else "no" if not any(better) else "mixed")
+        intervals = [(r["gain_lo"], r["gain_hi"]) for r in mine if _finite(r.get("gain_lo")) and _finite(r.get("gain_hi"))]
+        answer = "yes" if all(better) else "no" if not any(better) else "mixed"
+        if answer == "yes" and intervals and not any(lo > 0 for lo, _ in intervals):
+            answer = "not significant"  # the right sign everywhere, but no 95% interval excludes zero
+        transfer.append(answer)
         gains = ", ".join(
-            f"n={int(r['subset_size'])}: {r['source_mean']:.4g} vs {r['reference_mean']:.4g} ({r['gain']:+.3g})"
+            f"n={int(r['subset_size'])}: {r['source_mean']:.4g} vs {r['reference_mean']:.4g} ({r['gain']:+.3g}"
+            + (f", 95% CI {r['gain_lo']:+.3g} to {r['gain_hi']:+.3g})" if _finite(r.get("gain_lo")) else ")")
             for r in mine
         )
         lines.append(f"Transfer, {metric} ({'higher' if higher else 'lower'} is better): {source} vs "
-                     f"{reference}: {gains}.")  # fmt: skip
+                     f"{reference}: {gains}" + ("; better at every size, but every interval includes zero"
+                                                if answer == "not significant" else "") + ".")  # fmt: skip
         smallest, largest = mine[0], mine[-1]
         ref_gain = sign * (largest["reference_mean"] - smallest["reference_mean"])
         matched = [r for r in mine[1:] if sign * (smallest["source_mean"] - r["reference_mean"]) >= 0]
