@@ -207,10 +207,6 @@ def study_config(cfg: ReproduceConfig, data: dict[str, Any]) -> ScalingConfig:
 # --------------------------------------------------------------------------------------------- verdict
 
 
-def _finite(x: Any) -> bool:
-    return isinstance(x, float) and math.isfinite(x)
-
-
 def _overall(answers: list[str]) -> str:
     if not answers:
         return "not measured"
@@ -250,14 +246,14 @@ def toy_verdict(report: dict[str, Any], study: ScalingConfig) -> dict[str, Any]:
         sign = 1.0 if higher else -1.0
         tol = 1e-9 * max(1.0, max(abs(r["reference_mean"]) for r in mine))
         better = [r["gain"] > tol for r in mine]
-        intervals = [(r["gain_lo"], r["gain_hi"]) for r in mine if _finite(r.get("gain_lo")) and _finite(r.get("gain_hi"))]
+        with_ci = [r for r in mine if math.isfinite(r["gain_lo"])]  # compare() gives lo and hi together, or NaN
         answer = "yes" if all(better) else "no" if not any(better) else "mixed"
-        if answer == "yes" and intervals and not any(lo > 0 for lo, _ in intervals):
+        if answer == "yes" and with_ci and not any(r["gain_lo"] > 0 for r in with_ci):
             answer = "not significant"  # the right sign everywhere, but no 95% interval excludes zero
         transfer.append(answer)
         gains = ", ".join(
             f"n={int(r['subset_size'])}: {r['source_mean']:.4g} vs {r['reference_mean']:.4g} ({r['gain']:+.3g}"
-            + (f", 95% CI {r['gain_lo']:+.3g} to {r['gain_hi']:+.3g})" if _finite(r.get("gain_lo")) else ")")
+            + (f", 95% CI {r['gain_lo']:+.3g} to {r['gain_hi']:+.3g})" if math.isfinite(r["gain_lo"]) else ")")
             for r in mine
         )
         lines.append(f"Transfer, {metric} ({'higher' if higher else 'lower'} is better): {source} vs "
