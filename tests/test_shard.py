@@ -276,7 +276,11 @@ def test_rerun_after_a_crash_redoes_only_unfinished_shards(
     names = sorted(p.name for p in out.glob("*.tar"))
     (out / names[1]).unlink()  # killed before the rename: no tar, no stats
     (out / names[2].replace(".tar", ".stats.json")).unlink()  # killed between tar and stats
-    (out / (names[3] + ".tmp-1234-abcd")).write_bytes(b"partial tar")  # a dead writer's temporary
+    dead = out / (names[3] + ".tmp-1234-abcd")
+    dead.write_bytes(b"partial tar")  # a dead writer's temporary: untouched for two hours
+    os.utime(dead, (time.time() - 7200, time.time() - 7200))
+    live = out / (names[4] + ".tmp-5678-ef01")
+    live.write_bytes(b"being written")  # another array task's temporary, touched just now
     from pipeline.cli import parse_config
     from pipeline.data.prep.job import ShardJobConfig, run
 
@@ -286,7 +290,7 @@ def test_rerun_after_a_crash_redoes_only_unfinished_shards(
     result = run(cfg, log=lambda s: None)
     assert (result["units_run"], result["units_skipped"]) == (2, len(names) - 2)
     assert tar_bytes(out) == tar_bytes(reference)
-    assert not list(out.glob("*.tmp-*"))
+    assert [p.name for p in out.glob("*.tmp-*")] == [live.name]
     assert (out / "sizes.json").read_bytes() == (reference / "sizes.json").read_bytes()
 
 

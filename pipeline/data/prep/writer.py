@@ -18,6 +18,7 @@ import glob
 import os
 import tarfile
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -44,6 +45,7 @@ from pipeline.data.schema import (
 MEMBER_ORDER = (IMAGE_KEY, CAPTION_KEY, SYN_KEY, META_KEY, SEG_KEY, DEPTH_KEY, ANN_KEY)
 FAILURES_FILE = "failures.parquet"
 DUPLICATE_IMAGES_FILE = "duplicate_images.txt"
+STALE_TEMP_AGE_S = 3600.0  # a writer that has not touched its temporary for an hour is dead
 
 
 @dataclass(frozen=True)
@@ -141,17 +143,25 @@ def open_shard(url: str) -> Iterator[TarBuilder]:
             os.remove(tmp)
 
 
-def remove_stale_temp_files(output_url: str) -> int:
-    """Delete ``*.tmp-*`` files left by killed writers (only call when no writer is running)."""
+def remove_stale_temp_files(output_url: str, min_age_s: float = STALE_TEMP_AGE_S) -> int:
+    """Delete ``*.tmp-*`` files left by killed writers: those untouched for ``min_age_s`` seconds.
+
+    Array tasks on other hosts may be writing beside us (two tasks can merge at the same moment), so a
+    temporary is only taken as dead once its writer has not touched it for a while.
+    """
     if not io.is_local(output_url):
         return 0  # object stores never see our temporaries
-    stale = glob.glob(os.path.join(output_url, "*.tmp-*"))
-    for path in stale:
+    now = time.time()
+    removed = 0
+    for path in glob.glob(os.path.join(output_url, "*.tmp-*")):
         try:
+            if now - os.path.getmtime(path) < min_age_s:
+                continue
             os.remove(path)
+            removed += 1
         except FileNotFoundError:
-            pass
-    return len(stale)
+            pass  # its writer renamed or removed it meanwhile
+    return removed
 
 
 def stats_url(output_url: str, shard_name: str) -> str:
