@@ -76,7 +76,9 @@ class BenchConfig:
         if unknown:
             raise ValueError(f"parts: unknown {sorted(unknown)}; choose from loss, step_memory, time, big")
         if self.big_batch and self.big_batch % self.micro_batch:
-            raise ValueError(f"big_batch: {self.big_batch} is not a multiple of micro_batch {self.micro_batch}")
+            raise ValueError(
+                f"big_batch: {self.big_batch} is not a multiple of micro_batch {self.micro_batch}"
+            )
 
 
 def _setup(batch: int, cfg: BenchConfig):  # noqa: ANN202 - returns (step(path, n) -> loss, model)
@@ -89,7 +91,9 @@ def _setup(batch: int, cfg: BenchConfig):  # noqa: ANN202 - returns (step(path, 
     from pipeline.train.loss import LossConfig, contrastive_loss
 
     torch.set_num_threads(cfg.threads)
-    model, _, _ = build_clip(ModelConfig(name="debug", image_size=cfg.image_size, context_length=cfg.context_length))
+    model, _, _ = build_clip(
+        ModelConfig(name="debug", image_size=cfg.image_size, context_length=cfg.context_length)
+    )
     model.train()
     g = torch.Generator().manual_seed(0)
     images = torch.randn(batch, 3, cfg.image_size, cfg.image_size, generator=g)
@@ -98,16 +102,24 @@ def _setup(batch: int, cfg: BenchConfig):  # noqa: ANN202 - returns (step(path, 
 
     def embed(mb: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
         out = model(image=mb[0], text=mb[1])
-        return {"image": out["image_features"], "text": out["text_features"],
-                "syn_text": model.encode_text(mb[2], normalize=True), "logit_scale": out["logit_scale"]}
+        return {
+            "image": out["image_features"],
+            "text": out["text_features"],
+            "syn_text": model.encode_text(mb[2], normalize=True),
+            "logit_scale": out["logit_scale"],
+        }
 
     def step(path: str, n: int) -> float:
-        loss_fn = partial(contrastive_loss, cfg=LossConfig(tile_size=cfg.tile_size,
-                                                           impl="naive" if path == "naive" else "tiled"))
+        loss_fn = partial(
+            contrastive_loss,
+            cfg=LossConfig(tile_size=cfg.tile_size, impl="naive" if path == "naive" else "tiled"),
+        )
         model.zero_grad(set_to_none=True)
         if path == "cached":
             num_micro = max(1, n // cfg.micro_batch)
-            micro = list(zip(images[:n].chunk(num_micro), texts[:n].chunk(num_micro), syn[:n].chunk(num_micro)))
+            micro = list(
+                zip(images[:n].chunk(num_micro), texts[:n].chunk(num_micro), syn[:n].chunk(num_micro))
+            )
             return float(cached_contrastive_step(embed, micro, loss_fn)["loss"])
         out = embed((images[:n], texts[:n], syn[:n]))
         loss, _ = loss_fn({k: v for k, v in out.items() if k != "logit_scale"}, out["logit_scale"])
@@ -126,8 +138,15 @@ def _measure(path: str, batch: int, cfg: BenchConfig) -> dict[str, float]:
     loss = step(path, batch)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"path": path, "batch": batch, "peak_rss_gib": peak / GIB, "inputs_rss_gib": rss_inputs / GIB,
-            "wall_s": wall, "cpu_s": cpu, "loss": loss}
+    return {
+        "path": path,
+        "batch": batch,
+        "peak_rss_gib": peak / GIB,
+        "inputs_rss_gib": rss_inputs / GIB,
+        "wall_s": wall,
+        "cpu_s": cpu,
+        "loss": loss,
+    }
 
 
 def _measure_time(batch: int, cfg: BenchConfig) -> dict[str, object]:
@@ -143,8 +162,12 @@ def _measure_time(batch: int, cfg: BenchConfig) -> dict[str, object]:
             wall, cpu = time.perf_counter(), time.process_time()
             step(path, batch)
             times[path].append((time.perf_counter() - wall, time.process_time() - cpu))
-    return {"path": "time", "batch": batch, **{f"{p}_wall_s": min(w for w, _ in t) for p, t in times.items()},
-            **{f"{p}_cpu_s": min(c for _, c in t) for p, t in times.items()}}
+    return {
+        "path": "time",
+        "batch": batch,
+        **{f"{p}_wall_s": min(w for w, _ in t) for p, t in times.items()},
+        **{f"{p}_cpu_s": min(c for _, c in t) for p, t in times.items()},
+    }
 
 
 def _measure_loss(impl: str, batch: int, cfg: BenchConfig) -> dict[str, float]:
@@ -157,8 +180,10 @@ def _measure_loss(impl: str, batch: int, cfg: BenchConfig) -> dict[str, float]:
 
     torch.set_num_threads(cfg.threads)
     g = torch.Generator().manual_seed(0)
-    feats = {k: F.normalize(torch.randn(batch, cfg.embed_dim, generator=g), dim=1).requires_grad_()
-             for k in ("image", "text", "syn_text")}
+    feats = {
+        k: F.normalize(torch.randn(batch, cfg.embed_dim, generator=g), dim=1).requires_grad_()
+        for k in ("image", "text", "syn_text")
+    }
     scale = torch.tensor(30.0, requires_grad=True)
     small = {k: v[:64].detach().clone().requires_grad_() for k, v in feats.items()}  # untimed warm-up
     contrastive_loss(small, scale, LossConfig(tile_size=cfg.tile_size, impl=impl))[0].backward()  # type: ignore[arg-type]
@@ -168,25 +193,46 @@ def _measure_loss(impl: str, batch: int, cfg: BenchConfig) -> dict[str, float]:
     loss.backward()
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"path": f"loss-{impl}", "batch": batch, "peak_rss_gib": peak / GIB, "inputs_rss_gib": before / GIB,
-            "growth_gib": (peak - before) / GIB, "wall_s": wall, "cpu_s": cpu, "loss": float(loss)}
+    return {
+        "path": f"loss-{impl}",
+        "batch": batch,
+        "peak_rss_gib": peak / GIB,
+        "inputs_rss_gib": before / GIB,
+        "growth_gib": (peak - before) / GIB,
+        "wall_s": wall,
+        "cpu_s": cpu,
+        "loss": float(loss),
+    }
 
 
 def _run(path: str, batch: int, cfg: BenchConfig) -> dict[str, float]:
     """``_measure`` in a fresh interpreter, so each peak RSS is its own."""
-    cmd = [sys.executable, "-m", "benchmarks.bench_loss_memory", f"--measure={path}:{batch}",
-           *[f"--{k}={json.dumps(v) if isinstance(v, (list, tuple)) else v}" for k, v in asdict(cfg).items()
-             if k != "json_out"]]
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.bench_loss_memory",
+        f"--measure={path}:{batch}",
+        *[
+            f"--{k}={json.dumps(v) if isinstance(v, (list, tuple)) else v}"
+            for k, v in asdict(cfg).items()
+            if k != "json_out"
+        ],
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
     if proc.returncode != 0:
         raise RuntimeError(f"{path} at {batch} failed:\n{proc.stderr[-2000:]}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     if path == "time":
-        print(f"  time B={batch}: " + ", ".join(f"{k} {v:.2f}" for k, v in result.items() if k.endswith("_s")))
+        print(
+            f"  time B={batch}: " + ", ".join(f"{k} {v:.2f}" for k, v in result.items() if k.endswith("_s"))
+        )
         return result
-    print(f"  {path:>10} B={batch:>6}: peak {result['peak_rss_gib']:.2f} GiB "
-          f"(growth {result['peak_rss_gib'] - result['inputs_rss_gib']:.2f}), "
-          f"wall {result['wall_s']:.2f} s, cpu {result['cpu_s']:.2f} s, loss {result['loss']:.4f}", flush=True)
+    print(
+        f"  {path:>10} B={batch:>6}: peak {result['peak_rss_gib']:.2f} GiB "
+        f"(growth {result['peak_rss_gib'] - result['inputs_rss_gib']:.2f}), "
+        f"wall {result['wall_s']:.2f} s, cpu {result['cpu_s']:.2f} s, loss {result['loss']:.4f}",
+        flush=True,
+    )
     return result
 
 
@@ -195,8 +241,13 @@ def _extra_args(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    cfg, args = parse_config(BenchConfig, argv, prog="python -m benchmarks.bench_loss_memory",
-                             description=__doc__, extra_args=_extra_args)
+    cfg, args = parse_config(
+        BenchConfig,
+        argv,
+        prog="python -m benchmarks.bench_loss_memory",
+        description=__doc__,
+        extra_args=_extra_args,
+    )
     if args.measure:
         path, batch = args.measure.split(":")
         if path == "time":
@@ -211,8 +262,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         results["loss_memory"] = _loss_part(cfg)
     if "step_memory" in cfg.parts:
         print("full steps: peak memory", flush=True)
-        results["step_memory"] = [_run(path, batch, cfg) for batch in cfg.time_batches
-                                  for path in ("naive", "tiled", "cached")]
+        results["step_memory"] = [
+            _run(path, batch, cfg) for batch in cfg.time_batches for path in ("naive", "tiled", "cached")
+        ]
     if "time" in cfg.parts:
         results["timing"] = _time_part(cfg)
     if cfg.big_batch and "big" in cfg.parts:
@@ -231,7 +283,9 @@ def _loss_part(cfg: BenchConfig) -> list[dict[str, float]]:
         if loss_mem and loss_mem[-1]["growth_gib"] * (batch / loss_mem[-1]["batch"]) ** 2 > cfg.budget_gib:
             predicted = loss_mem[-1]["growth_gib"] * (batch / loss_mem[-1]["batch"]) ** 2
             loss_mem.append({"path": "loss-naive", "batch": batch, "predicted_growth_gib": predicted})
-            print(f"  loss-naive B={batch}: predicted growth {predicted:.1f} GiB > budget, not run", flush=True)
+            print(
+                f"  loss-naive B={batch}: predicted growth {predicted:.1f} GiB > budget, not run", flush=True
+            )
             break
         loss_mem.append(_run("loss-naive", batch, cfg))
     for batch in sorted(cfg.naive_batches):
@@ -245,8 +299,11 @@ def _time_part(cfg: BenchConfig) -> list[dict[str, float]]:
     for batch in cfg.time_batches:
         timing.append(_run("time", batch, cfg))
         for path in ("tiled", "cached"):
-            print(f"  B={batch} {path}/naive: wall {timing[-1][f'{path}_wall_s'] / timing[-1]['naive_wall_s']:.2f}x, "
-                  f"cpu {timing[-1][f'{path}_cpu_s'] / timing[-1]['naive_cpu_s']:.2f}x", flush=True)
+            print(
+                f"  B={batch} {path}/naive: wall {timing[-1][f'{path}_wall_s'] / timing[-1]['naive_wall_s']:.2f}x, "
+                f"cpu {timing[-1][f'{path}_cpu_s'] / timing[-1]['naive_cpu_s']:.2f}x",
+                flush=True,
+            )
     return timing
 
 
@@ -255,9 +312,12 @@ def _big_part(cfg: BenchConfig) -> dict[str, float]:
     big = _run("cached", cfg.big_batch, cfg)
     big["fits_budget"] = big["peak_rss_gib"] <= cfg.budget_gib
     big["naive_logits_gib"] = cfg.big_batch**2 * 4 / GIB
-    print(f"  fits {cfg.budget_gib} GiB: {big['fits_budget']}; one fp32 {cfg.big_batch}^2 logit matrix "
-          f"alone: {big['naive_logits_gib']:.1f} GiB")
+    print(
+        f"  fits {cfg.budget_gib} GiB: {big['fits_budget']}; one fp32 {cfg.big_batch}^2 logit matrix "
+        f"alone: {big['naive_logits_gib']:.1f} GiB"
+    )
     return big
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -63,9 +63,18 @@ def write_shards(out: Path, num_shards: int, per_shard: int) -> str:
                 buf = io.BytesIO()
                 Image.fromarray(scene.image).save(buf, format="JPEG", quality=90)
                 jpg = buf.getvalue()
-                meta = schema.SampleMeta(scene.uid, hashlib.sha256(jpg).hexdigest(), 64, 64, 64, 64, "synthworld")
-                tw.write({"__key__": scene.uid, "jpg": jpg, "txt": scene.noisy_caption.encode(),
-                          "syn.json": schema.encode_syn(sw.synthetic_captions(scene, 2, 0)), "json": meta.to_json()})
+                meta = schema.SampleMeta(
+                    scene.uid, hashlib.sha256(jpg).hexdigest(), 64, 64, 64, 64, "synthworld"
+                )
+                tw.write(
+                    {
+                        "__key__": scene.uid,
+                        "jpg": jpg,
+                        "txt": scene.noisy_caption.encode(),
+                        "syn.json": schema.encode_syn(sw.synthetic_captions(scene, 2, 0)),
+                        "json": meta.to_json(),
+                    }
+                )
                 index += 1
     (out / "sizes.json").write_text(json.dumps({f"{s:05d}.tar": per_shard for s in range(num_shards)}))
     marker.write_text("")
@@ -146,15 +155,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv and argv[0] == "--open-clip-worker":
         open_clip_worker(argv[2:] if len(argv) > 1 and argv[1] == "--" else argv[1:])
         return 0
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_trainer", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.bench_trainer", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--procs", type=int, default=2, help="processes (ranks) per trainer")
     parser.add_argument("--batch", type=int, default=64, help="global batch")
     parser.add_argument("--steps", type=int, default=60, help="optimizer steps per run")
-    parser.add_argument("--short-steps", type=int, default=20, help="steps of the short run (CPU-time baseline)")
-    parser.add_argument("--repeats", type=int, default=2, help="long + short run pairs per trainer (alternating)")
+    parser.add_argument(
+        "--short-steps", type=int, default=20, help="steps of the short run (CPU-time baseline)"
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=2, help="long + short run pairs per trainer (alternating)"
+    )
     parser.add_argument("--workers", type=int, default=1, help="loader workers per process")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
-    parser.add_argument("--zero-stage", type=int, default=0, help="our ZeRO stage (0 = plain data parallel, as DDP)")
+    parser.add_argument(
+        "--zero-stage", type=int, default=0, help="our ZeRO stage (0 = plain data parallel, as DDP)"
+    )
     parser.add_argument("--log-every", type=int, default=5, help="steps per log interval")
     parser.add_argument("--skip", type=int, default=2, help="warm-up log intervals left out")
     parser.add_argument("--out", default="runs/bench_trainer", help="work folder (shards are reused)")

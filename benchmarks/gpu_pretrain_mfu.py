@@ -24,12 +24,16 @@ import torch
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_pretrain_mfu", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.gpu_pretrain_mfu", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--model", default="ViT-B-16")
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--context", type=int, default=77)
     parser.add_argument("--micro-batch", type=int, default=256)
-    parser.add_argument("--accumulation", type=int, default=1, help="micro-batches per step (gradient caching)")
+    parser.add_argument(
+        "--accumulation", type=int, default=1, help="micro-batches per step (gradient caching)"
+    )
     parser.add_argument("--steps", type=int, default=20, help="timed steps")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     parser.add_argument("--zero-stage", type=int, default=1)
@@ -67,7 +71,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     gen = torch.Generator(device="cpu").manual_seed(0)
     batches = [
         {
-            "image": torch.randn(args.micro_batch, 3, args.image_size, args.image_size, generator=gen).to(device),
+            "image": torch.randn(args.micro_batch, 3, args.image_size, args.image_size, generator=gen).to(
+                device
+            ),
             "text": torch.randint(1, 49407, (args.micro_batch, args.context), generator=gen).to(device),
             "syn_text": torch.randint(1, 49407, (args.micro_batch, args.context), generator=gen).to(device),
         }

@@ -29,11 +29,16 @@ from pipeline.config import load_config  # noqa: E402
 from pipeline.train.trainer import TrainConfig  # noqa: E402
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-PRESETS = {name: (lambda name=name: load_config(TrainConfig, CONFIG_DIR / f"{name}.toml")) for name in ("debug", "vit_b16")}
+PRESETS = {
+    name: (lambda name=name: load_config(TrainConfig, CONFIG_DIR / f"{name}.toml"))
+    for name in ("debug", "vit_b16")
+}
 
 
 def _extra_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher")
+    parser.add_argument(
+        "--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher"
+    )
     parser.add_argument("--print-ds-config", action="store_true", help="print the DeepSpeed config and exit")
 
 

@@ -184,7 +184,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("world", f"{cfg.out}/world/datacomp", "DataComp-layout parquet + images + syn captions"),
         ("shards", f"{cfg.out}/shards", "WebDataset tars, sizes.json, manifest.json, failures.parquet"),
         ("captions", f"{cfg.out}/captions", "sidecar syn.json shards written by the tiny CoCa"),
-        ("pretrain", f"{cfg.out}/pretrain", _headline(summary.get("pretrain", {}), ["loss", "zero_shot_top1"])),
+        (
+            "pretrain",
+            f"{cfg.out}/pretrain",
+            _headline(summary.get("pretrain", {}), ["loss", "zero_shot_top1"]),
+        ),
     ]
     for stage, s in summary["finetune"].items():
         rows.append((stage, f"{cfg.out}/finetune/{stage}", _headline(s, ["mIoU", "miou", "rmse", "abs_rel"])))

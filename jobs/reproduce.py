@@ -40,7 +40,9 @@ def cpu_seconds() -> float:
 
 def main(argv: Sequence[str] | None = None) -> int:
     started = time.time()
-    command = "python -m jobs.reproduce " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    command = "python -m jobs.reproduce " + " ".join(
+        shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)
+    )
     cfg, _ = parse_config(
         ReproduceConfig, argv, prog="python -m jobs.reproduce", description=__doc__.split("\n\n")[0],
         presets={"toy": lambda: load_config(ReproduceConfig, CONFIG)}, default_preset="toy",
@@ -105,11 +107,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         "seeds": list(study.grid.seeds), "invocations": history,
     })  # fmt: skip
     verdict = report["verdict"]
-    print(f"[reproduce] better transfer: {verdict['transfer']}; better data efficiency: {verdict['data_efficiency']}")
+    print(
+        f"[reproduce] better transfer: {verdict['transfer']}; better data efficiency: {verdict['data_efficiency']}"
+    )
     for line in verdict["lines"]:
         print(f"[reproduce] {line}")
     print(f"[reproduce] {verdict['caveat']}")
-    print(f"[reproduce] report: {report['html']}  ({seconds / 60:.1f} min wall, {cpu_seconds() / 60:.1f} min CPU)")
+    print(
+        f"[reproduce] report: {report['html']}  ({seconds / 60:.1f} min wall, {cpu_seconds() / 60:.1f} min CPU)"
+    )
     for item in report["missing"]:
         print(f"[reproduce] missing: {item}")
     return 0 if not report["missing"] else 1

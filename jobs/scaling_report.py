@@ -39,9 +39,15 @@ from pipeline.report.scaling import (
 
 
 def _extra_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dry-run", action="store_true", help="list the grid points, their state and commands")
-    parser.add_argument("--report-only", action="store_true", help="launch nothing; rebuild the report from the runs")
-    parser.add_argument("--no-grid", action="store_true", help="plan no grid: report on whatever runs are found")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="list the grid points, their state and commands"
+    )
+    parser.add_argument(
+        "--report-only", action="store_true", help="launch nothing; rebuild the report from the runs"
+    )
+    parser.add_argument(
+        "--no-grid", action="store_true", help="plan no grid: report on whatever runs are found"
+    )
     parser.add_argument("--points-json", default="", help="jobs.pipeline's points.json: collect its runs too")
 
 
@@ -53,7 +59,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.points_json:
         points_file = io.read_json(args.points_json)
         sources = [p.get("source", "") for p in points_file.values() if isinstance(p, dict)]
-        cfg = dataclasses.replace(cfg, collect=(*cfg.collect, *[s for s in sources if s and os.path.isdir(s)]))
+        cfg = dataclasses.replace(
+            cfg, collect=(*cfg.collect, *[s for s in sources if s and os.path.isdir(s)])
+        )
     if args.no_grid:
         cfg = dataclasses.replace(cfg, collect=(*cfg.collect, cfg.root))
     cfg = resolve_paths(cfg)

@@ -50,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     bad = [r for r in rest if not (r.startswith("--") and "=" in r)]
     if bad:
         parser.error(f"unrecognised argument {bad[0]!r} (overrides look like --section.field=value)")
-    launch_overrides = ["--" + r[len(LAUNCH_PREFIX):] for r in rest if r.startswith(LAUNCH_PREFIX)]
+    launch_overrides = ["--" + r[len(LAUNCH_PREFIX) :] for r in rest if r.startswith(LAUNCH_PREFIX)]
     job_overrides = tuple(r for r in rest if not r.startswith(LAUNCH_PREFIX))
     try:
         launch = load_config(LaunchConfig, args.launch_file, launch_overrides, base=LaunchConfig())
@@ -59,8 +59,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.print_launch_config:
         print(to_toml(launch), end="")
         return 0
-    request = SubmitRequest(target=args.target, job=args.job, config=args.config, job_overrides=job_overrides,
-                            launch=launch)
+    request = SubmitRequest(
+        target=args.target, job=args.job, config=args.config, job_overrides=job_overrides, launch=launch
+    )
     try:
         plan = make_plan(request)
     except (JobConfigError, ValueError) as e:

@@ -1,10 +1,10 @@
 """The run directory is the record of a run (see docs/run-directory.md).
 
-    <run>/config.toml        resolved config, written before the first step
-    <run>/metrics.jsonl      one JSON object per logged step: {"step": N, "time": t, ...}
-    <run>/summary.json       final metrics, written atomically at the end
-    <run>/checkpoints/<step>/ and checkpoints/latest (a text file naming the newest complete step)
-    <run>/logs/              per-rank text logs; tensorboard/ when enabled
+<run>/config.toml        resolved config, written before the first step
+<run>/metrics.jsonl      one JSON object per logged step: {"step": N, "time": t, ...}
+<run>/summary.json       final metrics, written atomically at the end
+<run>/checkpoints/<step>/ and checkpoints/latest (a text file naming the newest complete step)
+<run>/logs/              per-rank text logs; tensorboard/ when enabled
 """
 
 from __future__ import annotations

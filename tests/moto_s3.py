@@ -1,7 +1,7 @@
 """A real S3 endpoint for tests: moto_server on a free loopback port, credentials and endpoint in env.
 
-    with moto_s3(log_dir) as endpoint:   # S3_ENDPOINT_URL and dummy AWS_* set while inside
-        ...
+with moto_s3(log_dir) as endpoint:   # S3_ENDPOINT_URL and dummy AWS_* set while inside
+    ...
 """
 
 from __future__ import annotations

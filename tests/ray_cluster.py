@@ -49,14 +49,28 @@ def local_ray_cluster(num_cpus: int = 2, object_store_bytes: int = 300_000_000) 
     temp_dir = tempfile.mkdtemp(prefix="rayt", dir="/tmp")
     gcs_port, dash_port, client_port = free_port(), free_port(), 20000 + free_port() % 10000
     cmd = [
-        ray_executable(), "start", "--head", "--block",
-        f"--port={gcs_port}", f"--dashboard-port={dash_port}", f"--ray-client-server-port={client_port}",
-        "--dashboard-host=127.0.0.1", "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}",
-        f"--object-store-memory={object_store_bytes}", f"--temp-dir={temp_dir}", "--disable-usage-stats",
+        ray_executable(),
+        "start",
+        "--head",
+        "--block",
+        f"--port={gcs_port}",
+        f"--dashboard-port={dash_port}",
+        f"--ray-client-server-port={client_port}",
+        "--dashboard-host=127.0.0.1",
+        "--node-ip-address=127.0.0.1",
+        f"--num-cpus={num_cpus}",
+        f"--object-store-memory={object_store_bytes}",
+        f"--temp-dir={temp_dir}",
+        "--disable-usage-stats",
     ]
     # Jobs submitted to this cluster run `python` from the head's PATH: make it this venv's.
     bin_dir = str(Path(sys.executable).parent)
-    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled", PATH=bin_dir + os.pathsep + os.environ.get("PATH", ""))
+    env = dict(
+        os.environ,
+        RAY_USAGE_STATS_ENABLED="0",
+        RAY_AUTH_MODE="disabled",
+        PATH=bin_dir + os.pathsep + os.environ.get("PATH", ""),
+    )
     log = open(os.path.join(temp_dir, "ray-start.log"), "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     dashboard = f"http://127.0.0.1:{dash_port}"
@@ -64,7 +78,9 @@ def local_ray_cluster(num_cpus: int = 2, object_store_bytes: int = 300_000_000) 
         deadline = time.time() + 90
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"ray start exited early: {Path(temp_dir, 'ray-start.log').read_text()[-2000:]}")
+                raise RuntimeError(
+                    f"ray start exited early: {Path(temp_dir, 'ray-start.log').read_text()[-2000:]}"
+                )
             try:
                 urllib.request.urlopen(f"{dashboard}/api/version", timeout=2).read()
                 break

@@ -49,7 +49,9 @@ def make_export(out_dir: Path) -> Path:
 
     cfg = ModelConfig(name="debug", seed=1)
     model, preprocess, _ = build_clip(cfg)
-    return export_open_clip(model.state_dict(), cfg, preprocess, out_dir, info={"step": 10, "weights_kind": "ema"})
+    return export_open_clip(
+        model.state_dict(), cfg, preprocess, out_dir, info={"step": 10, "weights_kind": "ema"}
+    )
 
 
 def write_pretrain_run(path: Path, source: str, subset_uids: Path, seed: int, steps: int = 20,
@@ -159,8 +161,12 @@ def make_study(root: Path, seeds: tuple[int, ...] = (0, 1), sizes: tuple[int, ..
                 ckpt = str(run_export) if run_export else str(path / "export" / "ema")
                 trials = root / "finetune" / "ft" / "trials"
                 good = seg_miou(size, source, seed)
-                write_finetune_run(trials / f"{name}-segmentation-lr=0.01", "segmentation", ckpt, good - 4, lr=1e-2)
-                write_finetune_run(trials / f"{name}-segmentation-lr=0.001", "segmentation", ckpt, good, lr=1e-3)
+                write_finetune_run(
+                    trials / f"{name}-segmentation-lr=0.01", "segmentation", ckpt, good - 4, lr=1e-2
+                )
+                write_finetune_run(
+                    trials / f"{name}-segmentation-lr=0.001", "segmentation", ckpt, good, lr=1e-3
+                )
                 write_finetune_run(trials / f"{name}-depth", "depth", ckpt, depth_rmse(size, source, seed))
     trials = root / "finetune" / "ft" / "trials"
     write_finetune_run(trials / "random-init-segmentation", "segmentation", "", 25.0)

@@ -107,8 +107,17 @@ class JobState:
 
     @property
     def done(self) -> bool:
-        return self.state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
-                              "BOOT_FAIL", "DEADLINE", "PREEMPTED")
+        return self.state in (
+            "COMPLETED",
+            "FAILED",
+            "CANCELLED",
+            "TIMEOUT",
+            "NODE_FAIL",
+            "OUT_OF_MEMORY",
+            "BOOT_FAIL",
+            "DEADLINE",
+            "PREEMPTED",
+        )
 
 
 class SlurmCluster:
@@ -146,15 +155,24 @@ class SlurmCluster:
             fields = dict(kv.split("=", 1) for kv in line.split() if "=" in kv)
             if "JobState" not in fields:
                 continue
-            states.append(JobState(
-                job_id=fields.get("JobId", ""), state=fields["JobState"], exit_code=fields.get("ExitCode", ""),
-                restarts=int(fields.get("Restarts", "0")), reason=fields.get("Reason", ""),
-                array_task_id=fields.get("ArrayTaskId", ""),
-            ))
+            states.append(
+                JobState(
+                    job_id=fields.get("JobId", ""),
+                    state=fields["JobState"],
+                    exit_code=fields.get("ExitCode", ""),
+                    restarts=int(fields.get("Restarts", "0")),
+                    reason=fields.get("Reason", ""),
+                    array_task_id=fields.get("ArrayTaskId", ""),
+                )
+            )
         return states
 
-    def wait(self, job_id: str, timeout: float, on_poll: Callable[[list[JobState]], None] | None = None,
-             ) -> list[JobState]:
+    def wait(
+        self,
+        job_id: str,
+        timeout: float,
+        on_poll: Callable[[list[JobState]], None] | None = None,
+    ) -> list[JobState]:
         """Poll until every task of ``job_id`` has finished; returns their final states."""
         deadline = time.monotonic() + timeout
         while True:
@@ -205,9 +223,15 @@ class SlurmCluster:
         key.write_bytes(os.urandom(1024))
         key.chmod(0o600)
         munge_socket = root / "munge" / "munge.socket"
-        munged = [find_binary("munged"), "--foreground", f"--socket={munge_socket}", f"--key-file={key}",
-                  f"--pid-file={root / 'munge' / 'munged.pid'}", f"--log-file={root / 'log' / 'munged.log'}",
-                  f"--seed-file={root / 'munge' / 'munged.seed'}"]
+        munged = [
+            find_binary("munged"),
+            "--foreground",
+            f"--socket={munge_socket}",
+            f"--key-file={key}",
+            f"--pid-file={root / 'munge' / 'munged.pid'}",
+            f"--log-file={root / 'log' / 'munged.log'}",
+            f"--seed-file={root / 'munge' / 'munged.seed'}",
+        ]
         if os.geteuid() == 0:
             munged.append("--force")  # munged refuses to run as root without it
         self._spawn("munged", [str(c) for c in munged])
@@ -215,11 +239,19 @@ class SlurmCluster:
 
         memory = _total_memory_mb() // 2
         user = subprocess.run(["id", "-un"], capture_output=True, text=True).stdout.strip() or "root"
-        self.conf.write_text(SLURM_CONF.format(
-            name=f"t{os.getpid()}", user=user, ctld_port=free_port(), slurmd_port=free_port(),
-            munge_socket=munge_socket, root=root, cpus=self.cpus, memory=memory,
-            mem_per_cpu=max(256, memory // max(self.cpus, 1) // 2),
-        ))
+        self.conf.write_text(
+            SLURM_CONF.format(
+                name=f"t{os.getpid()}",
+                user=user,
+                ctld_port=free_port(),
+                slurmd_port=free_port(),
+                munge_socket=munge_socket,
+                root=root,
+                cpus=self.cpus,
+                memory=memory,
+                mem_per_cpu=max(256, memory // max(self.cpus, 1) // 2),
+            )
+        )
         self._spawn("slurmctld", [find_binary("slurmctld"), "-D", "-i"])
         self._spawn("slurmd", [find_binary("slurmd"), "-D", "-N", "localhost"])
 

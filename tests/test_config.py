@@ -86,7 +86,9 @@ def test_optional_field_accepts_none_and_a_value():
 
 def test_preset_is_the_base_that_file_and_overrides_change(tmp_path):
     presets = {"small": lambda: RunConfig(steps=3, optim=OptimConfig(lr=5.0))}
-    cfg, _ = parse_config(RunConfig, ["--preset", "small", "--steps=4"], prog="t", description="", presets=presets)
+    cfg, _ = parse_config(
+        RunConfig, ["--preset", "small", "--steps=4"], prog="t", description="", presets=presets
+    )
     assert cfg.steps == 4 and cfg.optim.lr == 5.0
 
 

@@ -93,7 +93,9 @@ def test_a_zero_backbone_lr_freezes_the_encoder_so_it_gets_no_gradients_and_stay
     from pipeline.finetune.common import OptimConfig
 
     cfg = small_config(debug_checkpoint, steps=3)
-    cfg = SegmentationConfig(**{**cfg.__dict__, "optim": OptimConfig(backbone_lr_mult=0.0, grad_clip_norm=1.0)})
+    cfg = SegmentationConfig(
+        **{**cfg.__dict__, "optim": OptimConfig(backbone_lr_mult=0.0, grad_clip_norm=1.0)}
+    )
     summary = run_stage(cfg, tmp_path / "run")
     state = torch.load(latest_checkpoint(tmp_path / "run"), map_location="cpu", weights_only=True)["model"]
     start = build_backbone(cfg.backbone).state_dict()

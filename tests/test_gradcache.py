@@ -63,7 +63,9 @@ def _naive_reference() -> tuple[torch.Tensor, torch.Tensor, float]:
     model = _tiny_clip()
     out = _embed(model, _global_batch())
     s = out["logit_scale"]
-    loss = W_REAL * naive_clip_loss(out["image"], out["text"], s) + W_SYN * naive_clip_loss(out["image"], out["syn_text"], s)
+    loss = W_REAL * naive_clip_loss(out["image"], out["text"], s) + W_SYN * naive_clip_loss(
+        out["image"], out["syn_text"], s
+    )
     loss.backward()
     return _flat_grad(model), model.logit_scale.grad.clone(), float(loss.detach())
 
@@ -106,7 +108,11 @@ def _two_rank_worker(rank: int, world_size: int, store: str, out_dir: str) -> No
             loss = out["loss"].clone()
             dist.all_reduce(loss)
             if rank == 0:
-                result = {"grad": grad / world_size, "scale_grad": scale_grad / world_size, "loss": loss / world_size}
+                result = {
+                    "grad": grad / world_size,
+                    "scale_grad": scale_grad / world_size,
+                    "loss": loss / world_size,
+                }
                 torch.save(result, Path(out_dir) / f"accum{accumulation}.pt")
     finally:
         dist.destroy_process_group()
@@ -134,8 +140,11 @@ class _DropoutTowers(nn.Module):
 
     def forward(self, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
         x, t = batch
-        return {"image": F.normalize(self.image(x), dim=1), "text": F.normalize(self.text(t), dim=1),
-                "logit_scale": self.logit_scale.exp()}
+        return {
+            "image": F.normalize(self.image(x), dim=1),
+            "text": F.normalize(self.text(t), dim=1),
+            "logit_scale": self.logit_scale.exp(),
+        }
 
 
 def test_cached_step_replays_dropout_masks_and_leaves_the_rng_where_one_pass_would() -> None:
@@ -166,7 +175,9 @@ def test_backward_scale_argument_multiplies_every_gradient() -> None:
     cached_contrastive_step(model_a, micro, loss_fn)
     calls: list[float] = []
 
-    def divided_backward(t: torch.Tensor) -> None:  # like DeepSpeed's engine.backward with 2 accumulation steps
+    def divided_backward(
+        t: torch.Tensor,
+    ) -> None:  # like DeepSpeed's engine.backward with 2 accumulation steps
         calls.append(float(t.detach()))
         (t / 2).backward()
 
@@ -204,18 +215,26 @@ def _deepspeed_worker(rank: int, world_size: int, store: str, out_dir: str) -> N
             "gradient_clipping": 0.0,
             "steps_per_print": 10**9,
         }
-        engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
-                                          config=config)
+        engine, *_ = deepspeed.initialize(
+            model=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0), config=config
+        )
 
         def embed(batch: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
             images, texts, syn = batch  # through the engine's forward: ZeRO-3 gathers parameters in its hooks
             image, text, logit_scale = engine(images, texts)
-            return {"image": image, "text": text, "syn_text": engine(None, syn)[1], "logit_scale": logit_scale}
+            return {
+                "image": image,
+                "text": text,
+                "syn_text": engine(None, syn)[1],
+                "logit_scale": logit_scale,
+            }
 
         shard = [t[rank * local : (rank + 1) * local] for t in _global_batch()]
         micro = [tuple(t.chunk(accumulation)[k] for t in shard) for k in range(accumulation)]
         cfg = LossConfig(tile_size=3, impl="tiled", w_real=W_REAL, w_syn=W_SYN)
-        cached_contrastive_step(embed, micro, partial(contrastive_loss, cfg=cfg), backward=engine_backward(engine))
+        cached_contrastive_step(
+            embed, micro, partial(contrastive_loss, cfg=cfg), backward=engine_backward(engine)
+        )
         with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
             after = [p.detach().clone() for p in engine.module.parameters()]
         if rank == 0:
@@ -227,7 +246,9 @@ def _deepspeed_worker(rank: int, world_size: int, store: str, out_dir: str) -> N
 
 
 @pytest.mark.slow
-def test_deepspeed_zero3_step_with_engine_backward_applies_the_naive_full_batch_gradient(tmp_path: Path) -> None:
+def test_deepspeed_zero3_step_with_engine_backward_applies_the_naive_full_batch_gradient(
+    tmp_path: Path,
+) -> None:
     pytest.importorskip("deepspeed")
     mp.spawn(_deepspeed_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
     got = torch.load(tmp_path / "deepspeed.pt", weights_only=True)

@@ -120,8 +120,12 @@ def core_errors(doc: dict[str, Any]) -> list[str]:
             errors.append(f"{name}: {str(e).splitlines()[0]}")
     else:
         for path, template in pod_templates(doc.get("spec", {}), "/spec"):
-            wrapped = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"},
-                       "template": template}
+            wrapped = {
+                "apiVersion": "v1",
+                "kind": "PodTemplate",
+                "metadata": {"name": "t"},
+                "template": template,
+            }
             try:
                 kubernetes_validate.validate(wrapped, K8S_VERSION, strict=True)
             except kubernetes_validate.ValidationError as e:
@@ -135,18 +139,24 @@ def custom_errors(doc: dict[str, Any], schemas: dict[tuple[str, str], dict[str, 
     if key not in schemas:
         return [f"{name}: no CRD schema for {key[0]} {key[1]} in {CRD_DIR}"]
     validator = jsonschema.Draft7Validator(schemas[key])
-    return [f"{name} at /{'/'.join(map(str, e.absolute_path))}: {e.message}"
-            for e in validator.iter_errors({k: v for k, v in doc.items() if k != "status"})]
+    return [
+        f"{name} at /{'/'.join(map(str, e.absolute_path))}: {e.message}"
+        for e in validator.iter_errors({k: v for k, v in doc.items() if k != "status"})
+    ]
 
 
 def crd_schemas() -> dict[tuple[str, str], dict[str, Any]]:
     if not CRD_DIR.is_dir():
-        pytest.skip(f"CRD schemas not found at {CRD_DIR} (../shared/k8s-crds beside the repo): custom kinds "
-                    "(PyTorchJob, JobSet, RayJob) not checked")
+        pytest.skip(
+            f"CRD schemas not found at {CRD_DIR} (../shared/k8s-crds beside the repo): custom kinds "
+            "(PyTorchJob, JobSet, RayJob) not checked"
+        )
     return load_crd_schemas(CRD_DIR)
 
 
-def all_errors(docs: list[dict[str, Any]], schemas: dict[tuple[str, str], dict[str, Any]] | None) -> list[str]:
+def all_errors(
+    docs: list[dict[str, Any]], schemas: dict[tuple[str, str], dict[str, Any]] | None
+) -> list[str]:
     errors = []
     for doc in docs:
         errors += core_errors(doc)
@@ -189,7 +199,9 @@ def _check_pod_security(docs: list[dict[str, Any]]) -> None:
                 assert c["securityContext"]["allowPrivilegeEscalation"] is False, where
                 assert {"cpu", "memory"} <= set(c["resources"]["requests"]), where
                 assert {"cpu", "memory"} <= set(c["resources"]["limits"]), where
-                assert any(m["mountPath"] == "/dev/shm" and m["name"] == "dshm" for m in c["volumeMounts"]), where
+                assert any(m["mountPath"] == "/dev/shm" and m["name"] == "dshm" for m in c["volumeMounts"]), (
+                    where
+                )
                 for env in c.get("env", []):
                     secretish = any(w in env["name"] for w in ("SECRET", "KEY", "TOKEN", "PASSWORD"))
                     assert not (secretish and "value" in env), f"{where}: {env['name']} inline"
@@ -213,7 +225,9 @@ def test_gpu_overlays_request_gpus_for_the_workers_and_cpu_overlays_none():
         workload = next(d for d in gpu_docs if d["kind"] not in ("ConfigMap",))
         gpu_counts = [_gpus(c) for _, t in pod_templates(workload) for c in t["spec"]["containers"]]
         assert max(gpu_counts) >= 1, job
-        cpu_counts = [_gpus(c) for d in cpu_docs for _, t in pod_templates(d) for c in t["spec"]["containers"]]
+        cpu_counts = [
+            _gpus(c) for d in cpu_docs for _, t in pod_templates(d) for c in t["spec"]["containers"]
+        ]
         assert max(cpu_counts) == 0, job
 
 
@@ -255,8 +269,9 @@ def test_strict_crd_schema_rejects_unknown_fields_that_the_plain_schema_accepts(
 
 # --- the overlays jobs.submit generates ----------------------------------------------------------------------
 def _env_of(docs: list[dict[str, Any]]) -> dict[str, str]:
-    return next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith("clip-job-env"))[
-        "data"]
+    return next(
+        d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith("clip-job-env")
+    )["data"]
 
 
 def _submit_docs(tmp_path: Path, job: str, *launch: str) -> list[dict[str, Any]]:
@@ -268,9 +283,16 @@ def _submit_docs(tmp_path: Path, job: str, *launch: str) -> list[dict[str, Any]]
 
 @pytest.mark.parametrize("overlay", ["cpu", "gpu"])
 def test_submitted_pretraining_keeps_pods_gpus_and_processes_per_node_consistent(tmp_path, overlay):
-    docs = _submit_docs(tmp_path, "smoke", "--k8s.replicas=3", "--k8s.gpus=2", "--k8s.cpu=12",
-                        "--k8s.image=registry.example.com/clip:v7", f"--k8s.overlay={overlay}",
-                        "--env.nccl.NCCL_SOCKET_IFNAME=eth0")
+    docs = _submit_docs(
+        tmp_path,
+        "smoke",
+        "--k8s.replicas=3",
+        "--k8s.gpus=2",
+        "--k8s.cpu=12",
+        "--k8s.image=registry.example.com/clip:v7",
+        f"--k8s.overlay={overlay}",
+        "--env.nccl.NCCL_SOCKET_IFNAME=eth0",
+    )
     assert all_errors(docs, crd_schemas()) == []
     _check_pod_security(docs)
     job = next(d for d in docs if d["kind"] == "PyTorchJob")
@@ -310,10 +332,15 @@ def test_a_single_pod_pytorchjob_has_no_worker_replicas(tmp_path):
 def test_submitted_shard_job_runs_one_indexed_pod_per_slice(tmp_path):
     config = tmp_path / "shard.toml"
     config.write_text("[source]\nparquet = ['/data/meta/*.parquet']\n[output]\npath = '/data/shards'\n")
-    cfg = load_config(LaunchConfig, None, [f"--run_dir={tmp_path / 'run'}", "--k8s.replicas=6", "--k8s.cpu=3"],
-                      base=LaunchConfig())
-    plan = make_plan(SubmitRequest(target="k8s", job="shard", config=str(config), launch=cfg,
-                                   workdir=str(tmp_path)))
+    cfg = load_config(
+        LaunchConfig,
+        None,
+        [f"--run_dir={tmp_path / 'run'}", "--k8s.replicas=6", "--k8s.cpu=3"],
+        base=LaunchConfig(),
+    )
+    plan = make_plan(
+        SubmitRequest(target="k8s", job="shard", config=str(config), launch=cfg, workdir=str(tmp_path))
+    )
     docs = [d for d in yaml.safe_load_all(render_k8s(plan)) if d]
     assert all_errors(docs, None) == []
     _check_pod_security(docs)
@@ -322,17 +349,24 @@ def test_submitted_shard_job_runs_one_indexed_pod_per_slice(tmp_path):
     assert job["completionMode"] == "Indexed"
     assert job["completions"] == job["parallelism"] == int(env["NUM_TASKS"]) == 6
     container = job["template"]["spec"]["containers"][0]
-    assert "--task-index=$(TASK_INDEX)" in container["args"] and "--num-tasks=$(NUM_TASKS)" in container["args"]
+    assert (
+        "--task-index=$(TASK_INDEX)" in container["args"] and "--num-tasks=$(NUM_TASKS)" in container["args"]
+    )
     assert env["CLIP_MODULE"] == "data_prep.shard" and env["OMP_NUM_THREADS"] == "3"
 
 
 def test_submitted_caption_rayjob_runs_the_job_module_with_gpus_on_the_workers_only(tmp_path):
     config = tmp_path / "caption.toml"
     config.write_text("[input]\nshards = '/data/shards'\n[output]\npath = '/data/syn'\n")
-    cfg = load_config(LaunchConfig, None, [f"--run_dir={tmp_path / 'run'}", "--k8s.replicas=3", "--k8s.gpus=1",
-                                           "--k8s.overlay=gpu"], base=LaunchConfig())
-    plan = make_plan(SubmitRequest(target="k8s", job="caption", config=str(config), launch=cfg,
-                                   workdir=str(tmp_path)))
+    cfg = load_config(
+        LaunchConfig,
+        None,
+        [f"--run_dir={tmp_path / 'run'}", "--k8s.replicas=3", "--k8s.gpus=1", "--k8s.overlay=gpu"],
+        base=LaunchConfig(),
+    )
+    plan = make_plan(
+        SubmitRequest(target="k8s", job="caption", config=str(config), launch=cfg, workdir=str(tmp_path))
+    )
     docs = [d for d in yaml.safe_load_all(render_k8s(plan)) if d]
     assert all_errors(docs, crd_schemas()) == []
     spec = next(d for d in docs if d["kind"] == "RayJob")["spec"]

@@ -1,6 +1,6 @@
 """Tests of the tiled (Inf-CL) contrastive loss against the naive full-batch CLIP loss.
 
-    .venv/bin/pytest tests/test_loss.py -q
+.venv/bin/pytest tests/test_loss.py -q
 """
 
 from __future__ import annotations
@@ -62,7 +62,9 @@ def test_tiled_loss_stays_finite_when_some_similarities_are_far_below_the_tile_m
     img, txt = _features(48, 8, seed=3)
     txt[5] = -F.normalize(img.mean(0), dim=0)
     ref = _loss_and_grads(naive_clip_loss, img.double(), txt.double(), 100.0)
-    got = _loss_and_grads(lambda i, t, s: clip_loss(i, t, s, LossConfig(tile_size=8, impl="tiled")), img, txt, 100.0)
+    got = _loss_and_grads(
+        lambda i, t, s: clip_loss(i, t, s, LossConfig(tile_size=8, impl="tiled")), img, txt, 100.0
+    )
     for a, b in zip(got, ref):
         assert torch.isfinite(a).all()
         assert _rel(a.double(), b) < 1e-5
@@ -89,8 +91,12 @@ def test_auto_impl_uses_the_naive_path_for_a_batch_within_one_tile_with_the_same
 
 @pytest.mark.parametrize(
     ("kwargs", "field"),
-    [({"tile_size": 0}, "tile_size"), ({"w_real": -1.0}, "w_real"), ({"w_real": 0.0, "w_syn": 0.0}, "w_real"),
-     ({"impl": "fast"}, "impl")],
+    [
+        ({"tile_size": 0}, "tile_size"),
+        ({"w_real": -1.0}, "w_real"),
+        ({"w_real": 0.0, "w_syn": 0.0}, "w_real"),
+        ({"impl": "fast"}, "impl"),
+    ],
 )
 def test_loss_config_rejects_bad_values_naming_the_field(kwargs: dict, field: str) -> None:
     with pytest.raises(ValueError, match=field):
@@ -162,7 +168,11 @@ def test_tiled_loss_memory_stays_far_below_the_full_similarity_matrix() -> None:
     n = 8192
     proc = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(MEMORY_SCRIPT), str(n)],
-        cwd=REPO, capture_output=True, text=True, timeout=300, check=True,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
     )
     growth, finite = proc.stdout.split()
     full_logits = n * n * 4  # one fp32 N x N matrix (256 MiB); the naive loss needs several (~750 MiB here)

@@ -50,12 +50,19 @@ def test_collect_reads_every_run_and_joins_finetuning_to_its_pretraining_point(s
     assert len(runs["finetune"]) == 2 * len(SIZES) * 2 * 3 + 2
     by_point = {r["point"]: r for r in runs["pretrain"]}
     row = by_point["debug-web_syn-n4000-s1"]
-    assert (row["caption_source"], row["subset_size"], row["seed"], row["status"]) == ("web+syn", 4000, 1, "complete")
+    assert (row["caption_source"], row["subset_size"], row["seed"], row["status"]) == (
+        "web+syn",
+        4000,
+        1,
+        "complete",
+    )
     assert row["samples_seen"] == 20 * 64 and row["train_flops"] == 3 * 44_000_000 * 20 * 64
     assert row["zs_top1"] == pytest.approx(0.35)  # the EMA evaluation is preferred
     for ft in runs["finetune"]:
         if ft["backbone_checkpoint"]:
-            assert ft["point"] in by_point and Path(ft["backbone_checkpoint"]).is_relative_to(ft["pretrain_run"])
+            assert ft["point"] in by_point and Path(ft["backbone_checkpoint"]).is_relative_to(
+                ft["pretrain_run"]
+            )
         else:
             assert ft["point"] == col.RANDOM_INIT
 
@@ -86,7 +93,9 @@ def test_points_table_keeps_the_best_trial_per_stage_in_the_metrics_direction(st
 def test_incomplete_runs_are_collected_as_incomplete(tmp_path):
     from pipeline.run_dir import RunDir
 
-    RunDir(tmp_path / "r").write_config({"global_batch": 8, "steps": 5, "loss": {"w_real": 1.0, "w_syn": 0.0}})
+    RunDir(tmp_path / "r").write_config(
+        {"global_batch": 8, "steps": 5, "loss": {"w_real": 1.0, "w_syn": 0.0}}
+    )
     (row,) = col.collect([tmp_path])["pretrain"]
     assert row["status"] == "incomplete" and "train_flops" not in row
 
@@ -171,7 +180,14 @@ def test_debug_model_flops_split_into_towers_and_project_a_recipe():
     one = count_forward_flops("debug")
     two = count_forward_flops("debug", num_texts=2)
     assert one["image"] == two["image"] and two["total"] == one["total"] + one["text"] > 0
-    recipe = {"model": "debug", "image_size": 64, "context_length": 32, "num_texts": 2, "global_batch": 8, "steps": 5}
+    recipe = {
+        "model": "debug",
+        "image_size": 64,
+        "context_length": 32,
+        "num_texts": 2,
+        "global_batch": 8,
+        "steps": 5,
+    }
     proj = recipe_projection(one, recipe, CostConfig(peak_flops=1e12, mfu=1.0, samples_per_s_per_device=4.0))
     assert proj["model_flops"] == 3 * two["total"] * 40
     assert proj["device_hours_at_throughput"] == pytest.approx(40 / 4 / 3600)
@@ -184,8 +200,12 @@ def _report_config(study, **grid) -> ScalingConfig:
     cfg = ScalingConfig(name="fake", root=str(study.root))
     cfg = dataclasses.replace(
         cfg,
-        grid=dataclasses.replace(cfg.grid, subsets=tuple(f"n{s}" for s in SIZES + (64000,)), seeds=(0, 1), **grid),
-        pretrain=dataclasses.replace(cfg.pretrain, subsets_dir=str(study.root / "shards" / "subsets"), run=False),
+        grid=dataclasses.replace(
+            cfg.grid, subsets=tuple(f"n{s}" for s in SIZES + (64000,)), seeds=(0, 1), **grid
+        ),
+        pretrain=dataclasses.replace(
+            cfg.pretrain, subsets_dir=str(study.root / "shards" / "subsets"), run=False
+        ),
         finetune=dataclasses.replace(cfg.finetune, run=False),
         attention=dataclasses.replace(cfg.attention, images=str(study.images), num_images=4),
         report=dataclasses.replace(cfg.report, reference_model="debug"),
@@ -327,7 +347,9 @@ def test_report_only_mode_reports_on_runs_made_elsewhere_without_a_grid(study, t
 
     points = tmp_path / "points.json"
     run = study.pretrain[("web", SIZES[0], 0)]
-    points.write_text(json.dumps({"p": {"label": "p", "source": str(run), "checkpoint": "", "pretrain_summary": {}}}))
+    points.write_text(
+        json.dumps({"p": {"label": "p", "source": str(run), "checkpoint": "", "pretrain_summary": {}}})
+    )
     code = main(["--report-only", "--no-grid", f"--root={tmp_path / 'dag'}", f"--points-json={points}",
                  f"--collect=[{study.root / 'finetune'}]", "--report.reference_model="])  # fmt: skip
     assert code == 0, capsys.readouterr().out
@@ -346,7 +368,9 @@ def test_toy_data_has_nested_whole_group_subsets_and_both_caption_kinds(tmp_path
     from pipeline.data import synthworld as sw
     from pipeline.report.toy import ToyDataConfig, write_toy_data
 
-    cfg = ToyDataConfig(pool_size=24, subset_sizes=(8, 24), samples_per_shard=16, num_syn_captions=2, num_eval=4)
+    cfg = ToyDataConfig(
+        pool_size=24, subset_sizes=(8, 24), samples_per_shard=16, num_syn_captions=2, num_eval=4
+    )
     data = write_toy_data(cfg, tmp_path / "data")
     small = Path(data["subsets"]["n8"]["uids"]).read_text().split()
     large = Path(data["subsets"]["n24"]["uids"]).read_text().split()
@@ -359,9 +383,14 @@ def test_toy_data_has_nested_whole_group_subsets_and_both_caption_kinds(tmp_path
         syn = json.loads(tar.extractfile(f"{first}.syn.json").read())["syn_text"]
         txt = tar.extractfile(f"{first}.txt").read().decode()
     assert len(names) == 16 * 4 and len(syn) == 2 and txt not in syn
-    assert json.loads((tmp_path / "data" / "shards" / "sizes.json").read_text()) == {"00000.tar": 16, "00001.tar": 8}
+    assert json.loads((tmp_path / "data" / "shards" / "sizes.json").read_text()) == {
+        "00000.tar": 16,
+        "00001.tar": 8,
+    }
     assert sum(1 for _ in (tmp_path / "data" / "zero_shot").rglob("*.png")) == 4
-    assert write_toy_data(cfg, tmp_path / "data")["fingerprint"] == data["fingerprint"]  # reused, not rewritten
+    assert (
+        write_toy_data(cfg, tmp_path / "data")["fingerprint"] == data["fingerprint"]
+    )  # reused, not rewritten
     with pytest.raises(ValueError, match="group_size"):
         ToyDataConfig(subset_sizes=(12,))
 
@@ -386,9 +415,15 @@ def test_toy_verdict_reads_transfer_and_data_efficiency_from_the_measured_means(
     v = toy_verdict(report, study)
     assert v["per_metric"]["segmentation.mIoU"]["transfer"] == "yes"
     assert v["per_metric"]["segmentation.mIoU"]["data_efficiency"] == "yes"
-    assert v["per_metric"]["depth.rmse"]["transfer"] == "no" and v["per_metric"]["depth.rmse"]["data_efficiency"] == "no"
+    assert (
+        v["per_metric"]["depth.rmse"]["transfer"] == "no"
+        and v["per_metric"]["depth.rmse"]["data_efficiency"] == "no"
+    )
     assert v["transfer"] == "mixed" and "4x the data" in " ".join(v["lines"])
-    flat = [_comparison("segmentation.mIoU", 512, 40.0, 41.0), _comparison("segmentation.mIoU", 2048, 39.0, 40.0)]
+    flat = [
+        _comparison("segmentation.mIoU", 512, 40.0, 41.0),
+        _comparison("segmentation.mIoU", 2048, 39.0, 40.0),
+    ]
     v = toy_verdict({"metrics": ["segmentation.mIoU"], "comparisons": flat, "figures": figures}, study)
     assert v["transfer"] == "yes" and v["data_efficiency"] == "undetermined"
 
@@ -396,7 +431,9 @@ def test_toy_verdict_reads_transfer_and_data_efficiency_from_the_measured_means(
 def test_local_trials_run_in_parallel_worker_processes_and_are_not_rerun(study, tmp_path):
     from pipeline.report.scaling import FinetuneGridConfig, Point, run_finetuning
 
-    cfg = ScalingConfig(root=str(tmp_path / "s"), finetune=FinetuneGridConfig(stages=("sweep_toy_stage",), parallel=2))
+    cfg = ScalingConfig(
+        root=str(tmp_path / "s"), finetune=FinetuneGridConfig(stages=("sweep_toy_stage",), parallel=2)
+    )
     points = [Point(f"p{seed}", "debug", "web", "n1000", "", 1000, seed, str(study.pretrain[("web", SIZES[0], seed)]))
               for seed in (0, 1)]  # fmt: skip
     lines: list[str] = []
@@ -424,7 +461,10 @@ def test_frozen_encoder_trials_are_a_separate_stage_from_full_fine_tuning(tmp_pa
 def test_toy_verdict_says_when_a_readout_does_not_beat_random_initialisation():
     from pipeline.report.toy import toy_verdict
 
-    comparisons = [_comparison("segmentation.mIoU", 512, 40.0, 41.0), _comparison("segmentation.mIoU", 2048, 41.0, 42.0)]
+    comparisons = [
+        _comparison("segmentation.mIoU", 512, 40.0, 41.0),
+        _comparison("segmentation.mIoU", 2048, 41.0, 42.0),
+    ]
     points = [{"point": "random init", "kind": "baseline", "segmentation.mIoU": 45.0}] + [
         {"point": f"p{i}", "kind": "pretrain", "segmentation.mIoU": v} for i, v in enumerate((40.0, 41.0, 41.0, 42.0))
     ]  # fmt: skip
@@ -457,9 +497,13 @@ def test_toy_verdict_calls_a_gain_whose_intervals_all_include_zero_not_significa
 
     figures = [{"metric": "segmentation.mIoU", "higher": True}]
     wide = [with_ci(512, 40.0, 40.2, -0.5, 0.9), with_ci(2048, 41.0, 41.1, -1.0, 1.2)]
-    v = toy_verdict({"metrics": ["segmentation.mIoU"], "comparisons": wide, "figures": figures}, ScalingConfig())
+    v = toy_verdict(
+        {"metrics": ["segmentation.mIoU"], "comparisons": wide, "figures": figures}, ScalingConfig()
+    )
     assert v["transfer"] == "not significant"
     assert "every interval includes zero" in v["lines"][0] and "95% CI -0.5 to +0.9" in v["lines"][0]
     tight = [with_ci(512, 40.0, 41.0, 0.4, 1.6), with_ci(2048, 41.0, 41.1, -1.0, 1.2)]
-    v = toy_verdict({"metrics": ["segmentation.mIoU"], "comparisons": tight, "figures": figures}, ScalingConfig())
+    v = toy_verdict(
+        {"metrics": ["segmentation.mIoU"], "comparisons": tight, "figures": figures}, ScalingConfig()
+    )
     assert v["transfer"] == "yes"

@@ -25,7 +25,10 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_scaling_report_runs_the_grid_then_reuses_every_finished_point(tmp_path, monkeypatch, capsys):
     from jobs.scaling_report import main
 
-    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / ".venv" / "torch_extensions")))
+    monkeypatch.setenv(
+        "TORCH_EXTENSIONS_DIR",
+        os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / ".venv" / "torch_extensions")),
+    )
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     world = sw.shape_necessary_config()
     data = write_toy_data(ToyDataConfig(world=world, pool_size=64, subset_sizes=(32, 64), samples_per_shard=32,
@@ -52,7 +55,11 @@ def test_scaling_report_runs_the_grid_then_reuses_every_finished_point(tmp_path,
     assert any(r.get("point") == "random init" and "depth.rmse" in r for r in data_json["points"])
     assert data_json["missing"] == [] and (report / "index.html").is_file()
     assert {c["metric"] for c in data_json["comparisons"]} >= {"depth.rmse"}
-    assert set(json.loads((report / "attention.json").read_text())["distance_px"]) == {"web", "web+syn", "random init"}
+    assert set(json.loads((report / "attention.json").read_text())["distance_px"]) == {
+        "web",
+        "web+syn",
+        "random init",
+    }
 
     # again: every point and trial is reused, nothing is launched or trained
     mtimes = {p: p.stat().st_mtime for p in (tmp_path / "study" / "pretrain").glob("*/summary.json")}

@@ -34,8 +34,15 @@ def cluster():
         yield c
 
 
-def submit_job(cluster: SlurmCluster, job: str, workdir: Path, *, config: str | None = None,
-               overrides: tuple[str, ...] = (), launch: tuple[str, ...] = ()) -> tuple[Plan, str]:
+def submit_job(
+    cluster: SlurmCluster,
+    job: str,
+    workdir: Path,
+    *,
+    config: str | None = None,
+    overrides: tuple[str, ...] = (),
+    launch: tuple[str, ...] = (),
+) -> tuple[Plan, str]:
     launch_cfg = load_config(LaunchConfig, None, list(launch), base=LaunchConfig())
     plan = make_plan(SubmitRequest("slurm", job, config, overrides, launch_cfg, workdir=str(workdir)))
     record = submit(plan, env=cluster.env)
@@ -62,8 +69,9 @@ def slurm_log(run_dir: Path) -> str:
     return "\n".join(p.read_text(errors="replace") for p in sorted((run_dir / "logs").glob("*.out")))
 
 
-def preempt_and_finish(cluster: SlurmCluster, job_id: str, run_dir: Path, after_rows: int,
-                       timeout: float = 240) -> list:
+def preempt_and_finish(
+    cluster: SlurmCluster, job_id: str, run_dir: Path, after_rows: int, timeout: float = 240
+) -> list:
     """Send the preemption signal once `after_rows` steps are logged; wait for the requeued job to finish."""
     wait_for_metrics(run_dir / "metrics.jsonl", after_rows, cluster, job_id, timeout)
     cluster.run("scancel", "--batch", "--signal=USR1", job_id)
@@ -71,10 +79,15 @@ def preempt_and_finish(cluster: SlurmCluster, job_id: str, run_dir: Path, after_
 
 
 # --- the smoke job: ranks, environment, snapshot, requeue -----------------------------------------------------
-def test_distributed_job_gets_ranks_from_srun_runs_from_its_snapshot_and_requeues_after_usr1(cluster, tmp_path):
+def test_distributed_job_gets_ranks_from_srun_runs_from_its_snapshot_and_requeues_after_usr1(
+    cluster, tmp_path
+):
     run_dir = tmp_path / "smoke"
     plan, job_id = submit_job(
-        cluster, "smoke", tmp_path, overrides=("--steps=8", "--step_seconds=0.2"),
+        cluster,
+        "smoke",
+        tmp_path,
+        overrides=("--steps=8", "--step_seconds=0.2"),
         launch=(f"--run_dir={run_dir}", "--slurm.tasks_per_node=2", "--env.nccl.NCCL_DEBUG=INFO"),
     )
     states = preempt_and_finish(cluster, job_id, run_dir, after_rows=2)
@@ -92,7 +105,9 @@ def test_distributed_job_gets_ranks_from_srun_runs_from_its_snapshot_and_requeue
     for r in reports:
         assert r["world_size"] == 2
         assert r["start_step"] == (0 if r["restart"] == 0 else first_resumed - 1)
-        assert Path(r["code"]).is_relative_to(plan.record_dir), "the job must run the snapshot, not the checkout"
+        assert Path(r["code"]).is_relative_to(plan.record_dir), (
+            "the job must run the snapshot, not the checkout"
+        )
         assert r["env"]["OMP_NUM_THREADS"] == "1" and r["env"]["NCCL_DEBUG"] == "INFO"
         assert r["env"]["MASTER_ADDR"] == "localhost"
         assert r["env"]["MASTER_PORT"] == str(20000 + int(job_id) % 20000)
@@ -130,8 +145,13 @@ def shard_config(world: Path, path: Path) -> Path:
 def array_shards(cluster, world, tmp_path_factory) -> tuple[Path, Plan, list]:
     workdir = tmp_path_factory.mktemp("shard-array")
     config = shard_config(world, workdir / "shard.toml")
-    plan, job_id = submit_job(cluster, "shard", workdir, config=str(config),
-                              launch=("--slurm.array_tasks=2", f"--run_dir={workdir / 'run'}"))
+    plan, job_id = submit_job(
+        cluster,
+        "shard",
+        workdir,
+        config=str(config),
+        launch=("--slurm.array_tasks=2", f"--run_dir={workdir / 'run'}"),
+    )
     states = cluster.wait(job_id, timeout=180)
     return workdir / "shards", plan, states
 
@@ -142,7 +162,9 @@ def test_shard_job_runs_as_a_two_task_array_over_the_synthetic_world(array_shard
     shards, plan, states = array_shards
     log = slurm_log(plan.run_dir)
     assert sorted((s.array_task_id, s.state, s.exit_code) for s in states) == [
-        ("0", "COMPLETED", "0:0"), ("1", "COMPLETED", "0:0")], log
+        ("0", "COMPLETED", "0:0"),
+        ("1", "COMPLETED", "0:0"),
+    ], log
     for task in (0, 1):
         assert f"array task {task}/2" in log
     written = [int(n) for n in re.findall(r"shards written / skipped \(this run\)\s+(\d+) / \d+", log)]
@@ -163,8 +185,15 @@ def test_shard_job_runs_as_a_two_task_array_over_the_synthetic_world(array_shard
 
 # --- pretraining: 2 DeepSpeed tasks over srun, preempted, requeued, resumed ---------------------------------
 PRETRAIN_OVERRIDES = (
-    "--steps=30", "--global_batch=16", "--data.micro_batch=8", "--data.num_workers=0", "--log.interval=1",
-    "--log.progress=false", "--checkpoint.interval=0", "--export=false", "--optim.warmup_steps=2",
+    "--steps=30",
+    "--global_batch=16",
+    "--data.micro_batch=8",
+    "--data.num_workers=0",
+    "--log.interval=1",
+    "--log.progress=false",
+    "--checkpoint.interval=0",
+    "--export=false",
+    "--optim.warmup_steps=2",
 )
 
 
@@ -188,10 +217,22 @@ def test_pretraining_checkpoints_requeues_and_continues_its_loss_curve_after_pre
     launch = ("--slurm.tasks_per_node=2", "--slurm.cpus_per_task=1")
     overrides = (f"--data.shards={shards}", *PRETRAIN_OVERRIDES)
     config = str(REPO / "jobs" / "configs" / "debug.toml")
-    preempted, job_id = submit_job(cluster, "pretrain", tmp_path, config=config, overrides=overrides,
-                                   launch=(*launch, f"--run_dir={tmp_path / 'preempted'}"))
-    reference, ref_id = submit_job(cluster, "pretrain", tmp_path, config=config, overrides=overrides,
-                                   launch=(*launch, f"--run_dir={tmp_path / 'reference'}"))
+    preempted, job_id = submit_job(
+        cluster,
+        "pretrain",
+        tmp_path,
+        config=config,
+        overrides=overrides,
+        launch=(*launch, f"--run_dir={tmp_path / 'preempted'}"),
+    )
+    reference, ref_id = submit_job(
+        cluster,
+        "pretrain",
+        tmp_path,
+        config=config,
+        overrides=overrides,
+        launch=(*launch, f"--run_dir={tmp_path / 'reference'}"),
+    )
     assert preempted.run_dir == tmp_path / "preempted"
     assert f'run_dir = "{tmp_path / "preempted"}"' in preempted.job_config
 
@@ -216,16 +257,26 @@ def test_pretraining_checkpoints_requeues_and_continues_its_loss_curve_after_pre
 
 
 # --- a Ray cluster on the allocation, then ray job submit --------------------------------------------------
-def test_ray_cluster_job_starts_ray_on_its_allocation_and_runs_the_driver_from_the_snapshot(cluster, tmp_path):
+def test_ray_cluster_job_starts_ray_on_its_allocation_and_runs_the_driver_from_the_snapshot(
+    cluster, tmp_path
+):
     """Relative paths in the driver's config mean what they mean where jobs.submit ran (shared filesystem)."""
     driver_run = tmp_path / "driver"
     ports = [free_port() for _ in range(4)]  # this machine may run other Ray clusters: no default ports
     plan, job_id = submit_job(
-        cluster, "sweep", tmp_path, overrides=("--steps=3", "--step_seconds=0", "--run_dir=driver"),
-        launch=("--module=pipeline.cluster.smoke", f"--run_dir={tmp_path / 'ray'}", "--slurm.cpus_per_task=2",
-                f"--ray.head_port={ports[0]}", f"--ray.dashboard_port={ports[1]}",
-                f"--ray.start_args=['--ray-client-server-port={ports[2]}', "
-                f"'--dashboard-agent-listen-port={ports[3]}']"),
+        cluster,
+        "sweep",
+        tmp_path,
+        overrides=("--steps=3", "--step_seconds=0", "--run_dir=driver"),
+        launch=(
+            "--module=pipeline.cluster.smoke",
+            f"--run_dir={tmp_path / 'ray'}",
+            "--slurm.cpus_per_task=2",
+            f"--ray.head_port={ports[0]}",
+            f"--ray.dashboard_port={ports[1]}",
+            f"--ray.start_args=['--ray-client-server-port={ports[2]}', "
+            f"'--dashboard-agent-listen-port={ports[3]}']",
+        ),
     )
     states = cluster.wait(job_id, timeout=300)
     log = slurm_log(plan.run_dir)
@@ -240,14 +291,25 @@ def test_ray_cluster_job_starts_ray_on_its_allocation_and_runs_the_driver_from_t
 # --- the fixture itself ---------------------------------------------------------------------------------------
 def test_cluster_teardown_cancels_its_jobs_and_stops_only_its_own_daemons(tmp_path):
     if missing_binaries():
-        pytest.skip(f"SLURM binaries not installed ({', '.join(missing_binaries())}): run ci/install-system.sh")
+        pytest.skip(
+            f"SLURM binaries not installed ({', '.join(missing_binaries())}): run ci/install-system.sh"
+        )
     # A bystander daemon of the same kind, as another user's service on this machine would be.
     key = tmp_path / "key"
     key.write_bytes(os.urandom(1024))
     key.chmod(0o600)
-    bystander = subprocess.Popen([find_binary("munged"), "--foreground", "--force", f"--socket={tmp_path}/sock",
-                                  f"--key-file={key}", f"--pid-file={tmp_path}/pid", f"--log-file={tmp_path}/log",
-                                  f"--seed-file={tmp_path}/seed"])
+    bystander = subprocess.Popen(
+        [
+            find_binary("munged"),
+            "--foreground",
+            "--force",
+            f"--socket={tmp_path}/sock",
+            f"--key-file={key}",
+            f"--pid-file={tmp_path}/pid",
+            f"--log-file={tmp_path}/log",
+            f"--seed-file={tmp_path}/seed",
+        ]
+    )
     try:
         with slurm_cluster(cpus=2) as own:
             daemons = dict(own._procs)
@@ -268,5 +330,7 @@ def test_cluster_teardown_cancels_its_jobs_and_stops_only_its_own_daemons(tmp_pa
 
 def _wrap_script(tmp_path: Path, pidfile: Path) -> Path:
     script = tmp_path / "sleep.sbatch"
-    script.write_text(f"#!/bin/bash\n#SBATCH --output={tmp_path}/sleep.out\necho $$ > {pidfile}\nexec sleep 300\n")
+    script.write_text(
+        f"#!/bin/bash\n#SBATCH --output={tmp_path}/sleep.out\necho $$ > {pidfile}\nexec sleep 300\n"
+    )
     return script

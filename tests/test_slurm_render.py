@@ -23,8 +23,14 @@ from pipeline.config import load_config
 REPO = Path(__file__).resolve().parents[1]
 
 
-def plan_for(tmp_path: Path, job: str, *launch: str, target: str = "slurm", config: str | None = None,
-             overrides: tuple[str, ...] = ()):
+def plan_for(
+    tmp_path: Path,
+    job: str,
+    *launch: str,
+    target: str = "slurm",
+    config: str | None = None,
+    overrides: tuple[str, ...] = (),
+):
     cfg = load_config(LaunchConfig, None, [f"--run_dir={tmp_path / 'run'}", *launch], base=LaunchConfig())
     return make_plan(SubmitRequest(target, job, config, overrides, cfg, workdir=str(tmp_path)))
 
@@ -61,15 +67,33 @@ def test_requeue_exit_code_is_the_trainers_preemption_exit_code():
 
 
 def test_multi_node_gpu_pretraining_script_runs_one_task_per_gpu_and_requeues_on_preemption(tmp_path):
-    plan = plan_for(tmp_path, "smoke", "--slurm.nodes=4", "--slurm.gpus_per_node=8", "--slurm.cpus_per_task=12",
-                    "--slurm.partition=gpu", "--slurm.time=2-00:00:00", "--slurm.signal_seconds=300",
-                    "--env.nccl.NCCL_SOCKET_IFNAME=ib0", "--slurm.setup=['module load cuda/12.4']")
+    plan = plan_for(
+        tmp_path,
+        "smoke",
+        "--slurm.nodes=4",
+        "--slurm.gpus_per_node=8",
+        "--slurm.cpus_per_task=12",
+        "--slurm.partition=gpu",
+        "--slurm.time=2-00:00:00",
+        "--slurm.signal_seconds=300",
+        "--env.nccl.NCCL_SOCKET_IFNAME=ib0",
+        "--slurm.setup=['module load cuda/12.4']",
+    )
     script = script_of(plan)
     assert_valid_bash(script, tmp_path)
     opts = sbatch_options(script)
-    for expected in ("--nodes=4", "--ntasks-per-node=8", "--gres=gpu:8", "--cpus-per-task=12", "--partition=gpu",
-                     "--time=2-00:00:00", "--signal=B:USR1@300", "--requeue", "--open-mode=append",
-                     f"--output={plan.run_dir}/logs/%x-%j.out"):
+    for expected in (
+        "--nodes=4",
+        "--ntasks-per-node=8",
+        "--gres=gpu:8",
+        "--cpus-per-task=12",
+        "--partition=gpu",
+        "--time=2-00:00:00",
+        "--signal=B:USR1@300",
+        "--requeue",
+        "--open-mode=append",
+        f"--output={plan.run_dir}/logs/%x-%j.out",
+    ):
         assert expected in opts, (expected, opts)
     assert "export NCCL_SOCKET_IFNAME=ib0" in script and "export OMP_NUM_THREADS=12" in script
     assert "export NCCL_DEBUG=WARN" in script
@@ -89,8 +113,9 @@ def test_cpu_pretraining_without_gpus_asks_for_no_gres_and_uses_tasks_per_node(t
 
 
 def test_shard_job_is_an_array_with_one_log_per_task_and_no_gpus(tmp_path):
-    shard = plan_for(tmp_path, "shard", "--slurm.array_tasks=64", "--slurm.array_parallel=8",
-                     config=shard_config(tmp_path))
+    shard = plan_for(
+        tmp_path, "shard", "--slurm.array_tasks=64", "--slurm.array_parallel=8", config=shard_config(tmp_path)
+    )
     script = script_of(shard)
     assert_valid_bash(script, tmp_path)
     opts = sbatch_options(script)
@@ -106,25 +131,40 @@ def test_caption_array_requests_a_gpu_per_task_unless_told_otherwise(tmp_path):
     config.write_text("[input]\nshards = 'shards'\n[output]\npath = 'syn'\n")
     opts = sbatch_options(script_of(plan_for(tmp_path, "caption", config=str(config))))
     assert "--gres=gpu:1" in opts and "--array=0-1" in opts
-    cpu = sbatch_options(script_of(plan_for(tmp_path, "caption", "--slurm.gpus_per_array_task=0",
-                                            config=str(config))))
+    cpu = sbatch_options(
+        script_of(plan_for(tmp_path, "caption", "--slurm.gpus_per_array_task=0", config=str(config)))
+    )
     assert not any(o.startswith("--gres") for o in cpu)
 
 
 def test_ray_cluster_script_starts_head_and_workers_then_submits_the_driver(tmp_path):
-    plan = plan_for(tmp_path, "sweep", "--module=pipeline.cluster.smoke", "--slurm.nodes=3",
-                    "--slurm.gpus_per_node=4", "--slurm.cpus_per_task=32", "--ray.entrypoint_num_cpus=1")
+    plan = plan_for(
+        tmp_path,
+        "sweep",
+        "--module=pipeline.cluster.smoke",
+        "--slurm.nodes=3",
+        "--slurm.gpus_per_node=4",
+        "--slurm.cpus_per_task=32",
+        "--ray.entrypoint_num_cpus=1",
+    )
     script = script_of(plan)
     assert_valid_bash(script, tmp_path)
     opts = sbatch_options(script)
     assert "--nodes=3" in opts and "--ntasks-per-node=1" in opts and "--gres=gpu:4" in opts
     assert "start --head --block" in script and "--num-gpus=4" in script and "--num-cpus=32" in script
-    submit = next(line for line in script.splitlines() if line.startswith("\"$RAY\" job submit"))
+    submit = next(line for line in script.splitlines() if line.startswith('"$RAY" job submit'))
     words = shlex.split(submit)
-    assert words[:4] == ["$RAY", "job", "submit", "--address=$DASHBOARD"] and "--entrypoint-num-cpus=1.0" in words
+    assert (
+        words[:4] == ["$RAY", "job", "submit", "--address=$DASHBOARD"]
+        and "--entrypoint-num-cpus=1.0" in words
+    )
     # SLURM nodes share the filesystem: the driver runs the snapshot in place, from the submit directory
-    assert words[words.index("--"):] == ["--", "bash", "-c", f"cd {tmp_path} && exec python -m "
-                                         f"pipeline.cluster.smoke --config {plan.record_dir / 'job.toml'}"]
+    assert words[words.index("--") :] == [
+        "--",
+        "bash",
+        "-c",
+        f"cd {tmp_path} && exec python -m pipeline.cluster.smoke --config {plan.record_dir / 'job.toml'}",
+    ]
     upload = script_of(plan_for(tmp_path, "sweep", "--module=pipeline.cluster.smoke", "--ray.upload=true"))
     assert "-- python -m pipeline.cluster.smoke --config job.toml" in upload and "--working-dir=" in upload
 
@@ -132,8 +172,21 @@ def test_ray_cluster_script_starts_head_and_workers_then_submits_the_driver(tmp_
 def test_dry_run_prints_script_and_config_and_writes_nothing(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     run_dir = tmp_path / "run"
-    assert main(["--target", "slurm", "--job", "smoke", "--dry-run", "--steps=7",
-                 f"--launch.run_dir={run_dir}", "--launch.slurm.nodes=2"]) == 0
+    assert (
+        main(
+            [
+                "--target",
+                "slurm",
+                "--job",
+                "smoke",
+                "--dry-run",
+                "--steps=7",
+                f"--launch.run_dir={run_dir}",
+                "--launch.slurm.nodes=2",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "steps = 7" in out and "#SBATCH --nodes=2" in out and "sbatch --parsable" in out
     assert not run_dir.exists()
@@ -145,10 +198,13 @@ def test_submission_folder_holds_the_code_snapshot_and_resolved_configs(tmp_path
     rec = plan.record_dir
     assert rec.parent == plan.run_dir / "submit" and (plan.run_dir / "logs").is_dir()
     assert (rec / "pipeline" / "cluster" / "smoke.py").read_bytes() == (
-        REPO / "pipeline" / "cluster" / "smoke.py").read_bytes()
+        REPO / "pipeline" / "cluster" / "smoke.py"
+    ).read_bytes()
     assert (rec / "jobs" / "submit.py").exists() and (rec / "slurm" / "pretrain.sbatch").exists()
     assert (rec / "k8s" / "base" / "pretrain" / "pytorchjob.yaml").exists()
-    assert not list(rec.rglob("__pycache__")) and not (rec / ".venv").exists() and not (rec / "tests").exists()
+    assert (
+        not list(rec.rglob("__pycache__")) and not (rec / ".venv").exists() and not (rec / "tests").exists()
+    )
     job = tomllib.loads((rec / "job.toml").read_text())
     assert job["steps"] == 9 and job["run_dir"] == str(plan.run_dir)  # the job writes into the same run dir
     launch = load_config(LaunchConfig, rec / "launch.toml")
@@ -161,8 +217,11 @@ def test_submission_folder_holds_the_code_snapshot_and_resolved_configs(tmp_path
 def test_the_job_rejects_a_bad_key_before_anything_is_submitted(tmp_path, capsys):
     with pytest.raises(JobConfigError, match="stepz"):
         plan_for(tmp_path, "smoke", overrides=("--stepz=3",))
-    for bad, name in (("--launch.slurm.nodez=2", "slurm.nodez"), ("--launch.slurm.nodes=0", "slurm.nodes"),
-                      ("--stepz=3", "stepz")):
+    for bad, name in (
+        ("--launch.slurm.nodez=2", "slurm.nodez"),
+        ("--launch.slurm.nodes=0", "slurm.nodes"),
+        ("--stepz=3", "stepz"),
+    ):
         with pytest.raises(SystemExit) as exit_:
             main(["--target", "slurm", "--job", "smoke", "--dry-run", bad])
         err = capsys.readouterr().err
@@ -170,12 +229,19 @@ def test_the_job_rejects_a_bad_key_before_anything_is_submitted(tmp_path, capsys
 
 
 def test_ray_target_submits_the_snapshot_as_working_dir_and_refuses_pretraining(tmp_path):
-    plan = plan_for(tmp_path, "sweep", "--module=pipeline.cluster.smoke", "--ray.address=http://head:8265",
-                    "--ray.no_wait=true", "--env.extra.FOO=bar", target="ray")
+    plan = plan_for(
+        tmp_path,
+        "sweep",
+        "--module=pipeline.cluster.smoke",
+        "--ray.address=http://head:8265",
+        "--ray.no_wait=true",
+        "--env.extra.FOO=bar",
+        target="ray",
+    )
     cmd = plan.command
     assert cmd[1:3] == ["job", "submit"] and "--address=http://head:8265" in cmd and "--no-wait" in cmd
     assert f"--working-dir={plan.record_dir}" in cmd
-    assert cmd[cmd.index("--"):] == ["--", "python", "-m", "pipeline.cluster.smoke", "--config", "job.toml"]
+    assert cmd[cmd.index("--") :] == ["--", "python", "-m", "pipeline.cluster.smoke", "--config", "job.toml"]
     assert '"FOO": "bar"' in next(c for c in cmd if c.startswith("--runtime-env-json="))
     with pytest.raises(ValueError, match="target"):
         plan_for(tmp_path, "pretrain", target="ray")
@@ -192,9 +258,18 @@ def test_ray_target_without_upload_runs_the_snapshot_in_place_from_the_working_d
     plan = plan_for(tmp_path, "sweep", "--module=pipeline.cluster.smoke", "--ray.upload=false", target="ray")
     cmd = plan.command
     assert not any(c.startswith("--working-dir") for c in cmd)
-    driver = cmd[cmd.index("--") + 1:]
+    driver = cmd[cmd.index("--") + 1 :]
     assert driver[:2] == ["bash", "-c"]
-    assert shlex.split(driver[2]) == ["cd", str(tmp_path), "&&", "exec", "python", "-m", "pipeline.cluster.smoke",
-                                      "--config", str(plan.record_dir / "job.toml")]
+    assert shlex.split(driver[2]) == [
+        "cd",
+        str(tmp_path),
+        "&&",
+        "exec",
+        "python",
+        "-m",
+        "pipeline.cluster.smoke",
+        "--config",
+        str(plan.record_dir / "job.toml"),
+    ]
     env = next(c for c in cmd if c.startswith("--runtime-env-json="))
     assert f'"PYTHONPATH": "{plan.record_dir}"' in env and '"PYTHONSAFEPATH": "1"' in env

@@ -18,17 +18,34 @@ from jobs.submit import main
 
 
 @pytest.mark.slow
-def test_ray_job_runs_the_snapshot_in_place_with_relative_paths_from_the_submit_directory(tmp_path, monkeypatch):
+def test_ray_job_runs_the_snapshot_in_place_with_relative_paths_from_the_submit_directory(
+    tmp_path, monkeypatch
+):
     with local_ray_cluster(num_cpus=1) as ray:
         monkeypatch.chdir(tmp_path)
         monkeypatch.setenv("RAY_ADDRESS", ray.dashboard_url)
         monkeypatch.setenv("PATH", ray.env()["PATH"])
-        code = main(["--target", "ray", "--job", "sweep", "--launch.module=pipeline.cluster.smoke",
-                     "--steps=2", "--step_seconds=0", "--run_dir=out", "--launch.ray.upload=false",
-                     f"--launch.run_dir={tmp_path / 'record'}"])
+        code = main(
+            [
+                "--target",
+                "ray",
+                "--job",
+                "sweep",
+                "--launch.module=pipeline.cluster.smoke",
+                "--steps=2",
+                "--step_seconds=0",
+                "--run_dir=out",
+                "--launch.ray.upload=false",
+                f"--launch.run_dir={tmp_path / 'record'}",
+            ]
+        )
         assert code == 0
-        status = subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "job", "list",
-                                 f"--address={ray.dashboard_url}"], capture_output=True, text=True, env=ray.env())
+        status = subprocess.run(
+            [sys.executable, "-m", "ray.scripts.scripts", "job", "list", f"--address={ray.dashboard_url}"],
+            capture_output=True,
+            text=True,
+            env=ray.env(),
+        )
     assert "SUCCEEDED" in status.stdout, status.stdout + status.stderr
     rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]

@@ -78,5 +78,9 @@ def test_preempted_and_killed_run_resumes_to_the_uninterrupted_loss_curve_and_we
         ref, new = weights(reference, kind), weights(run, kind)
         for name in ref:
             torch.testing.assert_close(new[name], ref[name], rtol=0, atol=1e-6, msg=f"{kind} {name}")
-    resumed = [line for line in (tmp_path / "logs-3" / "rank0.out").read_text().splitlines() if "resumed from" in line]
+    resumed = [
+        line
+        for line in (tmp_path / "logs-3" / "rank0.out").read_text().splitlines()
+        if "resumed from" in line
+    ]
     assert resumed and resumed[0].rstrip().endswith(f"/{killed_at}")

@@ -71,13 +71,17 @@ def test_vit_b16_preset_is_the_seed_recipe():
     assert (cfg.global_batch, cfg.steps, cfg.optim.warmup_steps) == (65_536, 200_000, 2_000)
     assert (cfg.optim.beta1, cfg.optim.beta2, cfg.optim.lr, cfg.optim.min_lr) == (0.9, 0.95, 1e-3, 1e-6)
     assert (cfg.optim.weight_decay, cfg.engine.precision, cfg.ema.decay) == (0.2, "bf16", 0.9995)
-    assert cfg.data.scale == (0.9, 1.0) and cfg.data.ratio[0] == 0.75 and abs(cfg.data.ratio[1] - 4 / 3) < 1e-3
+    assert (
+        cfg.data.scale == (0.9, 1.0) and cfg.data.ratio[0] == 0.75 and abs(cfg.data.ratio[1] - 4 / 3) < 1e-3
+    )
     assert cfg.loss.w_real > 0 and cfg.loss.w_syn > 0
     assert cfg.accumulation_for(256) == 1 and cfg.accumulation_for(8) == 32
 
 
 def test_debug_preset_loads_with_shards_from_the_command_line():
-    cfg = load_config(TrainConfig, "jobs/configs/debug.toml", ["--data.shards=x/{0..3}.tar", "--engine.zero_stage=3"])
+    cfg = load_config(
+        TrainConfig, "jobs/configs/debug.toml", ["--data.shards=x/{0..3}.tar", "--engine.zero_stage=3"]
+    )
     assert cfg.model.name == "debug" and cfg.engine.zero_stage == 3 and cfg.data.shards == "x/{0..3}.tar"
     with pytest.raises(ConfigError, match="engine: zero_stage"):
         load_config(TrainConfig, "jobs/configs/debug.toml", ["--engine.zero_stage=4"])
@@ -108,7 +112,9 @@ def test_schedule_warms_up_linearly_then_follows_a_cosine_to_min_lr():
     assert all(b > a for a, b in zip(lrs[:10], lrs[1:10]))
     assert lrs[-1] == pytest.approx(1e-5)
     mid = 10 + (total - 10 - 1) / 2
-    assert lr_at(int(mid), cfg, total) == pytest.approx(1e-5 + 0.5 * (1e-3 - 1e-5) * (1 + math.cos(math.pi * int(mid - 10) / 99)))
+    assert lr_at(int(mid), cfg, total) == pytest.approx(
+        1e-5 + 0.5 * (1e-3 - 1e-5) * (1 + math.cos(math.pi * int(mid - 10) / 99))
+    )
     assert all(b <= a for a, b in zip(lrs[10:], lrs[11:]))
     opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
     sched = build_scheduler(opt, cfg, total)
@@ -215,14 +221,22 @@ def test_deepspeed_config_matches_the_batch_and_keeps_zero1_reduction_unoverlapp
     from pipeline.train.engine import EngineConfig, deepspeed_config
 
     optim = OptimConfig(grad_clip_norm=0.5)
-    ds = deepspeed_config(EngineConfig(zero_stage=1), optim, micro_batch=8, accumulation_steps=4, world_size=2)
-    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (64, 8, 4)
+    ds = deepspeed_config(
+        EngineConfig(zero_stage=1), optim, micro_batch=8, accumulation_steps=4, world_size=2
+    )
+    assert (
+        ds["train_batch_size"],
+        ds["train_micro_batch_size_per_gpu"],
+        ds["gradient_accumulation_steps"],
+    ) == (64, 8, 4)
     assert ds["gradient_clipping"] == 0.5 and ds["bf16"]["enabled"] is True
     assert ds["zero_optimization"]["stage"] == 1 and ds["zero_optimization"]["overlap_comm"] is False
     ds3 = deepspeed_config(EngineConfig(zero_stage=3, precision="fp32", deepspeed={"zero_optimization": {"stage3_max_live_parameters": 7}}),
                            optim, micro_batch=8, accumulation_steps=1, world_size=1)  # fmt: skip
     assert ds3["zero_optimization"]["overlap_comm"] is True and ds3["bf16"]["enabled"] is False
-    assert ds3["zero_optimization"]["stage3_max_live_parameters"] == 7 and ds3["zero_optimization"]["stage"] == 3
+    assert (
+        ds3["zero_optimization"]["stage3_max_live_parameters"] == 7 and ds3["zero_optimization"]["stage"] == 3
+    )
 
 
 class ColourModel(torch.nn.Module):
@@ -275,7 +289,10 @@ def test_retrieval_on_coco_style_captions_scores_a_perfect_model_at_one(tmp_path
     for i, (name, rgb) in enumerate(COLOURS.items()):
         _solid(tmp_path / "images" / f"{i}.jpg", rgb)
         images.append({"id": 10 + i, "file_name": f"images/{i}.jpg"})
-        annotations += [{"image_id": 10 + i, "caption": f"something {name}"}, {"image_id": 10 + i, "caption": name}]
+        annotations += [
+            {"image_id": 10 + i, "caption": f"something {name}"},
+            {"image_id": 10 + i, "caption": name},
+        ]
     (tmp_path / "captions.json").write_text(json.dumps({"images": images, "annotations": annotations}))
     cfg = EvalConfig(retrieval=str(tmp_path / "captions.json"))
     result = evaluate(ColourModel(tokenizer), tokenizer, preprocess, cfg)

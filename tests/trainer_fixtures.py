@@ -75,7 +75,9 @@ def write_shards(out: Path, world: sw.WorldConfig, split: str, num_shards: int, 
                 sample = {
                     "__key__": scene.uid,
                     schema.IMAGE_KEY: jpg,
-                    schema.CAPTION_KEY: (scene.precise_caption if precise_txt else scene.noisy_caption).encode(),
+                    schema.CAPTION_KEY: (
+                        scene.precise_caption if precise_txt else scene.noisy_caption
+                    ).encode(),
                     schema.META_KEY: meta.to_json(),
                 }
                 if num_syn:

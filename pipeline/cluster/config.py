@@ -99,8 +99,14 @@ class SlurmConfig:
         for name in ("nodes", "cpus_per_task", "array_tasks"):
             if getattr(self, name) < 1:
                 raise ValueError(f"slurm.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("gpus_per_node", "tasks_per_node", "array_parallel", "signal_seconds", "max_requeues",
-                     "step_wait_s"):
+        for name in (
+            "gpus_per_node",
+            "tasks_per_node",
+            "array_parallel",
+            "signal_seconds",
+            "max_requeues",
+            "step_wait_s",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"slurm.{name} must be >= 0, got {getattr(self, name)}")
         if self.gpus_per_array_task is not None and self.gpus_per_array_task < 0:
@@ -217,7 +223,10 @@ JOBS: dict[str, JobSpec] = {
     "shard": JobSpec("data_prep.shard", "array", "shard"),
     "caption": JobSpec("data_prep.caption", "array", "caption", gpus_per_array_task=1),
     "pretrain": JobSpec(
-        "jobs.pretrain", "distributed", "pretrain", run_dir_keys=("run_dir",),
+        "jobs.pretrain",
+        "distributed",
+        "pretrain",
+        run_dir_keys=("run_dir",),
         ray_ok=False,
     ),
     "sweep": JobSpec("jobs.finetune_sweep", "ray", "sweep"),

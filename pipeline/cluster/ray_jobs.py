@@ -32,8 +32,15 @@ def address(launch: LaunchConfig) -> str:
 
 
 def submit_command(
-    launch: LaunchConfig, *, working_dir: Path, module: str, config: str, python: str, submission_id: str = "",
-    workdir: Path | None = None, upload: bool = True,
+    launch: LaunchConfig,
+    *,
+    working_dir: Path,
+    module: str,
+    config: str,
+    python: str,
+    submission_id: str = "",
+    workdir: Path | None = None,
+    upload: bool = True,
 ) -> list[str]:
     """The full `ray job submit` argv; the driver is `python -m <module> --config <config>`.
 
@@ -52,8 +59,11 @@ def submit_command(
     else:
         env.update(PYTHONPATH=str(working_dir), PYTHONSAFEPATH="1")
         where = shlex.quote(str(workdir or Path.cwd()))
-        driver = ["bash", "-c", f"cd {where} && exec python -m {module} --config "
-                                f"{shlex.quote(str(working_dir / config))}"]
+        driver = [
+            "bash",
+            "-c",
+            f"cd {where} && exec python -m {module} --config {shlex.quote(str(working_dir / config))}",
+        ]
     cmd.append(f"--runtime-env-json={json.dumps({'env_vars': env}, sort_keys=True)}")
     if r.entrypoint_num_cpus:
         cmd.append(f"--entrypoint-num-cpus={r.entrypoint_num_cpus}")

@@ -53,13 +53,20 @@ def sbatch_options(spec: JobSpec, launch: LaunchConfig, job_name: str, run_dir: 
     kind = spec.slurm_kind
     log_name = "%x-%A_%a.out" if kind == "array" else "%x-%j.out"
     opts = [f"--job-name={job_name}", f"--output={run_dir / 'logs' / log_name}", "--open-mode=append"]
-    opts += [f"--{name}={value}" for name, value in
-             (("partition", s.partition), ("account", s.account), ("qos", s.qos)) if value]
+    opts += [
+        f"--{name}={value}"
+        for name, value in (("partition", s.partition), ("account", s.account), ("qos", s.qos))
+        if value
+    ]
     opts.append(f"--time={s.time}")
     if kind == "array":
         gpus = spec.gpus_per_array_task if s.gpus_per_array_task is None else s.gpus_per_array_task
         throttle = f"%{s.array_parallel}" if s.array_parallel else ""
-        opts += [f"--array=0-{s.array_tasks - 1}{throttle}", "--ntasks=1", f"--cpus-per-task={s.cpus_per_task}"]
+        opts += [
+            f"--array=0-{s.array_tasks - 1}{throttle}",
+            "--ntasks=1",
+            f"--cpus-per-task={s.cpus_per_task}",
+        ]
         if gpus:
             opts.append(f"--gres=gpu:{gpus}")
     else:
@@ -113,8 +120,13 @@ def render_script(
     if kind == "ray":
         r = launch.ray
         submit = ray_jobs.submit_command(
-            launch, working_dir=paths.code_dir, module=module, config=paths.config.name, python=python,
-            workdir=paths.workdir, upload=False,  # SLURM clusters share their filesystem
+            launch,
+            working_dir=paths.code_dir,
+            module=module,
+            config=paths.config.name,
+            python=python,
+            workdir=paths.workdir,
+            upload=False,  # SLURM clusters share their filesystem
         )
         submit_args = [a for a in submit[3:] if not a.startswith("--address=")]  # address: known at run time
         values.update(

@@ -76,7 +76,9 @@ def run(cfg: SmokeConfig) -> int:
         "restart": restart,
         "start_step": start,
         "code": str(Path(__file__).resolve()),
-        "env": {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "NCCL_", "TORCH_NCCL_", "MASTER_"))},
+        "env": {
+            k: v for k, v in os.environ.items() if k.startswith(("OMP_", "NCCL_", "TORCH_NCCL_", "MASTER_"))
+        },
     }
     io.write_json(str(run_dir.path / "ranks" / f"rank{info.rank}-restart{restart}.json"), report)
     exit_code = 0
@@ -93,8 +95,11 @@ def run(cfg: SmokeConfig) -> int:
         if info.rank == 0:
             _save(run_dir.checkpoints, step, value)
         if preempt.any_rank_set():
-            print(f"[rank {info.rank}] {preempt.signal_name or 'peer signal'}: saved step {step}, exiting "
-                  f"{PreemptionFlag.EXIT_CODE}", flush=True)
+            print(
+                f"[rank {info.rank}] {preempt.signal_name or 'peer signal'}: saved step {step}, exiting "
+                f"{PreemptionFlag.EXIT_CODE}",
+                flush=True,
+            )
             exit_code = PreemptionFlag.EXIT_CODE
             break
     else:

@@ -36,7 +36,10 @@ def _tracked_files(root: Path) -> list[str] | None:
     try:
         out = subprocess.run(
             ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z", "--", *SNAPSHOT_ITEMS],
-            cwd=root, capture_output=True, check=True, timeout=30,
+            cwd=root,
+            capture_output=True,
+            check=True,
+            timeout=30,
         ).stdout
     except (OSError, subprocess.SubprocessError):
         return None

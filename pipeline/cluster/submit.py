@@ -105,7 +105,11 @@ def make_plan(request: SubmitRequest) -> Plan:
     run_dir_key = next((k for k in spec.run_dir_keys if lookup(job_config, k) is not None), None)
     if launch.run_dir:
         run_dir = (workdir / launch.run_dir).resolve()
-        if request.target == "slurm" and run_dir_key and Path(str(lookup(job_config, run_dir_key))) != run_dir:
+        if (
+            request.target == "slurm"
+            and run_dir_key
+            and Path(str(lookup(job_config, run_dir_key))) != run_dir
+        ):
             # On SLURM (one shared filesystem) the job's run directory and the submission's are one folder:
             # logs, checkpoints and requeues together. In pods the job's paths are the pods' (/data/...).
             overrides.append(f"--{run_dir_key}={run_dir}")
@@ -119,8 +123,9 @@ def make_plan(request: SubmitRequest) -> Plan:
     files = {JOB_CONFIG_NAME: job_config, "launch.toml": to_toml(launch)}
 
     if request.target == "slurm":
-        paths = slurm.SlurmPaths(run_dir=run_dir, code_dir=record_dir, config=record_dir / JOB_CONFIG_NAME,
-                                 workdir=workdir)
+        paths = slurm.SlurmPaths(
+            run_dir=run_dir, code_dir=record_dir, config=record_dir / JOB_CONFIG_NAME, workdir=workdir
+        )
         script_name = f"{request.job}.sbatch"
         files[script_name] = slurm.render_script(
             spec, launch, paths, job_name=job_name, module=module, python=_python(launch)
@@ -134,8 +139,13 @@ def make_plan(request: SubmitRequest) -> Plan:
         command = k8s.apply_command(launch, record_dir / k8s.OVERLAY_DIR)
     elif request.target == "ray":
         command = ray_jobs.submit_command(
-            launch, working_dir=record_dir, module=module, config=JOB_CONFIG_NAME, python=_python(launch),
-            submission_id=f"{job_name}-{record_dir.name}", workdir=workdir,
+            launch,
+            working_dir=record_dir,
+            module=module,
+            config=JOB_CONFIG_NAME,
+            python=_python(launch),
+            submission_id=f"{job_name}-{record_dir.name}",
+            workdir=workdir,
         )
     else:
         raise ValueError(f"target: must be slurm, k8s or ray, got {request.target!r}")
@@ -147,7 +157,9 @@ def _k8s_suffix(launch: LaunchConfig, record_dir: Path) -> str:
     raw = (launch.name or record_dir.name.replace("-k8s", "")[4:]).lower()
     clean = "".join(c if c.isalnum() else "-" for c in raw).strip("-")
     if not clean or len(clean) > 30:
-        raise ValueError(f"name: {launch.name!r} must give a name of 1-30 letters, digits or '-' for Kubernetes")
+        raise ValueError(
+            f"name: {launch.name!r} must give a name of 1-30 letters, digits or '-' for Kubernetes"
+        )
     return clean
 
 
@@ -209,10 +221,13 @@ def submit(plan: Plan, env: dict[str, str] | None = None) -> dict[str, Any]:
     }
     target = plan.request.target
     if target == "slurm":
-        record["job_id"] = slurm.submit(plan.request.launch, plan.record_dir / f"{plan.request.job}.sbatch", env)
+        record["job_id"] = slurm.submit(
+            plan.request.launch, plan.record_dir / f"{plan.request.job}.sbatch", env
+        )
     else:
-        proc = subprocess.run(plan.command, cwd=plan.record_dir, env=env, text=True,
-                              capture_output=target == "k8s")
+        proc = subprocess.run(
+            plan.command, cwd=plan.record_dir, env=env, text=True, capture_output=target == "k8s"
+        )
         record["returncode"] = proc.returncode
         if target == "k8s":
             record["output"] = proc.stdout

@@ -90,4 +90,3 @@ def describe(model: torch.nn.Module) -> dict[str, int]:
     total = sum(p.numel() for p in model.parameters())
     visual = sum(p.numel() for p in model.visual.parameters()) if hasattr(model, "visual") else 0
     return {"params": total, "params_visual": visual, "params_text": total - visual}
-

@@ -43,7 +43,17 @@ from pipeline.report.flops import (
 )
 from pipeline.report.plots import plot_bars, plot_curves, plot_scaling, series_from_rows
 
-LOWER_IS_BETTER = {"rmse", "abs_rel", "sq_rel", "rmse_log", "log10", "silog", "loss", "final_loss", "first_loss"}
+LOWER_IS_BETTER = {
+    "rmse",
+    "abs_rel",
+    "sq_rel",
+    "rmse_log",
+    "log10",
+    "silog",
+    "loss",
+    "final_loss",
+    "first_loss",
+}
 PERCENT_METRICS = {"mIoU", "mAcc", "aAcc"}
 
 
@@ -96,7 +106,9 @@ def fit_series(cfg: Any, metric: str, series: list[Any]) -> tuple[dict[str, Fit 
     return fits, notes
 
 
-def compare(cfg: Any, metric: str, higher: bool, series: list[Any], fits: dict[str, Fit | None]) -> list[dict]:
+def compare(
+    cfg: Any, metric: str, higher: bool, series: list[Any], fits: dict[str, Fit | None]
+) -> list[dict]:
     """Each source against the reference source, per model and subset size (positive gain = better)."""
     reference = cfg.grid.reference
     sign = 1.0 if higher else -1.0
@@ -112,7 +124,9 @@ def compare(cfg: Any, metric: str, higher: bool, series: list[Any], fits: dict[s
         ref_improves = ref_gain > 1e-9 * max(1.0, float(np.abs(ref.y).max()))  # measured, not just fitted
         for x in sorted(set(s.x) & set(ref.x)):
             d = mean_difference(ref.y[ref.x == x], s.y[s.x == x], cfg.report.level)
-            lo, hi = sorted((sign * d["lo"], sign * d["hi"])) if math.isfinite(d["lo"]) else (math.nan, math.nan)
+            lo, hi = (
+                sorted((sign * d["lo"], sign * d["hi"])) if math.isfinite(d["lo"]) else (math.nan, math.nan)
+            )
             mult = math.nan
             if ref_fit is not None and fit is not None and ref_improves and improves(ref_fit, higher):
                 mult = data_multiplier(ref_fit, fit, float(x))
@@ -182,7 +196,9 @@ def attention_analysis(cfg: Any, points: Sequence[dict[str, Any]], plots_dir: Pa
     )
     from pipeline.train.export import load_export
 
-    done = [p for p in points if p.get("kind") == "pretrain" and p.get("status") == "complete" and p.get("export")]
+    done = [
+        p for p in points if p.get("kind") == "pretrain" and p.get("status") == "complete" and p.get("export")
+    ]
     if cfg.attention.which == "largest":
         chosen: dict[tuple[str, str], dict[str, Any]] = {}
         for p in sorted(done, key=lambda r: (-(r.get("subset_size") or 0), r.get("seed", 0))):
@@ -200,7 +216,11 @@ def attention_analysis(cfg: Any, points: Sequence[dict[str, Any]], plots_dir: Pa
         if len({q["model"] for q in done}) > 1:
             label = f"{p['model']} / {label}"
         results[label] = average_attention_distance(model.visual, tensors[key])
-        info["runs"][label] = {"point": p["point"], "export": p["export"], "subset_size": p.get("subset_size")}
+        info["runs"][label] = {
+            "point": p["point"],
+            "export": p["export"],
+            "subset_size": p.get("subset_size"),
+        }
         patch = model.visual.conv1.kernel_size[0]
         grid = (tensors[key].shape[-2] // patch, tensors[key].shape[-1] // patch)
         info["uniform_px"] = uniform_distance(grid, patch)
@@ -262,7 +282,9 @@ def flops_section_data(cfg: Any, runs: dict[str, list[dict[str, Any]]], cache: P
             one = cached_count(cache, ref, spec.get("image_size", 0), spec.get("context_length", 0), 1)
             if ref in REFERENCE_GFLOPS:
                 out["reference_check"] = check_reference(ref, one)
-            recipe = dict(SEED_RECIPE, model=ref, image_size=one["image_size"], context_length=one["context_length"])
+            recipe = dict(
+                SEED_RECIPE, model=ref, image_size=one["image_size"], context_length=one["context_length"]
+            )
             out["recipe"] = recipe_projection(one, recipe, cfg.cost)
         except Exception as e:  # a report must not die on an optional figure
             out["reference_error"] = f"{type(e).__name__}: {e}"
@@ -272,7 +294,9 @@ def flops_section_data(cfg: Any, runs: dict[str, list[dict[str, Any]]], cache: P
 # --------------------------------------------------------------------------------------------- report
 
 
-def _loss_curves(runs: dict[str, list[dict[str, Any]]]) -> tuple[dict[str, tuple[list, list]], dict[str, str]]:
+def _loss_curves(
+    runs: dict[str, list[dict[str, Any]]],
+) -> tuple[dict[str, tuple[list, list]], dict[str, str]]:
     curves, sources = {}, {}
     for r in runs["pretrain"]:
         rows = [json.loads(line) for line in _lines(Path(r["run_dir"]) / "metrics.jsonl")]
@@ -300,7 +324,11 @@ def missing_items(points: Sequence[Any], launches: Sequence[Any], runs: dict[str
         if p.name in done:
             continue
         launch = by_name.get(p.name)
-        why = f"{launch.status}" + (f" (exit code {launch.returncode})" if launch and launch.returncode else "") if launch else "not run"
+        why = (
+            f"{launch.status}" + (f" (exit code {launch.returncode})" if launch and launch.returncode else "")
+            if launch
+            else "not run"
+        )
         if launch is not None and launch.detail and launch.status != "skipped":
             last = [line for line in launch.detail.splitlines() if line.strip()][-1:] or [""]
             why += f": {last[0][:300]}"
@@ -310,7 +338,10 @@ def missing_items(points: Sequence[Any], launches: Sequence[Any], runs: dict[str
     for row in (finetune_info or {}).get("rows", []):
         if row.get("status") != "complete":
             err = (row.get("error") or "").strip().splitlines()[-1:] or [""]
-            items.append(f"fine-tuning trial {row['trial']}: {row.get('status')}" + (f": {err[0][:300]}" if err[0] else ""))
+            items.append(
+                f"fine-tuning trial {row['trial']}: {row.get('status')}"
+                + (f": {err[0][:300]}" if err[0] else "")
+            )
     return items
 
 
@@ -337,7 +368,16 @@ def build_report(cfg: Any, points: Sequence[Any] = (), launches: Sequence[Any] =
     files: dict[str, Any] = {}
     first = ["point", "kind", "status", "model", "caption_source", "subset", "subset_size", "seed"]
     files["points"] = col.write_table(table, str(out_dir / "points"), first)
-    ft_first = ["point", "stage", "status", "primary_metric", "primary_value", "lr", "drop_path_rate", "run_dir"]
+    ft_first = [
+        "point",
+        "stage",
+        "status",
+        "primary_metric",
+        "primary_value",
+        "lr",
+        "drop_path_rate",
+        "run_dir",
+    ]
     files["finetune"] = col.write_table(runs["finetune"], str(out_dir / "finetune"), ft_first)
 
     figures: list[dict[str, Any]] = []
@@ -351,7 +391,9 @@ def build_report(cfg: Any, points: Sequence[Any] = (), launches: Sequence[Any] =
             continue
         fits, fit_notes = fit_series(cfg, metric, series)
         notes.extend(fit_notes)
-        baseline_rows = [r for r in table if r.get("point") == col.RANDOM_INIT and isinstance(r.get(metric), float)]
+        baseline_rows = [
+            r for r in table if r.get("point") == col.RANDOM_INIT and isinstance(r.get(metric), float)
+        ]
         baseline = baseline_rows[0][metric] if baseline_rows else None
         stem = plots_dir / f"scaling_{col_safe(metric)}"
         plot_scaling(series, fits, stem, ylabel=metric, title=f"{metric} against pretraining data",
@@ -360,7 +402,13 @@ def build_report(cfg: Any, points: Sequence[Any] = (), launches: Sequence[Any] =
                         "baseline": baseline})  # fmt: skip
         for s in series:
             fit = fits.get(s.label)
-            row = {"metric": metric, "series": s.label, "model": s.model, "source": s.source, "points": len(s.x)}
+            row = {
+                "metric": metric,
+                "series": s.label,
+                "model": s.model,
+                "source": s.source,
+                "points": len(s.x),
+            }
             if fit is not None:
                 d = fit.to_dict()
                 row.update(kind=d["kind"], formula=d["formula"], a=d["a"], b=d["b"], b_lo=d["b_ci"][0],
@@ -479,7 +527,9 @@ def write_html(cfg: Any, report: dict[str, Any], out_dir: Path, loss_plot: Path 
     for v in report["verdicts"]:
         summary += f'<div class="verdict {v["kind"]}">{H.esc(v["text"])}</div>'
     if not report["verdicts"]:
-        summary += H.paragraph("No comparison yet: it needs at least two caption sources with finished points.")
+        summary += H.paragraph(
+            "No comparison yet: it needs at least two caption sources with finished points."
+        )
     sections.append(H.Section("Summary", summary))
 
     # grid status
@@ -495,28 +545,41 @@ def write_html(cfg: Any, report: dict[str, Any], out_dir: Path, loss_plot: Path 
         status_rows.append(row)
     if status_rows:
         cols = ["name", "model", "caption_source", "subset", "subset_size", "seed", "pretraining", *stages]
-        sections.append(H.Section("Grid", H.table_html(status_rows, cols, text_columns=cols[:4] + ["pretraining", *stages])))
+        sections.append(
+            H.Section(
+                "Grid", H.table_html(status_rows, cols, text_columns=cols[:4] + ["pretraining", *stages])
+            )
+        )
 
     # results
     cols = result_columns(table, report["metrics"])
     body = H.table_html(table, cols, text_columns=["point", "model", "caption_source", "subset", "status"])
     body += H.paragraph("Per stage, the best fine-tuning trial of each point by the stage's primary metric "
                         "(<stage>.trials = trials compared). Full tables: ")  # fmt: skip
-    body += " ".join(f'<a href="{rel(report["files"][k]["csv"])}">{k}.csv</a>' for k in ("points", "finetune"))
+    body += " ".join(
+        f'<a href="{rel(report["files"][k]["csv"])}">{k}.csv</a>' for k in ("points", "finetune")
+    )
     sections.append(H.Section("Results", body))
 
     # scaling curves
     figs = "".join(
-        H.figure_html(rel(f["png"]), f"{f['metric']} ({'higher' if f['higher'] else 'lower'} is better)"
-                      + (f"; grey dotted: random init = {f['baseline']:.4g}" if f["baseline"] is not None else ""),
-                      svg=rel(f["svg"]))  # fmt: skip
+        H.figure_html(
+            rel(f["png"]),
+            f"{f['metric']} ({'higher' if f['higher'] else 'lower'} is better)"
+            + (f"; grey dotted: random init = {f['baseline']:.4g}" if f["baseline"] is not None else ""),
+            svg=rel(f["svg"]),
+        )  # fmt: skip
         for f in report["figures"]
     )
     fit_cols = ["metric", "series", "points", "formula", "b", "b_lo", "b_hi", "r2", "dof"]
     body = figs or H.paragraph("No metric has finished points yet.")
     if report["fits"]:
-        body += "<h3>Fits</h3>" + H.table_html(report["fits"], fit_cols, text_columns=["metric", "series", "formula"])
-        body += H.paragraph(f"b_lo / b_hi: {cfg.report.level:.0%} t-interval of the slope (NaN: too few points).")
+        body += "<h3>Fits</h3>" + H.table_html(
+            report["fits"], fit_cols, text_columns=["metric", "series", "formula"]
+        )
+        body += H.paragraph(
+            f"b_lo / b_hi: {cfg.report.level:.0%} t-interval of the slope (NaN: too few points)."
+        )
     sections.append(H.Section("Scaling curves", body))
 
     if report["comparisons"]:
@@ -525,7 +588,9 @@ def write_html(cfg: Any, report: dict[str, Any], out_dir: Path, loss_plot: Path 
         body = H.paragraph("gain = source minus reference, signed so that positive is better; interval: Welch t "
                            "over seeds (empty with one seed); data multiplier: samples the reference needs to match "
                            "the source's fitted value, over the subset size (> 1: source more data-efficient).")  # fmt: skip
-        body += H.table_html(report["comparisons"], cmp_cols, text_columns=["metric", "model", "source", "reference"])
+        body += H.table_html(
+            report["comparisons"], cmp_cols, text_columns=["metric", "model", "source", "reference"]
+        )
         sections.append(H.Section("Caption source comparison", body))
 
     if loss_plot is not None:
@@ -535,8 +600,10 @@ def write_html(cfg: Any, report: dict[str, Any], out_dir: Path, loss_plot: Path 
     sections.append(H.Section("FLOPs and cost", flops_html(cfg, report["flops"], rel, flops_plot)))
     sections.append(H.Section("Attention distance", attention_html(report["attention"], rel)))
     missing = report["missing"]
-    body = H.bullet_list(missing, css="missing") if missing else H.paragraph(
-        "Nothing: every planned point and fine-tuning trial finished."
+    body = (
+        H.bullet_list(missing, css="missing")
+        if missing
+        else H.paragraph("Nothing: every planned point and fine-tuning trial finished.")
     )
     if report["notes"]:
         body += "<h3>Notes</h3>" + H.bullet_list(report["notes"])
@@ -569,7 +636,9 @@ def flops_html(cfg: Any, flops: dict[str, Any], rel: Any, plot: Path | None) -> 
                  "published GFLOPs": check[f"{part}_gflops_published"], "relative error": check[f"{part}_rel_error"]}
                 for part in ("image", "text", "total")]  # fmt: skip
         body += f"<h3>Check: {H.esc(check['model'])} forward FLOPs against the published figure</h3>"
-        body += H.table_html(rows, ["part", "counted GFLOPs", "published GFLOPs", "relative error"], text_columns=["part"])
+        body += H.table_html(
+            rows, ["part", "counted GFLOPs", "published GFLOPs", "relative error"], text_columns=["part"]
+        )
         body += H.paragraph(f"Published: {check['source']}.")
     recipe = flops.get("recipe")
     if recipe:
@@ -602,7 +671,9 @@ def attention_html(att: dict[str, Any], rel: Any) -> str:
     if per_layer:
         layers = max(len(v) for v in per_layer.values())
         rows = [{"tower": k, **{f"layer {i + 1}": v[i] for i in range(len(v))}} for k, v in per_layer.items()]
-        body += H.table_html(rows, ["tower", *[f"layer {i + 1}" for i in range(layers)]], text_columns=["tower"])
+        body += H.table_html(
+            rows, ["tower", *[f"layer {i + 1}" for i in range(layers)]], text_columns=["tower"]
+        )
     return body
 
 
@@ -612,7 +683,12 @@ def attention_html(att: dict[str, Any], rel: Any) -> str:
 def write_markdown(cfg: Any, report: dict[str, Any], out_dir: Path, loss_plot: Path | None,
                    extra: dict[str, Any]) -> Path:  # fmt: skip
     rel = lambda p: H.relative(p, out_dir)  # noqa: E731
-    lines = [f"# {cfg.report.title or 'Scaling report: ' + cfg.name}", "", f"Generated {report['generated']}.", ""]
+    lines = [
+        f"# {cfg.report.title or 'Scaling report: ' + cfg.name}",
+        "",
+        f"Generated {report['generated']}.",
+        "",
+    ]
     if extra.get("markdown"):
         lines += [extra["markdown"], ""]
     lines += ["## Summary", ""] + [f"- {v['text']}" for v in report["verdicts"]] + [""]

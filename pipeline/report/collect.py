@@ -299,7 +299,7 @@ def points_table(runs: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
                 continue
             for key, value in trial.items():
                 if key.startswith("metric."):
-                    row[f"{stage}.{key[len('metric.'):]}"] = value
+                    row[f"{stage}.{key[len('metric.') :]}"] = value
             row[f"{stage}.trials"] = trial["trials"]
             row[f"{stage}.lr"] = trial.get("lr")
             row[f"{stage}.train_flops"] = trial.get("train_flops")

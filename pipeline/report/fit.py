@@ -199,7 +199,9 @@ def fit_curve(
     if np.any(xs <= 0):
         raise ValueError("x: every value must be > 0 (it is put on a log scale)")
     if kind == "powerlaw" and np.any(ys <= 0):
-        raise ValueError("y: a power law y = a x^b needs y > 0 (try loglinear, or powerlaw_gap with a ceiling)")
+        raise ValueError(
+            "y: a power law y = a x^b needs y > 0 (try loglinear, or powerlaw_gap with a ceiling)"
+        )
     if kind == "powerlaw_gap":
         if ceiling is None:
             raise ValueError("ceiling: powerlaw_gap needs the metric's ceiling (e.g. 1.0 or 100)")

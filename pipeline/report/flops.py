@@ -68,7 +68,9 @@ class CostConfig:
 
     def __post_init__(self) -> None:
         if not self.peak_flops and self.device not in PEAK_FLOPS:
-            raise ValueError(f"device: {self.device!r} is not one of {sorted(PEAK_FLOPS)} (or set peak_flops)")
+            raise ValueError(
+                f"device: {self.device!r} is not one of {sorted(PEAK_FLOPS)} (or set peak_flops)"
+            )
         if self.peak_flops < 0:
             raise ValueError(f"peak_flops: must be >= 0, got {self.peak_flops}")
         if not 0 < self.mfu <= 1:

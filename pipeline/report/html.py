@@ -108,7 +108,8 @@ def table_html(
         return f'<td class="text">{esc(text)}</td>' if is_text else f"<td>{esc(text)}</td>"
 
     head = "".join(
-        f'<th class="text">{esc(h)}</th>' if c in texts else f"<th>{esc(h)}</th>" for c, h in zip(columns, headers)
+        f'<th class="text">{esc(h)}</th>' if c in texts else f"<th>{esc(h)}</th>"
+        for c, h in zip(columns, headers)
     )
     body = "".join("<tr>" + "".join(cell(c, row.get(c)) for c in columns) + "</tr>" for row in rows)
     return f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
@@ -144,10 +145,10 @@ def render_page(title: str, sections: Sequence[Section], meta: dict[str, Any] | 
     nav = " ".join(f'<a href="#{esc(s.slug())}">{esc(s.title)}</a>' for s in sections)
     body = "".join(_render_section(s, 2) for s in sections)
     return (
-        "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-        "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+        '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<title>{esc(title)}</title><style>{CSS}</style></head>\n<body>\n"
-        f"<h1>{esc(title)}</h1>\n<div class=\"meta\">{meta_html}</div>\n<nav>{nav}</nav>\n{intro}\n{body}"
+        f'<h1>{esc(title)}</h1>\n<div class="meta">{meta_html}</div>\n<nav>{nav}</nav>\n{intro}\n{body}'
         f"<script>{IMAGE_CHECK_JS}</script>\n</body></html>\n"
     )
 

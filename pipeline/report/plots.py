@@ -50,9 +50,7 @@ def colour_for(source: str, sources: Sequence[str]) -> str:
     return PALETTE[ordered.index(source) % len(PALETTE)] if source in ordered else "#444444"
 
 
-def series_from_rows(
-    rows: Sequence[dict[str, Any]], metric: str, x_key: str = "subset_size"
-) -> list[Series]:
+def series_from_rows(rows: Sequence[dict[str, Any]], metric: str, x_key: str = "subset_size") -> list[Series]:
     """Complete pretraining rows with a finite ``metric`` and ``x_key``, grouped by (model, caption source)."""
     groups: dict[tuple[str, str], list[tuple[float, float]]] = {}
     for row in rows:
@@ -127,7 +125,11 @@ def plot_scaling(
         ax.axhline(baseline, color="#777777", linestyle=":", label=baseline_label)
     ax.set_xscale("log")
     ax.set_xlabel(xlabel)
-    arrow = "" if higher_is_better is None else (" (higher is better)" if higher_is_better else " (lower is better)")
+    arrow = (
+        ""
+        if higher_is_better is None
+        else (" (higher is better)" if higher_is_better else " (lower is better)")
+    )
     ax.set_ylabel(ylabel + arrow)
     if title:
         ax.set_title(title)

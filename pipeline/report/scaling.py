@@ -344,7 +344,9 @@ def plan_points(cfg: ScalingConfig) -> list[Point]:
                 label = Path(subset).stem if (subset.endswith(".txt") or "/" in subset) else subset
                 for seed in cfg.grid.seeds:
                     name = safe_label(f"{model}-{source}-{label}-s{seed}")
-                    points.append(Point(name, model, source, label, uids, size, seed, str(cfg.pretrain_dir / name)))
+                    points.append(
+                        Point(name, model, source, label, uids, size, seed, str(cfg.pretrain_dir / name))
+                    )
     return points
 
 
@@ -410,7 +412,9 @@ def _finish(point: Point, code: int | None, log: Path, seconds: float) -> Launch
         status = "preempted"
     else:
         status = "failed"
-    return Launch(point.name, status, code, round(seconds, 1), str(log), "" if status == "complete" else _tail(log))
+    return Launch(
+        point.name, status, code, round(seconds, 1), str(log), "" if status == "complete" else _tail(log)
+    )
 
 
 def run_pretraining(cfg: ScalingConfig, points: list[Point], echo: Any = print) -> list[Launch]:
@@ -427,7 +431,9 @@ def run_pretraining(cfg: ScalingConfig, points: list[Point], echo: Any = print) 
         elif not cfg.pretrain.run:
             results[point.name] = Launch(point.name, "skipped", detail="pretrain.run = false")
         elif point.subset_uids and point.subset_size is None:
-            results[point.name] = Launch(point.name, "failed", detail=f"subset uid list {point.subset_uids} not readable")
+            results[point.name] = Launch(
+                point.name, "failed", detail=f"subset uid list {point.subset_uids} not readable"
+            )
         else:
             queue.append((i, point))
     env = _launch_env(cfg)
@@ -441,7 +447,10 @@ def run_pretraining(cfg: ScalingConfig, points: list[Point], echo: Any = print) 
             command = pretrain_command(cfg, point)
             log = run_dir / "logs" / "launch.out"
             log.parent.mkdir(parents=True, exist_ok=True)
-            echo(f"[scaling] pretrain {i + 1}/{len(points)} {point.name}: {' '.join(command[1:4])} ...", flush=True)
+            echo(
+                f"[scaling] pretrain {i + 1}/{len(points)} {point.name}: {' '.join(command[1:4])} ...",
+                flush=True,
+            )
             out = open(log, "a")  # noqa: SIM115 - closed when the process ends
             out.write(f"$ {' '.join(command)}\n")
             out.flush()
@@ -476,7 +485,7 @@ def export_dir(point: Point, weights: str) -> str | None:
     summary_path = Path(point.run_dir) / "summary.json"
     if not summary_path.is_file():
         return None
-    exports = (json.loads(summary_path.read_text()).get("exports") or {})
+    exports = json.loads(summary_path.read_text()).get("exports") or {}
     path = exports.get(weights) or exports.get("final")
     if path and Path(path).is_dir():
         return str(Path(path).resolve())
@@ -536,7 +545,9 @@ def _run_trials_in_processes(trials: list[Any], workers: int, threads: int, echo
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=workers, mp_context=context, max_tasks_per_child=1) as pool:
         futures = {pool.submit(_trial_worker, t.to_dict(), threads): t for t in trials}
-        echo(f"[scaling] fine-tune: {len(trials)} trials, {workers} at a time in worker processes", flush=True)
+        echo(
+            f"[scaling] fine-tune: {len(trials)} trials, {workers} at a time in worker processes", flush=True
+        )
         for future, trial in futures.items():
             try:
                 error = future.result()
@@ -559,7 +570,10 @@ def run_finetuning(cfg: ScalingConfig, points: list[Point], echo: Any = print) -
     trials = sw.expand_trials(scfg)
     sw.write_plan(scfg, trials)
     pending = [t for t in trials if sw.trial_done(t) is None]
-    echo(f"[scaling] fine-tune: {len(trials)} trials, {len(trials) - len(pending)} already complete", flush=True)
+    echo(
+        f"[scaling] fine-tune: {len(trials)} trials, {len(trials) - len(pending)} already complete",
+        flush=True,
+    )
     errors: dict[str, str] = {}
     if pending and cfg.finetune.run:
         if cfg.finetune.runner == "ray":
@@ -579,7 +593,10 @@ def run_finetuning(cfg: ScalingConfig, points: list[Point], echo: Any = print) -
                     sw.run_trial(trial, out=lambda line: echo(line, flush=True))
                 except Exception:  # one failed trial must not stop the grid; it is listed as missing
                     errors[trial.name] = traceback.format_exc()
-                    echo(f"[scaling] fine-tune {trial.name} failed: {errors[trial.name].splitlines()[-1]}", flush=True)
+                    echo(
+                        f"[scaling] fine-tune {trial.name} failed: {errors[trial.name].splitlines()[-1]}",
+                        flush=True,
+                    )
     rows = sw.write_results(scfg, trials, errors)
     return {"rows": rows, "errors": errors, "trials": len(trials), "done_before": len(trials) - len(pending),
             "sweep_dir": scfg.sweep_dir}  # fmt: skip

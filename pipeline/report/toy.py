@@ -64,7 +64,9 @@ class ToyDataConfig:
             if size < 1 or size % g:
                 raise ValueError(f"subset_sizes: {size} is not a positive multiple of world.group_size ({g})")
         if self.subset_sizes[-1] > self.pool_size:
-            raise ValueError(f"pool_size: {self.pool_size} is smaller than the largest subset {self.subset_sizes[-1]}")
+            raise ValueError(
+                f"pool_size: {self.pool_size} is smaller than the largest subset {self.subset_sizes[-1]}"
+            )
         if self.samples_per_shard < 1 or self.samples_per_shard % g:
             raise ValueError(f"samples_per_shard: must be a positive multiple of world.group_size ({g})")
         if self.num_syn_captions < 1 or self.num_eval < 1:
@@ -194,9 +196,14 @@ def study_config(cfg: ReproduceConfig, data: dict[str, Any]) -> ScalingConfig:
     return dataclasses.replace(
         study,
         root=str(out / "study"),
-        grid=dataclasses.replace(study.grid, subsets=tuple(sorted(data["subsets"], key=lambda k: data["subsets"][k]["size"]))),
+        grid=dataclasses.replace(
+            study.grid, subsets=tuple(sorted(data["subsets"], key=lambda k: data["subsets"][k]["size"]))
+        ),
         pretrain=dataclasses.replace(
-            study.pretrain, shards=data["shards"], subsets_dir=data["subsets_dir"], overrides=overrides,
+            study.pretrain,
+            shards=data["shards"],
+            subsets_dir=data["subsets_dir"],
+            overrides=overrides,
             total_samples=data["pool_size"],
         ),  # fmt: skip
         finetune=dataclasses.replace(study.finetune, base=base),
@@ -246,14 +253,20 @@ def toy_verdict(report: dict[str, Any], study: ScalingConfig) -> dict[str, Any]:
         sign = 1.0 if higher else -1.0
         tol = 1e-9 * max(1.0, max(abs(r["reference_mean"]) for r in mine))
         better = [r["gain"] > tol for r in mine]
-        with_ci = [r for r in mine if math.isfinite(r["gain_lo"])]  # compare() gives lo and hi together, or NaN
+        with_ci = [
+            r for r in mine if math.isfinite(r["gain_lo"])
+        ]  # compare() gives lo and hi together, or NaN
         answer = "yes" if all(better) else "no" if not any(better) else "mixed"
         if answer == "yes" and with_ci and not any(r["gain_lo"] > 0 for r in with_ci):
             answer = "not significant"  # the right sign everywhere, but no 95% interval excludes zero
         transfer.append(answer)
         gains = ", ".join(
             f"n={int(r['subset_size'])}: {r['source_mean']:.4g} vs {r['reference_mean']:.4g} ({r['gain']:+.3g}"
-            + (f", 95% CI {r['gain_lo']:+.3g} to {r['gain_hi']:+.3g})" if math.isfinite(r["gain_lo"]) else ")")
+            + (
+                f", 95% CI {r['gain_lo']:+.3g} to {r['gain_hi']:+.3g})"
+                if math.isfinite(r["gain_lo"])
+                else ")"
+            )
             for r in mine
         )
         lines.append(f"Transfer, {metric} ({'higher' if higher else 'lower'} is better): {source} vs "
@@ -286,7 +299,9 @@ def toy_verdict(report: dict[str, Any], study: ScalingConfig) -> dict[str, Any]:
             text += f"; fitted data multiplier {', '.join(f'{m:.3g}x' for m in mults)} at the measured sizes"
         efficiency.append(answer)
         lines.append(text + ".")
-        baseline = next((p.get(metric) for p in report.get("points", []) if p.get("point") == "random init"), None)
+        baseline = next(
+            (p.get(metric) for p in report.get("points", []) if p.get("point") == "random init"), None
+        )
         pretrained = [p[metric] for p in report.get("points", []) if p.get("kind") == "pretrain"
                       and isinstance(p.get(metric), float)]  # fmt: skip
         beats_random = None
@@ -335,4 +350,11 @@ def verdict_markdown(verdict: dict[str, Any], command: str, seconds: float, seed
     return "\n".join(lines)
 
 
-__all__ = ["ReproduceConfig", "ToyDataConfig", "study_config", "toy_verdict", "verdict_markdown", "write_toy_data"]
+__all__ = [
+    "ReproduceConfig",
+    "ToyDataConfig",
+    "study_config",
+    "toy_verdict",
+    "verdict_markdown",
+    "write_toy_data",
+]

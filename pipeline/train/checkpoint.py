@@ -105,7 +105,9 @@ def resolve_resume(cfg: CheckpointConfig, checkpoints: Path) -> tuple[Path, int]
         return path, step
     if path.is_dir() and path.name.isdigit() and (path / "meta.json").exists():
         return path.parent, int(path.name)
-    raise ValueError(f"resume: {cfg.resume!r} is neither 'auto', 'never', a checkpoints folder nor a checkpoint")
+    raise ValueError(
+        f"resume: {cfg.resume!r} is neither 'auto', 'never', a checkpoints folder nor a checkpoint"
+    )
 
 
 def saved_steps(checkpoints: Path) -> list[int]:

@@ -60,7 +60,9 @@ class EngineConfig:
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in extra.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        out[key] = (
+            _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        )
     return out
 
 
@@ -70,8 +72,11 @@ def deepspeed_config(
     """The DeepSpeed config dict for our configs (optimizer and scheduler are passed as objects)."""
     zero: dict[str, Any] = {"stage": cfg.zero_stage}
     if cfg.zero_stage > 0:
-        zero.update(reduce_bucket_size=cfg.reduce_bucket_size, contiguous_gradients=True,
-                    overlap_comm=cfg.overlap_comm and cfg.zero_stage >= 2)
+        zero.update(
+            reduce_bucket_size=cfg.reduce_bucket_size,
+            contiguous_gradients=True,
+            overlap_comm=cfg.overlap_comm and cfg.zero_stage >= 2,
+        )
     if cfg.zero_stage in (1, 2):
         zero.update(allgather_bucket_size=cfg.allgather_bucket_size, reduce_scatter=True)
     ds = {

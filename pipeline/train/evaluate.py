@@ -96,7 +96,9 @@ def encode_images(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encode_texts(model: nn.Module, tokenizer: Tokenizer, texts: Sequence[str], batch_size: int) -> torch.Tensor:
+def encode_texts(
+    model: nn.Module, tokenizer: Tokenizer, texts: Sequence[str], batch_size: int
+) -> torch.Tensor:
     out = []
     for i in range(0, len(texts), batch_size):
         tokens = tokenizer(list(texts[i : i + batch_size])).to(_device(model))
@@ -150,7 +152,11 @@ def _load_images(paths: Sequence[Path], preprocess: dict[str, Any]) -> tuple[tor
 
 @torch.no_grad()
 def zero_shot_classifier(
-    model: nn.Module, tokenizer: Tokenizer, classnames: Sequence[str], templates: Sequence[str], batch_size: int
+    model: nn.Module,
+    tokenizer: Tokenizer,
+    classnames: Sequence[str],
+    templates: Sequence[str],
+    batch_size: int,
 ) -> torch.Tensor:
     """``[num_classes, D]``: per class, the normalised mean of its normalised prompt embeddings."""
     texts = [t.format(c) for c in classnames for t in templates]
@@ -182,8 +188,12 @@ def zero_shot(
         total += len(kept)
     if total == 0:
         raise ValueError(f"zero_shot: no readable images under {cfg.zero_shot}")
-    return {"zs_top1": correct1 / total, "zs_top5": correct5 / total, "zs_chance": 1 / len(names),
-            "zs_images": total}
+    return {
+        "zs_top1": correct1 / total,
+        "zs_top5": correct5 / total,
+        "zs_chance": 1 / len(names),
+        "zs_images": total,
+    }
 
 
 # --------------------------------------------------------------------------------------- retrieval
@@ -212,7 +222,9 @@ def _shard_batches(spec: str, preprocess: dict[str, Any], tokenizer: Tokenizer, 
     yield from build_loader(cfg, 0, 1, tokenizer)
 
 
-def recall_at_k(similarity: torch.Tensor, owner: torch.Tensor, ks: Sequence[int] = (1, 5)) -> dict[str, float]:
+def recall_at_k(
+    similarity: torch.Tensor, owner: torch.Tensor, ks: Sequence[int] = (1, 5)
+) -> dict[str, float]:
     """R@K both ways from ``similarity`` [images, texts]; ``owner[t]`` is the image of text ``t``."""
     out: dict[str, float] = {}
     num_images = similarity.shape[0]
@@ -257,7 +269,9 @@ def retrieval(
             if cfg.max_samples:
                 n = min(n, cfg.max_samples - seen)
             image_parts.append(encode_images(model, batch["image"][:n]))
-            text_parts.append(F.normalize(model.encode_text(batch["text"][:n].to(_device(model))).float(), dim=-1))
+            text_parts.append(
+                F.normalize(model.encode_text(batch["text"][:n].to(_device(model))).float(), dim=-1)
+            )
             owners.extend(range(seen, seen + n))
             seen += n
             if cfg.max_samples and seen >= cfg.max_samples:

@@ -37,7 +37,9 @@ VISUAL_FILE = "visual.pt"
 
 def export_name(cfg: ModelConfig) -> str:
     """The open_clip model name the export registers (the architecture name, suffixed when changed)."""
-    suffix = (f"-i{cfg.image_size}" if cfg.image_size else "") + (f"-c{cfg.context_length}" if cfg.context_length else "")
+    suffix = (f"-i{cfg.image_size}" if cfg.image_size else "") + (
+        f"-c{cfg.context_length}" if cfg.context_length else ""
+    )
     return cfg.name + suffix
 
 

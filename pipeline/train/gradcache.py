@@ -101,8 +101,11 @@ def cached_contrastive_step(
         feats, logit_scale = _split_output(embed(micro_batches[0]))
         loss, terms = loss_fn(dict(feats), logit_scale)
         backward(loss * scale)
-        out = {"loss": loss.detach(), "logit_scale": logit_scale.detach(),
-               "reembed_max_abs_diff": torch.zeros((), device=loss.device)}
+        out = {
+            "loss": loss.detach(),
+            "logit_scale": logit_scale.detach(),
+            "reembed_max_abs_diff": torch.zeros((), device=loss.device),
+        }
         out.update({name: t.detach() for name, t in terms.items()})
         return out
     # Phase 1: embed without grad, remembering each micro-batch's RNG state.
@@ -116,7 +119,9 @@ def cached_contrastive_step(
             if logit_scale is None:
                 logit_scale = mb_scale.detach()
             if cached and set(feats) != set(cached):
-                raise ValueError(f"embed: micro-batches return different keys: {sorted(feats)} vs {sorted(cached)}")
+                raise ValueError(
+                    f"embed: micro-batches return different keys: {sorted(feats)} vs {sorted(cached)}"
+                )
             for key, value in feats.items():
                 cached.setdefault(key, []).append(value.detach())
     after = _RngState()
@@ -144,7 +149,9 @@ def cached_contrastive_step(
             for key, grad in feat_grads.items():
                 feat = feats[key]
                 if feat.shape[0] != size:
-                    raise ValueError(f"embed: {key!r} has {feat.shape[0]} rows on re-embedding, expected {size}")
+                    raise ValueError(
+                        f"embed: {key!r} has {feat.shape[0]} rows on re-embedding, expected {size}"
+                    )
                 surrogate = surrogate + (feat.float() * grad[offset : offset + size].float()).sum()
                 diff = (feat.detach() - cached[key][k]).abs().max().to(max_diff.dtype)
                 max_diff = torch.maximum(max_diff, diff)

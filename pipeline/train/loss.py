@@ -186,7 +186,9 @@ class _TiledLSE(torch.autograd.Function):
         s = scale.detach().to(torch.float32)
         g_row = g_row.to(torch.float32)
         world_size, _ = world()
-        if world_size > 1:  # every rank's row block touches every column: it needs all columns' upstream grads
+        if (
+            world_size > 1
+        ):  # every rank's row block touches every column: it needs all columns' upstream grads
             parts = [torch.empty_like(g_col_local, dtype=torch.float32) for _ in range(world_size)]
             dist.all_gather(parts, g_col_local.to(torch.float32).contiguous())
             g_col = torch.cat(parts)
@@ -220,7 +222,9 @@ class _TiledLSE(torch.autograd.Function):
         return grad_a, grad_b, (grad_s.to(scale.dtype).reshape(scale.shape) if need_s else None), None, None
 
 
-def tiled_lse(a: Tensor, b: Tensor, logit_scale: Tensor, offset: int, tile_size: int) -> tuple[Tensor, Tensor]:
+def tiled_lse(
+    a: Tensor, b: Tensor, logit_scale: Tensor, offset: int, tile_size: int
+) -> tuple[Tensor, Tensor]:
     """(row_lse, col_lse) of ``logit_scale * a @ b.T``; see :class:`_TiledLSE`."""
     return _TiledLSE.apply(a, b, logit_scale, offset, tile_size)
 
@@ -232,7 +236,9 @@ def clip_loss(img_local: Tensor, txt_local: Tensor, logit_scale: Tensor | float,
     averaging parameter gradients over ranks gives its exact gradient (``logit_scale`` included).
     """
     if img_local.shape != txt_local.shape:
-        raise ValueError(f"image / text features differ in shape: {tuple(img_local.shape)} vs {tuple(txt_local.shape)}")
+        raise ValueError(
+            f"image / text features differ in shape: {tuple(img_local.shape)} vs {tuple(txt_local.shape)}"
+        )
     # The loss runs in fp32 outside autocast (its cost is small next to the towers'; logits at scale 100 in
     # bf16 would lose ~0.4 nats); gradients flow back to the features in their own dtype.
     with torch.autocast(device_type=img_local.device.type, enabled=False):

@@ -103,7 +103,11 @@ def build_optimizer(groups: list[dict[str, Any]], cfg: OptimConfig) -> torch.opt
     """torch AdamW over ``groups`` (fused kernel on CUDA)."""
     fused = all(p.is_cuda for g in groups for p in g["params"]) and torch.cuda.is_available()
     return torch.optim.AdamW(
-        groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay,
+        groups,
+        lr=cfg.lr,
+        betas=(cfg.beta1, cfg.beta2),
+        eps=cfg.eps,
+        weight_decay=cfg.weight_decay,
         fused=fused or None,
     )
 

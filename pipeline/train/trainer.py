@@ -114,7 +114,9 @@ class TrainConfig:
             raise ValueError(f"data.image_size: {self.data.image_size} differs from the model's {image_size}")
         context = model_cfg["text_cfg"].get("context_length", 77)
         if self.data.context_length != context:
-            raise ValueError(f"data.context_length: {self.data.context_length} differs from the model's {context}")
+            raise ValueError(
+                f"data.context_length: {self.data.context_length} differs from the model's {context}"
+            )
         if self.data.epochs is not None:
             raise ValueError("data.epochs: training reads an endless stream; leave it unset")
 
@@ -184,7 +186,9 @@ class Trainer:
         """Run to ``cfg.steps`` (0) or until preempted (124, after a checkpoint)."""
         cfg = self.cfg
         self.resume()
-        self.loader = build_loader(cfg.data, self.rank, self.world_size, self.tokenizer, start=self.data_state)
+        self.loader = build_loader(
+            cfg.data, self.rank, self.world_size, self.tokenizer, start=self.data_state
+        )
         with torch.random.fork_rng(devices=[]):  # worker seeding must not shift the training RNG streams
             batches = iter(self.loader)
         progress = tqdm(total=cfg.steps, initial=self.step, disable=self.rank != 0 or not cfg.log.progress,
@@ -216,7 +220,9 @@ class Trainer:
                 self.save()
                 last = time.perf_counter()
             if preempted:
-                self.log.info(f"preemption signal ({self.preemption.signal_name}) at step {self.step}: saved, exiting")
+                self.log.info(
+                    f"preemption signal ({self.preemption.signal_name}) at step {self.step}: saved, exiting"
+                )
                 progress.close()
                 return PreemptionFlag.EXIT_CODE
         progress.close()
@@ -230,7 +236,9 @@ class Trainer:
         try:
             micro = [next(batches) for _ in range(self.accumulation)]
         except StopIteration:
-            raise RuntimeError("the data loader ended; training needs an endless stream (data.epochs unset)") from None
+            raise RuntimeError(
+                "the data loader ended; training needs an endless stream (data.epochs unset)"
+            ) from None
         return micro, time.perf_counter() - start
 
     def embed(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -257,7 +265,11 @@ class Trainer:
             scale = features.pop("logit_scale")
             loss, terms = self.loss_fn(features, scale)
             self._backward(loss)
-            out = {"loss": loss.detach(), "logit_scale": scale.detach(), **{k: v.detach() for k, v in terms.items()}}
+            out = {
+                "loss": loss.detach(),
+                "logit_scale": scale.detach(),
+                **{k: v.detach() for k, v in terms.items()},
+            }
         else:
             out = cached_contrastive_step(self.embed, micro_batches, self.loss_fn, backward=self._backward)
         out["lr"] = lr
@@ -309,7 +321,9 @@ class Trainer:
             {k: v.reshape(self.eval_model.state_dict()[k].shape) for k, v in weights.items()}, strict=False
         )
         if unexpected or any(k in dict(self.eval_model.named_parameters()) for k in missing):
-            raise RuntimeError(f"evaluation weights do not fit the model: missing {missing}, unexpected {unexpected}")
+            raise RuntimeError(
+                f"evaluation weights do not fit the model: missing {missing}, unexpected {unexpected}"
+            )
         return evaluate(self.eval_model, self.tokenizer, self.preprocess, self.cfg.eval)
 
     def evaluate(self, final: bool) -> dict[str, float]:
@@ -357,7 +371,9 @@ class Trainer:
         if self.engine.global_steps != step:
             raise RuntimeError(f"resume: DeepSpeed restored step {self.engine.global_steps}, expected {step}")
         if self.ema is not None:  # a replicated EMA is stored once, by rank 0
-            holder = own if self.ema.sharded or self.rank == 0 else checkpoint.read_rank_state(folder, step, 0)
+            holder = (
+                own if self.ema.sharded or self.rank == 0 else checkpoint.read_rank_state(folder, step, 0)
+            )
             ema_state = holder.get("ema")
             if ema_state is None:
                 raise ValueError(f"resume: checkpoint {folder / str(step)} has no EMA state")
