@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up the project (virtual env + pinned install) and run something in it.
 #   bash scripts/dev.sh demo   # set up if needed, then the whole pipeline on the embedded default
-#   bash scripts/dev.sh test   # set up if needed, then ruff + the test suite (what CI runs)
+#   bash scripts/dev.sh test   # set up if needed, then ruff (lint + format check) + the test suite (what CI runs)
 #   bash scripts/dev.sh setup  # set up only
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -42,6 +42,7 @@ case "$cmd" in
     setup
     system_setup
     "$VENV/bin/ruff" check .
+    "$VENV/bin/ruff" format --check .
     # One ninja (the venv's) for every process, so DeepSpeed's JIT ops are built once and then reused.
     export PATH="$PWD/$VENV/bin:$PATH"
     export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.venv/torch_extensions}
