@@ -7,7 +7,6 @@ with moto_s3(log_dir) as endpoint:   # S3_ENDPOINT_URL and dummy AWS_* set while
 from __future__ import annotations
 
 import contextlib
-import socket
 import subprocess
 import sys
 import time
@@ -16,18 +15,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from ports import free_port
 
 
 @contextlib.contextmanager
 def moto_s3(log_dir: Path) -> Iterator[str]:
     """Start moto_server (log in ``log_dir/moto.log``), set the env ``pipeline.io`` reads; yield the endpoint."""
-    port = _free_port()
+    port = free_port()
     exe = Path(sys.executable).with_name("moto_server")
     log = open(log_dir / "moto.log", "w")
     proc = subprocess.Popen(

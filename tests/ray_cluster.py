@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,11 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from ports import free_port
 
 
 @dataclass(frozen=True)
@@ -47,7 +42,9 @@ def ray_executable() -> str:
 def local_ray_cluster(num_cpus: int = 2, object_store_bytes: int = 300_000_000) -> Iterator[RayCluster]:
     # Ray's socket paths must stay short: use a short temp dir under /tmp.
     temp_dir = tempfile.mkdtemp(prefix="rayt", dir="/tmp")
-    gcs_port, dash_port, client_port = free_port(), free_port(), 20000 + free_port() % 10000
+    # The client server's port stays above Ray's worker port range (10002-19999), starting at a spread offset.
+    start = 20000 + free_port() % 10000
+    gcs_port, dash_port, client_port = free_port(), free_port(), free_port(start, 30000)
     cmd = [
         ray_executable(),
         "start",

@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -26,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from ports import free_port
 
 SBIN_DIRS = ("/usr/sbin", "/usr/local/sbin", "/sbin")
 DAEMONS = ("munged", "slurmctld", "slurmd")
@@ -45,12 +45,6 @@ def find_binary(name: str) -> str | None:
 
 def missing_binaries() -> list[str]:
     return [name for name in (*DAEMONS, *CLIENTS) if find_binary(name) is None]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _total_memory_mb() -> int:

@@ -9,11 +9,8 @@ import io
 import json
 import os
 import random
-import socket
-import subprocess
-import sys
 import tarfile
-import time
+from collections.abc import Iterator
 from itertools import islice
 from pathlib import Path
 
@@ -21,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
+from moto_s3 import moto_s3
 from PIL import Image
 
 from pipeline.data import schema
@@ -318,38 +316,10 @@ def test_eval_transform_matches_open_clip_preprocessing():
 # ------------------------------------------------------------------------------------------------ S3
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
-def s3_endpoint(monkeypatch, tmp_path):
-    port = _free_port()
-    exe = str(Path(sys.executable).with_name("moto_server"))
-    log = open(tmp_path / "moto.log", "wb")
-    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.time() > deadline or proc.poll() is not None:
-                    raise RuntimeError("moto_server did not start") from None
-                time.sleep(0.2)
-        monkeypatch.setenv("S3_ENDPOINT_URL", url)
-        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-        monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-        log.close()
+def s3_endpoint(tmp_path: Path) -> Iterator[str]:
+    with moto_s3(tmp_path) as endpoint:
+        yield endpoint
 
 
 def test_loader_reads_shards_from_s3_exactly_as_from_local_disk(shards, s3_endpoint):

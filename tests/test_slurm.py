@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 
 import pytest
-from slurm_cluster import SlurmCluster, find_binary, free_port, missing_binaries, slurm_cluster
+from ports import free_port
+from slurm_cluster import SlurmCluster, find_binary, missing_binaries, slurm_cluster
 
 from pipeline.cluster.config import LaunchConfig
 from pipeline.cluster.submit import Plan, SubmitRequest, make_plan, submit

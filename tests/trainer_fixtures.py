@@ -12,7 +12,6 @@ import hashlib
 import io
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import webdataset as wds
 from PIL import Image
+from ports import free_port
 
 from pipeline.data import schema
 from pipeline.data import synthworld as sw
@@ -104,12 +104,6 @@ def make_world_data(root: Path, num_shards: int = 4, per_shard: int = 64, num_va
     zero_shot = write_image_folder(root / "zero_shot", world, "val", num_val)
     retrieval = write_shards(root / "retrieval", world, "val", 1, num_val, precise_txt=True, num_syn=0)
     return WorldData(shards, zero_shot, retrieval, tuple(world.shapes))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def pretrain_env(rank: int, world_size: int, port: int) -> dict[str, str]:
