@@ -5,8 +5,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 
@@ -14,14 +12,7 @@ from pipeline.caption.captioners import COCA_DEBUG_CFG, build_coca
 from pipeline.caption.decode import EOS_TOKEN_ID, SOT_TOKEN_ID, CocaDecoder, DecodeConfig
 from pipeline.caption.openclip_compat import enable_open_clip_generate
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread() -> Iterator[None]:
-    """Tiny models run fastest on one thread (and a shared CI core is not oversubscribed); restored after."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -10,12 +10,10 @@ import json
 import os
 import shutil
 import tarfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import webdataset as wds
 from PIL import Image
 
@@ -23,14 +21,7 @@ from data_prep.caption import main
 from pipeline.caption.job import CaptionJobConfig, make_plan
 from pipeline.config import load_config
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread() -> Iterator[None]:
-    """Tiny models run fastest on one thread (and a shared CI core is not oversubscribed); restored after."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 BAD = {"s0-02": "undecodable_image", "s0-04": "empty_image", "s1-01": "missing_image"}

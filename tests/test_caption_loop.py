@@ -6,24 +6,15 @@ on the noisy split, names the objects in the images far more often than the nois
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
 from pipeline.caption.loop import LoopConfig, close_the_loop, mention_stats, shape_words
 from pipeline.caption.train_coca import TrainCocaConfig
 from pipeline.data import synthworld as sw
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread() -> Iterator[None]:
-    """Tiny models run fastest on one thread (and a shared CI core is not oversubscribed); restored after."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_shape_mention_stats_compare_caption_words_to_the_ground_truth() -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import open_clip
 import pytest
 import torch
 
@@ -18,14 +17,6 @@ from pipeline.finetune.classification import (
 from pipeline.finetune.common import OptimConfig, Preempted, TrainConfig
 from pipeline.finetune.datasets import DataConfig
 from pipeline.model.backbone import BackboneConfig
-
-
-@pytest.fixture(scope="module")
-def debug_checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "debug_clip.pt"
-    torch.save(open_clip.create_model("debug").state_dict(), path)
-    return str(path)
 
 
 def config(checkpoint: str, classifier: ClassifierConfig, **train) -> ClassificationConfig:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import open_clip
 import pytest
 import torch
 
@@ -17,14 +16,6 @@ from pipeline.finetune.denseclip import (
 )
 from pipeline.finetune.text import TextTower, build_tokenizer, class_text_embeddings
 from pipeline.model.backbone import BackboneConfig, build_backbone, build_clip_model
-
-
-@pytest.fixture(scope="module")
-def debug_checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "debug_clip.pt"
-    torch.save(open_clip.create_model("debug").state_dict(), path)
-    return str(path)
 
 
 def test_denseclip_stage_trains_context_and_image_encoder_but_not_the_text_tower(tmp_path, debug_checkpoint):

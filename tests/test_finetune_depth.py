@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import open_clip
 import pytest
 import torch
 
@@ -11,14 +10,6 @@ from pipeline.finetune.datasets import DataConfig, build_datasets, collate
 from pipeline.finetune.depth import DepthConfig, DepthHeadConfig, DepthModel, run_stage
 from pipeline.finetune.metrics import DepthMetrics
 from pipeline.model.backbone import BackboneConfig, build_backbone
-
-
-@pytest.fixture(scope="module")
-def debug_checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "debug_clip.pt"
-    torch.save(open_clip.create_model("debug").state_dict(), path)
-    return str(path)
 
 
 def test_depth_stage_reports_nyuv2_metrics_of_its_final_weights(tmp_path, debug_checkpoint):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import open_clip
 import pytest
 import torch
 from torch import nn
@@ -13,14 +12,6 @@ from pipeline.finetune.common import TrainConfig, eval_batches
 from pipeline.finetune.datasets import DataConfig, build_datasets, collate
 from pipeline.finetune.detection import DetectionConfig, DetHeadConfig, evaluate_detection, run_stage
 from pipeline.model.backbone import BackboneConfig
-
-
-@pytest.fixture(scope="module")
-def debug_checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "debug_clip.pt"
-    torch.save(open_clip.create_model("debug").state_dict(), path)
-    return str(path)
 
 
 def test_mask_rcnn_stage_trains_and_reports_coco_box_and_mask_map(tmp_path, debug_checkpoint):

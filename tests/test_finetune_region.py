@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import open_clip
-import pytest
 import torch
 
 from pipeline.finetune.common import TrainConfig, eval_batches
@@ -22,14 +20,6 @@ from pipeline.finetune.region import (
     run_stage,
 )
 from pipeline.model.backbone import BackboneConfig
-
-
-@pytest.fixture(scope="module")
-def debug_checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "debug_clip.pt"
-    torch.save(open_clip.create_model("debug").state_dict(), path)
-    return str(path)
 
 
 def config(checkpoint: str, **region) -> RegionConfig:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import open_clip
 import pytest
 import torch
 
@@ -13,14 +12,6 @@ from pipeline.finetune.datasets import DataConfig, build_datasets, collate
 from pipeline.finetune.metrics import ConfusionMatrix
 from pipeline.finetune.segmentation import SegHeadConfig, SegmentationConfig, SegmentationModel, run_stage
 from pipeline.model.backbone import BackboneConfig, build_backbone
-
-
-@pytest.fixture(scope="module")
-def debug_checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "debug_clip.pt"
-    torch.save(open_clip.create_model("debug").state_dict(), path)
-    return str(path)
 
 
 def small_config(checkpoint: str, kind: str = "upernet", **train) -> SegmentationConfig:
