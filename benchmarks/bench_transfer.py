@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
-import io
 import json
 import os
 import subprocess
@@ -29,10 +27,9 @@ from typing import Any
 
 import numpy as np
 import webdataset as wds
-from PIL import Image
 
-from pipeline.data import schema
 from pipeline.data import synthworld as sw
+from pipeline.data.synth_export import pretraining_sample
 from pipeline.finetune.common import TrainConfig
 from pipeline.finetune.datasets import DataConfig
 from pipeline.finetune.stages import load_stage
@@ -48,20 +45,8 @@ def write_pretraining_shards(out: Path, world: sw.WorldConfig, num_shards: int, 
         with wds.TarWriter(str(out / f"{s:05d}.tar")) as tw:
             for _ in range(per_shard):
                 scene = sw.make_scene(world, index, "train")
-                buf = io.BytesIO()
-                Image.fromarray(scene.image).save(buf, format="JPEG", quality=95)
-                jpg = buf.getvalue()
-                meta = schema.SampleMeta(
-                    uid=scene.uid, sha256=hashlib.sha256(jpg).hexdigest(), original_width=scene.width,
-                    original_height=scene.height, width=scene.width, height=scene.height, source="synthworld",
-                )  # fmt: skip
-                tw.write({
-                    "__key__": scene.uid,
-                    schema.IMAGE_KEY: jpg,
-                    schema.CAPTION_KEY: scene.noisy_caption.encode(),
-                    schema.META_KEY: meta.to_json(),
-                    schema.SYN_KEY: schema.encode_syn(sw.synthetic_captions(scene, 3, seed=0)),
-                })  # fmt: skip
+                syn = sw.synthetic_captions(scene, 3, seed=0)
+                tw.write(pretraining_sample(scene, scene.noisy_caption, syn))
                 index += 1
     return str(out / f"{{00000..{num_shards - 1:05d}}}.tar")
 

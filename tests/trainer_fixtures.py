@@ -8,8 +8,6 @@ precise caption. Also a launcher that starts ``jobs.pretrain`` as N rank process
 
 from __future__ import annotations
 
-import hashlib
-import io
 import os
 import signal
 import subprocess
@@ -22,8 +20,8 @@ import webdataset as wds
 from PIL import Image
 from ports import free_port
 
-from pipeline.data import schema
 from pipeline.data import synthworld as sw
+from pipeline.data.synth_export import pretraining_sample
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCH_EXTENSIONS_DIR = os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / ".venv" / "torch_extensions"))
@@ -53,12 +51,6 @@ class WorldData:
     classnames: tuple[str, ...]
 
 
-def _jpeg(image) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="JPEG", quality=95)
-    return buf.getvalue()
-
-
 def write_shards(out: Path, world: sw.WorldConfig, split: str, num_shards: int, per_shard: int,
                  precise_txt: bool = False, num_syn: int = 3) -> str:  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
@@ -67,22 +59,9 @@ def write_shards(out: Path, world: sw.WorldConfig, split: str, num_shards: int, 
         with wds.TarWriter(str(out / f"{s:05d}.tar")) as tw:
             for _ in range(per_shard):
                 scene = sw.make_scene(world, index, split)
-                jpg = _jpeg(scene.image)
-                meta = schema.SampleMeta(
-                    uid=scene.uid, sha256=hashlib.sha256(jpg).hexdigest(), original_width=scene.width,
-                    original_height=scene.height, width=scene.width, height=scene.height, source="synthworld",
-                )  # fmt: skip
-                sample = {
-                    "__key__": scene.uid,
-                    schema.IMAGE_KEY: jpg,
-                    schema.CAPTION_KEY: (
-                        scene.precise_caption if precise_txt else scene.noisy_caption
-                    ).encode(),
-                    schema.META_KEY: meta.to_json(),
-                }
-                if num_syn:
-                    sample[schema.SYN_KEY] = schema.encode_syn(sw.synthetic_captions(scene, num_syn, seed=0))
-                tw.write(sample)
+                caption = scene.precise_caption if precise_txt else scene.noisy_caption
+                syn = sw.synthetic_captions(scene, num_syn, seed=0) if num_syn else None
+                tw.write(pretraining_sample(scene, caption, syn))
                 index += 1
     return str(out / f"{{00000..{num_shards - 1:05d}}}.tar")
 

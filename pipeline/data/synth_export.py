@@ -60,6 +60,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from pipeline.config import to_toml
+from pipeline.data import schema as wds_schema
 from pipeline.data import synthworld as sw
 from pipeline.data.schema import encode_syn
 
@@ -145,6 +146,30 @@ def encode_image(image: np.ndarray, fmt: str = "jpg", quality: int = 95) -> byte
     else:
         Image.fromarray(image).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def pretraining_sample(
+    scene: sw.Scene, caption: str, syn_captions: list[str] | None, quality: int = 95
+) -> dict[str, Any]:
+    """One scene as a WebDataset sample in schema.py's layout, ready for ``TarWriter.write``: the image as a
+    JPEG (PIL's default 4:2:0, like web images), ``caption`` as the web caption, the synthetic captions
+    (member left out when None) and the metadata."""
+    buf = _io.BytesIO()
+    Image.fromarray(scene.image).save(buf, format="JPEG", quality=quality)
+    jpg = buf.getvalue()
+    meta = wds_schema.SampleMeta(
+        uid=scene.uid, sha256=_sha256(jpg), original_width=scene.width, original_height=scene.height,
+        width=scene.width, height=scene.height, source="synthworld",
+    )  # fmt: skip
+    sample: dict[str, Any] = {
+        "__key__": scene.uid,
+        wds_schema.IMAGE_KEY: jpg,
+        wds_schema.CAPTION_KEY: caption.encode("utf-8"),
+        wds_schema.META_KEY: meta.to_json(),
+    }
+    if syn_captions is not None:
+        sample[wds_schema.SYN_KEY] = encode_syn(syn_captions)
+    return sample
 
 
 def encode_png(array: np.ndarray) -> bytes:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io as _io
 import json
 import math
 import shutil
@@ -90,14 +89,6 @@ class ReproduceConfig:
 # ------------------------------------------------------------------------------------------------ data
 
 
-def _jpeg(image: Any, quality: int) -> bytes:
-    from PIL import Image
-
-    buf = _io.BytesIO()
-    Image.fromarray(image).save(buf, format="JPEG", quality=quality)
-    return buf.getvalue()
-
-
 def _fingerprint(cfg: ToyDataConfig) -> str:
     return hashlib.sha1(to_toml(cfg).encode()).hexdigest()[:12]
 
@@ -106,6 +97,8 @@ def write_toy_data(cfg: ToyDataConfig, folder: str | Path) -> dict[str, Any]:
     """Write (or reuse, when ``data.json`` matches ``cfg``) the toy data; returns ``data.json``'s content."""
     import webdataset as wds
     from PIL import Image
+
+    from pipeline.data.synth_export import pretraining_sample
 
     folder = Path(folder)
     info_path = folder / "data.json"
@@ -128,18 +121,8 @@ def write_toy_data(cfg: ToyDataConfig, folder: str | Path) -> dict[str, Any]:
         with wds.TarWriter(str(tmp)) as tw:
             for index in range(s * cfg.samples_per_shard, stop):
                 scene = sw.make_scene(world, index, "train")
-                jpg = _jpeg(scene.image, cfg.jpeg_quality)
-                meta = schema.SampleMeta(
-                    uid=scene.uid, sha256=hashlib.sha256(jpg).hexdigest(), original_width=scene.width,
-                    original_height=scene.height, width=scene.width, height=scene.height, source="synthworld",
-                )  # fmt: skip
-                tw.write({
-                    "__key__": scene.uid,
-                    schema.IMAGE_KEY: jpg,
-                    schema.CAPTION_KEY: scene.noisy_caption.encode("utf-8"),
-                    schema.SYN_KEY: schema.encode_syn(sw.synthetic_captions(scene, cfg.num_syn_captions, cfg.syn_seed)),
-                    schema.META_KEY: meta.to_json(),
-                })  # fmt: skip
+                syn = sw.synthetic_captions(scene, cfg.num_syn_captions, cfg.syn_seed)
+                tw.write(pretraining_sample(scene, scene.noisy_caption, syn, cfg.jpeg_quality))
                 uids.append(scene.uid)
         tmp.replace(shards / name)
         sizes[name] = stop - s * cfg.samples_per_shard
