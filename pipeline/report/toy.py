@@ -25,6 +25,7 @@ import hashlib
 import json
 import math
 import shutil
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -198,11 +199,13 @@ def study_config(cfg: ReproduceConfig, data: dict[str, Any]) -> ScalingConfig:
 
 
 def _overall(answers: list[str]) -> str:
+    """One answer for all readouts: the common one, or "mixed (yes on 3, not significant on 1 of 4 readouts)"."""
     if not answers:
         return "not measured"
     if len(set(answers)) == 1:
         return answers[0]
-    return "mixed"
+    counts = Counter(answers).most_common()
+    return f"mixed ({', '.join(f'{a} on {n}' for a, n in counts)} of {len(answers)} readouts)"
 
 
 def toy_verdict(report: dict[str, Any], study: ScalingConfig) -> dict[str, Any]:
