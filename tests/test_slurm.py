@@ -218,22 +218,15 @@ def test_pretraining_checkpoints_requeues_and_continues_its_loss_curve_after_pre
     launch = ("--slurm.tasks_per_node=2", "--slurm.cpus_per_task=1")
     overrides = (f"--data.shards={shards}", *PRETRAIN_OVERRIDES)
     config = str(REPO / "jobs" / "configs" / "debug.toml")
-    preempted, job_id = submit_job(
-        cluster,
-        "pretrain",
-        tmp_path,
-        config=config,
-        overrides=overrides,
-        launch=(*launch, f"--run_dir={tmp_path / 'preempted'}"),
-    )
-    reference, ref_id = submit_job(
-        cluster,
-        "pretrain",
-        tmp_path,
-        config=config,
-        overrides=overrides,
-        launch=(*launch, f"--run_dir={tmp_path / 'reference'}"),
-    )
+
+    def submit_run(name: str) -> tuple[Plan, str]:
+        run_launch = (*launch, f"--run_dir={tmp_path / name}")
+        return submit_job(
+            cluster, "pretrain", tmp_path, config=config, overrides=overrides, launch=run_launch
+        )
+
+    preempted, job_id = submit_run("preempted")
+    reference, ref_id = submit_run("reference")
     assert preempted.run_dir == tmp_path / "preempted"
     assert f'run_dir = "{tmp_path / "preempted"}"' in preempted.job_config
 
