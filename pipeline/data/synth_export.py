@@ -138,11 +138,12 @@ class ExportConfig:
 # ---------------------------------------------------------------------------------------------- helpers
 
 
-def encode_image(image: np.ndarray, fmt: str = "jpg", quality: int = 95) -> bytes:
+def encode_image(image: np.ndarray, fmt: str = "jpg", quality: int = 95, subsampling: int = 0) -> bytes:
+    """PNG, or JPEG with PIL's chroma ``subsampling`` (0 = 4:4:4, the default here; 2 = 4:2:0)."""
     buf = _io.BytesIO()
     if fmt in ("jpg", "jpeg"):
         # 4:4:4 chroma: small images with 1-pixel coloured outlines lose their colours under 4:2:0.
-        Image.fromarray(image).save(buf, format="JPEG", quality=quality, subsampling=0)
+        Image.fromarray(image).save(buf, format="JPEG", quality=quality, subsampling=subsampling)
     else:
         Image.fromarray(image).save(buf, format="PNG")
     return buf.getvalue()
@@ -152,11 +153,9 @@ def pretraining_sample(
     scene: sw.Scene, caption: str, syn_captions: list[str] | None, quality: int = 95
 ) -> dict[str, Any]:
     """One scene as a WebDataset sample in schema.py's layout, ready for ``TarWriter.write``: the image as a
-    JPEG (PIL's default 4:2:0, like web images), ``caption`` as the web caption, the synthetic captions
-    (member left out when None) and the metadata."""
-    buf = _io.BytesIO()
-    Image.fromarray(scene.image).save(buf, format="JPEG", quality=quality)
-    jpg = buf.getvalue()
+    4:2:0 JPEG (like web images), ``caption`` as the web caption, the synthetic captions (member left out when
+    None) and the metadata."""
+    jpg = encode_image(scene.image, "jpg", quality, subsampling=2)
     meta = wds_schema.SampleMeta(
         uid=scene.uid, sha256=_sha256(jpg), original_width=scene.width, original_height=scene.height,
         width=scene.width, height=scene.height, source="synthworld",
