@@ -239,11 +239,9 @@ def toy_verdict(report: dict[str, Any], study: ScalingConfig) -> dict[str, Any]:
         sign = 1.0 if higher else -1.0
         tol = 1e-9 * max(1.0, max(abs(r["reference_mean"]) for r in mine))
         better = [r["gain"] > tol for r in mine]
-        with_ci = [
-            r for r in mine if math.isfinite(r["gain_lo"])
-        ]  # compare() gives lo and hi together, or NaN
+        has_ci = any(math.isfinite(r["gain_lo"]) for r in mine)  # compare() gives lo and hi, or NaN for both
         answer = "yes" if all(better) else "no" if not any(better) else "mixed"
-        if answer == "yes" and with_ci and not any(r["gain_lo"] > 0 for r in with_ci):
+        if answer == "yes" and has_ci and not any(r["gain_lo"] > 0 for r in mine):  # NaN > 0 is False
             answer = "not significant"  # the right sign everywhere, but no 95% interval excludes zero
         transfer.append(answer)
         gains = ", ".join(
