@@ -464,6 +464,20 @@ def test_cli_names_a_bad_key_and_a_missing_output(capsys: pytest.CaptureFixture[
     assert "output.path" in capsys.readouterr().err
 
 
+def test_a_missing_parquet_path_exits_2_naming_it_like_a_glob_that_matches_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    typo = tmp_path / "metadta.parquet"
+    assert main([f"--source.parquet=['{typo}']", f"--output.path={out}", "--executor.progress=false"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(typo) in err[0] and "does not exist" in err[0]
+    assert not out.exists() or not list(out.rglob("*.json"))  # no plan, no "empty dataset"
+    glob = tmp_path / "nothing" / "*.parquet"
+    assert main([f"--source.parquet=['{glob}']", f"--output.path={out}", "--executor.progress=false"]) == 2
+    assert str(glob) in capsys.readouterr().err
+
+
 def test_safe_tar_skips_traversal_links_and_oversized_members() -> None:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tf:

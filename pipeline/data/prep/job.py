@@ -225,7 +225,10 @@ def make_plan(cfg: ShardJobConfig, chash: str, log: Callable[[str], None] = prin
         _write_parquet(folder_url, sources.list_folder(cfg.source))
         urls = [folder_url]
     else:
-        urls = sources.expand_urls(cfg.source.parquet)
+        try:
+            urls = sources.expand_urls(cfg.source.parquet)
+        except FileNotFoundError as e:
+            raise ConfigError(f"source.parquet: {e.args[0]} does not exist") from None
         if not urls:
             raise ConfigError(f"source.parquet: no files match {list(cfg.source.parquet)}")
     inputs: list[dict[str, Any]] = []

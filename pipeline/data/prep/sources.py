@@ -131,7 +131,11 @@ def _has_glob(s: str) -> bool:
 
 
 def expand_urls(patterns: Sequence[str], suffixes: tuple[str, ...] = (".parquet",)) -> list[str]:
-    """Files named by ``patterns`` (files, globs, folders searched for ``suffixes``), sorted per pattern."""
+    """Files named by ``patterns`` (files, globs, folders searched for ``suffixes``), sorted per pattern.
+
+    A glob may match nothing; a plain path that does not exist raises ``FileNotFoundError(pattern)`` (a typo
+    must not read as an empty input).
+    """
     out: list[str] = []
     for pattern in patterns:
         fs, path = io.filesystem(pattern)
@@ -139,8 +143,10 @@ def expand_urls(patterns: Sequence[str], suffixes: tuple[str, ...] = (".parquet"
             found = sorted(fs.glob(path))
         elif fs.isdir(path):
             found = sorted(p for p in fs.find(path) if p.endswith(suffixes))
-        else:
+        elif fs.exists(path):
             found = [path]
+        else:
+            raise FileNotFoundError(pattern)
         local = io.is_local(pattern)
         for p in found:
             url = p if local else fs.unstrip_protocol(p)
