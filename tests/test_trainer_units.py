@@ -307,3 +307,26 @@ def test_pretrain_cli_accepts_the_deepspeed_launchers_local_rank_and_prints_the_
     ds = json.loads(capsys.readouterr().out)
     assert ds["zero_optimization"]["stage"] == 3 and ds["train_batch_size"] == 64
     assert ds["gradient_accumulation_steps"] == 2  # one process: 64 = 1 x 32 x 2
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_bf16_deepspeed_config_accumulates_and_reduces_gradients_in_fp32(stage):
+    from pipeline.train.engine import EngineConfig, deepspeed_config
+
+    recipe = load_config(TrainConfig, "jobs/configs/vit_b16.toml")
+    assert recipe.engine.precision == "bf16"
+    for engine in (dataclasses.replace(recipe.engine, zero_stage=stage), EngineConfig(zero_stage=stage)):
+        ds = deepspeed_config(engine, recipe.optim, micro_batch=256, accumulation_steps=32, world_size=8)
+        assert ds["data_types"] == {"grad_accum_dtype": "fp32"}
+        assert ds["communication_data_type"] == "fp32"
+    fp32 = deepspeed_config(EngineConfig(zero_stage=stage, precision="fp32"), recipe.optim, 8, 2, 1)
+    assert "data_types" not in fp32 and "communication_data_type" not in fp32
+
+
+def test_bf16_at_zero_stage_0_is_refused_naming_zero_stage():
+    from pipeline.train.engine import EngineConfig
+
+    with pytest.raises(ValueError, match="zero_stage: bf16 accumulates gradients in fp32"):
+        EngineConfig(zero_stage=0, precision="bf16")
+    EngineConfig(zero_stage=0, precision="fp32")
+    EngineConfig(zero_stage=0, precision="bf16", deepspeed={"data_types": {"grad_accum_dtype": "bf16"}})

@@ -7,7 +7,8 @@
     engine.micro_step()                          # the optimizer steps on the accumulation boundary
 
 DeepSpeed runs ZeRO stage 0 (plain data parallel), 1 (optimizer states sharded), 2 (+ gradients) or 3
-(+ parameters); bf16 (fp32 master weights in the optimizer) or fp32; gradient clipping; a client torch AdamW
+(+ parameters); bf16 (fp32 master weights in the optimizer, gradients accumulated and reduced in fp32: see
+:func:`deepspeed_config`) or fp32; gradient clipping; a client torch AdamW
 with CLIP's parameter groups and our warmup + cosine LambdaLR (both saved in DeepSpeed checkpoints).
 ``backward`` does *not* divide by the accumulation steps: with gradient caching every micro-batch's
 surrogate already carries its share of the full-batch loss, so the gradients must be summed.
@@ -37,7 +38,8 @@ class EngineConfig:
     zero_stage: int = 1
     """ZeRO stage: 0 data parallel, 1 shard optimizer states, 2 + gradients, 3 + parameters."""
     precision: Literal["bf16", "fp32"] = "bf16"
-    """Working precision of weights and activations (the optimizer keeps fp32 master weights for bf16)."""
+    """Working precision of weights and activations (bf16: fp32 master weights in the optimizer, gradients
+    accumulated and reduced in fp32; needs zero_stage >= 1)."""
     overlap_comm: bool = True
     """Overlap gradient reduction with backward (ZeRO 2 and 3 only: with ZeRO-1 and gradient accumulation
     DeepSpeed 0.19.8's overlapped reduction gives gradients that differ from stages 0, 2 and 3)."""
@@ -53,6 +55,14 @@ class EngineConfig:
             raise ValueError(f"zero_stage: must be 0, 1, 2 or 3, got {self.zero_stage}")
         if self.precision not in ("bf16", "fp32"):
             raise ValueError(f"precision: must be bf16 or fp32, got {self.precision!r}")
+        accum = self.deepspeed.get("data_types", {}).get("grad_accum_dtype", "fp32")
+        if self.precision == "bf16" and self.zero_stage == 0 and accum == "fp32":
+            raise ValueError(
+                "zero_stage: bf16 accumulates gradients in fp32, which DeepSpeed 0.19.8 supports with ZeRO 1-3 "
+                "only (ZeRO-0 bf16 raises NotImplementedError); use zero_stage = 1 (the same communication as "
+                "plain data parallel), precision = 'fp32', or opt into bf16 accumulation with "
+                "deepspeed = {data_types = {grad_accum_dtype = 'bf16'}}"
+            )
         if self.reduce_bucket_size < 1 or self.allgather_bucket_size < 1:
             raise ValueError("reduce_bucket_size / allgather_bucket_size: must be >= 1")
 
@@ -66,10 +76,24 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+BF16_FP32_GRADIENTS: dict[str, Any] = {
+    "data_types": {"grad_accum_dtype": "fp32"},
+    "communication_data_type": "fp32",
+}
+"""bf16 runs accumulate and reduce gradients in fp32. With gradient caching every micro-batch's backward adds a
+partial sum of the full-batch gradient (32-256 of them per step in the recipe); bf16 keeps 8 significant bits
+(relative step 2^-8 = 1/256), so once the running sum is large, each further partial sum of about 1/256 of it
+is rounded away or doubled. DeepSpeed 0.19.8 honours ``grad_accum_dtype = "fp32"`` per stage as: ZeRO-1 -> its BF16_Optimizer (fp32
+gradient buffers, fp32 master weights, partitioned like ZeRO-1); ZeRO-2 / ZeRO-3 -> the ZeRO optimizers' fp32
+gradient partitions; ZeRO-0 -> NotImplementedError (so :class:`EngineConfig` rejects bf16 at stage 0).
+``communication_data_type = "fp32"`` makes the reduce-scatter / all-reduce run in fp32 too (bf16 by default)."""
+
+
 def deepspeed_config(
     cfg: EngineConfig, optim: OptimConfig, micro_batch: int, accumulation_steps: int, world_size: int
 ) -> dict[str, Any]:
-    """The DeepSpeed config dict for our configs (optimizer and scheduler are passed as objects)."""
+    """The DeepSpeed config dict for our configs (optimizer and scheduler are passed as objects); bf16 adds
+    :data:`BF16_FP32_GRADIENTS`."""
     zero: dict[str, Any] = {"stage": cfg.zero_stage}
     if cfg.zero_stage > 0:
         zero.update(
@@ -87,6 +111,7 @@ def deepspeed_config(
         "gradient_clipping": 0.0 if clips_itself(cfg) else optim.grad_clip_norm,
         "zero_optimization": zero,
         "bf16": {"enabled": cfg.precision == "bf16"},
+        **(BF16_FP32_GRADIENTS if cfg.precision == "bf16" else {}),
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 1 << 62,
         "wall_clock_breakdown": False,
