@@ -478,6 +478,36 @@ def test_a_missing_parquet_path_exits_2_naming_it_like_a_glob_that_matches_nothi
     assert str(glob) in capsys.readouterr().err
 
 
+def one_image_dataset(root: Path, url: str | None = None, size: tuple[int, int] = (64, 48)) -> list[str]:
+    """A one-row parquet (image at ``url``, default a local JPEG of ``size``); returns args for ``main``."""
+    root.mkdir(parents=True, exist_ok=True)
+    uid, im, caption = scene_image(0)
+    (root / "0.jpg").write_bytes(encode(im.resize(size)))
+    pq.write_table(
+        pa.table({"uid": [uid], "url": [url or str(root / "0.jpg")], "text": [caption]}), root / "m.parquet"
+    )
+    return [
+        f"--source.parquet=['{root}/m.parquet']",
+        "--executor.processes=1",
+        "--executor.progress=false",
+        "--fetch.retries=0",
+    ]
+
+
+def test_image_max_pixels_is_the_only_pixel_limit_not_pillows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pillow refuses images over 2 x PIL.Image.MAX_IMAGE_PIXELS before the job's own check. A 64x48 image
+    stands in for a 200-megapixel one: Pillow's built-in limit is lowered to 1000 pixels for the test."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    args = one_image_dataset(tmp_path / "in")
+    assert main([*args, f"--output.path={tmp_path / 'allowed'}", "--image.max_pixels=10000"]) == 0
+    assert len(read_shards(tmp_path / "allowed")) == 1
+    assert main([*args, f"--output.path={tmp_path / 'refused'}", "--image.max_pixels=3000"]) == 0
+    [failure] = pq.read_table(tmp_path / "refused" / "failures.parquet").to_pylist()
+    assert failure["reason"] == "decompression_bomb" and "max_pixels=3000" in failure["detail"]
+
+
 def test_safe_tar_skips_traversal_links_and_oversized_members() -> None:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tf:

@@ -1,7 +1,8 @@
 """Safe image decoding and resizing for the shard job: any web image in, one RGB JPEG (or a clear reason) out.
 
 * Only the formats in ``ImageConfig.formats`` are opened (no EPS/Ghostscript and friends).
-* The pixel count is checked from the header before any pixel is decoded (decompression bombs).
+* The pixel count is checked from the header before any pixel is decoded (decompression bombs);
+  ``ImageConfig.max_pixels`` is the only limit (Pillow's own limit is set from it).
 * CMYK, palette (with or without transparency), greyscale, 16-bit and alpha images become RGB; EXIF
   orientation is applied, and ``original_width/height`` are the displayed (rotated) size.
 * JPEGs are decoded in draft mode (DCT scaling by 1/2, 1/4 or 1/8) when the target is at least that much
@@ -54,7 +55,8 @@ class ImageConfig:
     """Pass an RGB JPEG through unchanged when no resize, rotation or conversion is needed (keeps its
     metadata); false re-encodes every image."""
     max_pixels: int = 89_478_485
-    """Images with more pixels (width x height, from the header) fail as decompression_bomb."""
+    """Images with more pixels (width x height, from the header) fail as decompression_bomb. This is the only
+    limit: Pillow's own ``Image.MAX_IMAGE_PIXELS`` is set from it in every process that decodes."""
     formats: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
     """Pillow formats that may be opened (JPEG includes MPO); anything else fails as decode_error."""
     background: tuple[int, int, int] = (255, 255, 255)
@@ -108,9 +110,19 @@ def target_size(width: int, height: int, cfg: ImageConfig) -> tuple[int, int]:
     return (cfg.size, cfg.size) if (side >= cfg.size or cfg.upscale) else (side, side)
 
 
+def _use_as_pillow_limit(max_pixels: int) -> None:
+    """Pillow refuses images over twice ``Image.MAX_IMAGE_PIXELS`` (on open, and on some loads and crops)
+    before our header check runs; with its limit set to ``max_pixels`` it never refuses one that the config
+    allows. Set on every call: this runs in each process that decodes (pool workers, Ray tasks), and a
+    process may meet several configs."""
+    if Image.MAX_IMAGE_PIXELS != max_pixels:
+        Image.MAX_IMAGE_PIXELS = max_pixels
+
+
 def _open(data: bytes, cfg: ImageConfig) -> Image.Image:
     if not data:
         raise ImageError("empty_file")
+    _use_as_pillow_limit(cfg.max_pixels)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
