@@ -26,7 +26,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from pipeline.data.prep.fixtures import LoopbackServer, encode, img2dataset_env, scene_image
+from pipeline.data.prep.fixtures import LoopbackServer, encode, scene_image
+from pipeline.tools import img2dataset_executable
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -127,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             "--filters.dedupe_uid=false",
         ]
         i2d = [
-            str(Path(sys.executable).with_name("img2dataset")),
+            str(img2dataset_executable()),
             f"--url_list={work}/meta.parquet",
             "--input_format=parquet",
             "--url_col=url",
@@ -151,9 +152,9 @@ def main(argv: list[str] | None = None) -> int:
                 work / "out_ours",
             ),
             (
-                "img2dataset 1.25.4, center_crop 256",
+                "img2dataset 1.47.0, center_crop 256",
                 i2d,
-                img2dataset_env(work / "shim"),
+                None,
                 work / "out_img2dataset",
             ),
             (
