@@ -7,16 +7,18 @@ all accumulation steps). The full-batch loss this module reproduces exactly is t
     loss   = (CE(logits, arange(N)) + CE(logits.T, arange(N))) / 2        # ``naive_clip_loss``
 
 **Tiled (Inf-CL, arXiv 2410.17243).** ``clip_loss`` never materialises the N x N matrix: it walks it in
-``tile_size`` x ``tile_size`` tiles (one matmul each), keeping a running log-sum-exp per row (image -> text)
-and per column (text -> image). Its backward recomputes each tile from the saved row/column log-sum-exps, so
-memory is O(N x D + tile^2) instead of O(N^2) (65,536^2 fp32 logits alone are 17 GB).
+``tile_size`` x ``tile_size`` tiles (one matmul each), keeping a running maximum and sum of exponentials per
+row (image -> text) and per column (text -> image), and reading the positive logits off the same tile
+products, so ``lse - positive`` cancels as exactly as in ``F.cross_entropy``. Its backward recomputes each tile
+from the saved row/column log-sum-exps, so memory is O(N x D + tile^2) instead of O(N^2) (65,536^2 fp32 logits
+alone are 17 GB).
 
 **Distributed (local-loss formulation).** Rank r holds n local pairs at global offset r*n. It gathers the texts
 of all ranks *with gradient* and computes only its own row block ``I_local @ T_all.T`` (n x N). The image ->
 text log-sum-exps of its rows are complete locally; the text -> image (column) log-sum-exps are combined
 across ranks with two all-reduces of N floats (max, then sum of exps). Rank r's loss is
 
-    loss_r = W / (2N) * (sum_{i local} lse_row_i + sum_{j local} lse_col_j - 2 * scale * sum_{i local} I_i.T_i)
+    loss_r = W / (2N) * sum_{i local} (lse_row_i - z_ii + lse_col_i - z_ii),    z_ii = scale * I_i.T_i
 
 so ``mean_r loss_r`` equals the full-batch loss, and because each backward adds its row block's share of every
 column's gradient (the all-gather's backward sums them back to their owner rank), *averaging parameter
@@ -144,56 +146,78 @@ def _naive_local_loss(img: Tensor, txt: Tensor, logit_scale: Tensor, cfg: LossCo
     return (loss_i + loss_t) * (world_size / (2 * total))
 
 
-class _TiledLSE(torch.autograd.Function):
-    """Row and column log-sum-exps of ``scale * a @ b.T`` computed tile by tile (see the module docstring).
+class _TiledCrossEntropy(torch.autograd.Function):
+    """Per-row and per-column cross-entropy terms of ``scale * a @ b.T``, tile by tile (see the module docstring).
 
-    a: n x D local rows, b: N x D all columns (rows offset..offset+n of the global matrix are ``a``'s).
-    Returns ``row_lse`` (n,) over all N columns, and ``col_lse`` (n,) of the columns offset..offset+n over
-    all rows of *all ranks*. Both are fp32.
+    a: n x D local rows, b: N x D all columns (rows offset..offset+n of the global matrix are ``a``'s; their
+    positives sit on the global diagonal). Returns ``row_ce`` (n,): ``lse_j(z_ij) - z_ii`` over all N columns,
+    and ``col_ce`` (n,): ``lse_i(z_ij) - z_jj`` for the columns offset..offset+n over all rows of *all ranks*;
+    both fp32.
+
+    Accuracy: each log-sum-exp is kept as a running maximum ``m`` and sum ``S = sum exp(z - m)`` (rescaled when
+    the maximum grows, as flash attention does), and the term is returned as ``(m - z_ii) + log S`` with
+    ``z_ii`` read off the same tile product that produced ``m``. When the positive is the largest logit (a
+    small loss), ``m - z_ii`` is exactly 0 and ``log S`` is small and accurate: the same cancellation as
+    ``F.cross_entropy``'s ``log_softmax``. Computing ``lse`` and the positive separately would leave an error
+    of ``u * |lse|`` on a loss that can be 100x smaller than ``lse``.
     """
 
     @staticmethod
     def forward(ctx, a: Tensor, b: Tensor, scale: Tensor, offset: int, tile: int) -> tuple[Tensor, Tensor]:  # type: ignore[override]
         n, total = a.shape[0], b.shape[0]
         s = scale.detach().to(torch.float32)
-        row_lse = torch.full((n,), -math.inf, dtype=torch.float32, device=a.device)
-        col_lse = torch.full((total,), -math.inf, dtype=torch.float32, device=a.device)
+        f32 = {"dtype": torch.float32, "device": a.device}
+        row_max, row_sum = torch.empty((n,), **f32), torch.empty((n,), **f32)
+        col_max, col_sum = torch.full((total,), -math.inf, **f32), torch.zeros((total,), **f32)
+        positives = torch.empty((n,), **f32)
         for i0 in range(0, n, tile):
             a_t = a[i0 : i0 + tile]
-            row_parts = []
+            tile_max, tile_sum = [], []
             for j0 in range(0, total, tile):
                 z = (a_t @ b[j0 : j0 + tile].T).to(torch.float32).mul_(s)
-                row_parts.append(torch.logsumexp(z, dim=1))
-                col = col_lse[j0 : j0 + tile]
-                torch.logaddexp(col, torch.logsumexp(z, dim=0), out=col)
-            row_lse[i0 : i0 + tile] = torch.logsumexp(torch.stack(row_parts, dim=1), dim=1)
+                d, start, length = _diagonal(offset + i0 - j0, *z.shape)
+                if length:  # the positives come from the same products as the maxima
+                    positives[i0 + start : i0 + start + length] = torch.diagonal(z, d)
+                m = z.amax(dim=1)
+                tile_max.append(m)
+                tile_sum.append(torch.exp(z - m[:, None]).sum(dim=1))
+                _merge(col_max[j0 : j0 + tile], col_sum[j0 : j0 + tile], *_max_and_sum(z, dim=0))
+            maxima, sums = torch.stack(tile_max, dim=1), torch.stack(tile_sum, dim=1)
+            m = maxima.amax(dim=1)
+            row_max[i0 : i0 + tile] = m
+            row_sum[i0 : i0 + tile] = (sums * torch.exp(maxima - m[:, None])).sum(dim=1)
         world_size, _ = world()
-        if world_size > 1:  # combine the column log-sum-exps of every rank's row block
-            col_max = col_lse.clone()
-            dist.all_reduce(col_max, op=dist.ReduceOp.MAX)
-            col_sum = torch.exp(col_lse - col_max)
+        if world_size > 1:  # combine the column sums of every rank's row block
+            global_max = col_max.clone()
+            dist.all_reduce(global_max, op=dist.ReduceOp.MAX)
+            col_sum.mul_(torch.exp(col_max - global_max))
             dist.all_reduce(col_sum, op=dist.ReduceOp.SUM)
-            col_lse = col_max + torch.log(col_sum)
+            col_max = global_max
+        local = slice(offset, offset + n)
+        row_ce = (row_max - positives) + torch.log(row_sum)
+        col_ce = (col_max[local] - positives) + torch.log(col_sum[local])
+        row_lse, col_lse = row_max + torch.log(row_sum), col_max + torch.log(col_sum)
         ctx.save_for_backward(a, b, scale, row_lse, col_lse)
         ctx.offset, ctx.tile = offset, tile
-        return row_lse, col_lse[offset : offset + n].clone()
+        return row_ce, col_ce
 
     @staticmethod
     def backward(ctx, g_row: Tensor, g_col_local: Tensor):  # type: ignore[override]
         a, b, scale, row_lse, col_lse = ctx.saved_tensors
-        tile = ctx.tile
+        tile, offset = ctx.tile, ctx.offset
         n, total = a.shape[0], b.shape[0]
         s = scale.detach().to(torch.float32)
-        g_row = g_row.to(torch.float32)
+        g_row, g_col_local = g_row.to(torch.float32), g_col_local.to(torch.float32)
         world_size, _ = world()
         if (
             world_size > 1
         ):  # every rank's row block touches every column: it needs all columns' upstream grads
-            parts = [torch.empty_like(g_col_local, dtype=torch.float32) for _ in range(world_size)]
-            dist.all_gather(parts, g_col_local.to(torch.float32).contiguous())
+            parts = [torch.empty_like(g_col_local) for _ in range(world_size)]
+            dist.all_gather(parts, g_col_local.contiguous())
             g_col = torch.cat(parts)
         else:
-            g_col = g_col_local.to(torch.float32)
+            g_col = g_col_local
+        g_pos = -(g_row + g_col_local)  # both terms subtract the positive z_ii
         need_a, need_b, need_s = ctx.needs_input_grad[:3]
         grad_a = torch.zeros(a.shape, dtype=torch.float32, device=a.device) if need_a else None
         grad_b = torch.zeros(b.shape, dtype=torch.float32, device=b.device) if need_b else None
@@ -204,9 +228,13 @@ class _TiledLSE(torch.autograd.Function):
             for j0 in range(0, total, tile):
                 b_t = b[j0 : j0 + tile]
                 z = (a_t @ b_t.T).to(torch.float32).mul_(s)
-                # d(sum g_row*row_lse + sum g_col*col_lse)/d z = softmax_row * g_row + softmax_col * g_col
+                # d(sum g_row*row_ce + sum g_col*col_ce)/d z = softmax_row*g_row + softmax_col*g_col + g_pos on
+                # the diagonal
                 p = torch.sub(z, r_lse).exp_().mul_(r_g)
                 p.add_(z.sub_(col_lse[None, j0 : j0 + tile]).exp_().mul_(g_col[None, j0 : j0 + tile]))
+                d, start, length = _diagonal(offset + i0 - j0, *p.shape)
+                if length:
+                    torch.diagonal(p, d).add_(g_pos[i0 + start : i0 + start + length])
                 p = p.to(a.dtype)
                 pb = p @ b_t  # (tile, D); dz/ds = a_t @ b_t.T so sum(p * a_t @ b_t.T) = sum(a_t * pb)
                 if need_a:
@@ -222,11 +250,34 @@ class _TiledLSE(torch.autograd.Function):
         return grad_a, grad_b, (grad_s.to(scale.dtype).reshape(scale.shape) if need_s else None), None, None
 
 
-def tiled_lse(
+def _max_and_sum(z: Tensor, dim: int) -> tuple[Tensor, Tensor]:
+    """(max, sum of exp(z - max)) along ``dim``."""
+    m = z.amax(dim=dim, keepdim=True)
+    return m.squeeze(dim), torch.exp(z - m).sum(dim=dim)
+
+
+def _merge(run_max: Tensor, run_sum: Tensor, new_max: Tensor, new_sum: Tensor) -> None:
+    """Fold (new_max, new_sum) into the running (max, sum of exp(z - max)), in place."""
+    m = torch.maximum(run_max, new_max)
+    run_sum.mul_(torch.exp(run_max - m)).add_(new_sum * torch.exp(new_max - m))
+    run_max.copy_(m)
+
+
+def _diagonal(d: int, rows: int, cols: int) -> tuple[int, int, int]:
+    """Where the global diagonal crosses a ``rows x cols`` tile whose entry (i, i + d) lies on it.
+
+    Returns (d, first row, number of entries): ``torch.diagonal(tile, d)`` holds them, for rows
+    ``first .. first + number``; the number is 0 when the tile misses the diagonal.
+    """
+    start = max(0, -d)
+    return d, start, max(0, min(rows, cols - d) - start)
+
+
+def tiled_cross_entropy(
     a: Tensor, b: Tensor, logit_scale: Tensor, offset: int, tile_size: int
 ) -> tuple[Tensor, Tensor]:
-    """(row_lse, col_lse) of ``logit_scale * a @ b.T``; see :class:`_TiledLSE`."""
-    return _TiledLSE.apply(a, b, logit_scale, offset, tile_size)
+    """(row_ce, col_ce) of ``logit_scale * a @ b.T``; see :class:`_TiledCrossEntropy`."""
+    return _TiledCrossEntropy.apply(a, b, logit_scale, offset, tile_size)
 
 
 def clip_loss(img_local: Tensor, txt_local: Tensor, logit_scale: Tensor | float, cfg: LossConfig) -> Tensor:
@@ -256,9 +307,8 @@ def _clip_loss_fp32(img_local: Tensor, txt_local: Tensor, scale: Tensor, cfg: Lo
         return _naive_local_loss(img_local, txt_local, scale, cfg)
     txt_all = gather_features(txt_local) if cfg.gather_with_grad else gather_features_no_grad(txt_local)
     total = txt_all.shape[0]
-    row_lse, col_lse = tiled_lse(img_local, txt_all, scale, rank * n, cfg.tile_size)
-    positives = scale * (img_local * txt_local).sum()
-    return (row_lse.sum() + col_lse.sum() - 2 * positives) * (world_size / (2 * total))
+    row_ce, col_ce = tiled_cross_entropy(img_local, txt_all, scale, rank * n, cfg.tile_size)
+    return (row_ce.sum() + col_ce.sum()) * (world_size / (2 * total))
 
 
 def contrastive_loss(
