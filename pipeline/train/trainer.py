@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from pipeline.config import to_dict
 from pipeline.data.loader import LoaderConfig, build_loader
-from pipeline.dist import PreemptionFlag
+from pipeline.dist import PreemptionFlag, exit_with_launcher
 from pipeline.model.clip import ModelConfig, build_clip, describe, open_clip_config
 from pipeline.model.flops import PEAK_FLOPS, forward_flops_per_sample, mfu, train_flops_per_sample
 from pipeline.run_dir import RunDir
@@ -158,6 +158,7 @@ def memory_gib() -> float:
 class Trainer:
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
+        exit_with_launcher()  # under torchrun: die with the launcher (its workers run in sessions of their own)
         self.preemption = PreemptionFlag()  # first: a signal during start-up must not kill the job
         self.world = init_distributed()
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
