@@ -107,6 +107,41 @@ def test_multi_node_gpu_pretraining_script_runs_one_task_per_gpu_and_requeues_on
     assert f"export PYTHONPATH={plan.record_dir}" in script
 
 
+def test_pretraining_defaults_give_each_gpu_its_loader_workers_and_the_whole_nodes_memory(tmp_path):
+    vit = str(REPO / "jobs" / "configs" / "vit_b16.toml")  # data.num_workers = 8
+    script = script_of(
+        plan_for(tmp_path, "pretrain", "--slurm.nodes=2", "--slurm.gpus_per_node=8", config=vit)
+    )
+    assert_valid_bash(script, tmp_path)
+    opts = sbatch_options(script)
+    assert "--cpus-per-task=9" in opts and "--mem=0" in opts and "--ntasks-per-node=8" in opts
+    assert "export OMP_NUM_THREADS=9" in script
+    srun = script[script.index("\nsrun ") :].split(" &\n")[0]  # the training step (continued lines)
+    assert "--cpus-per-task=9" in srun
+    fewer = script_of(plan_for(tmp_path, "pretrain", config=vit, overrides=("--data.num_workers=3",)))
+    assert "--cpus-per-task=4" in sbatch_options(fewer)
+    # explicit values win; mem="" passes no --mem at all (the cluster's default)
+    explicit = sbatch_options(
+        script_of(plan_for(tmp_path, "pretrain", "--slurm.cpus_per_task=12", "--slurm.mem=480G", config=vit))
+    )
+    assert "--cpus-per-task=12" in explicit and "--mem=480G" in explicit and "--mem=0" not in explicit
+    none = sbatch_options(script_of(plan_for(tmp_path, "pretrain", "--slurm.mem=", config=vit)))
+    assert not any(o.startswith("--mem") for o in none)
+
+
+def test_array_tasks_share_nodes_by_default_and_ray_clusters_take_whole_nodes(tmp_path):
+    shard = sbatch_options(script_of(plan_for(tmp_path, "shard", config=shard_config(tmp_path))))
+    assert "--cpus-per-task=1" in shard and not any(o.startswith("--mem") for o in shard)
+    ray = sbatch_options(script_of(plan_for(tmp_path, "sweep", "--module=pipeline.cluster.smoke")))
+    assert "--mem=0" in ray
+
+
+@pytest.mark.parametrize("value", ["lots", "64 G", "-1"])
+def test_a_bad_slurm_mem_is_refused_naming_the_field(value):
+    with pytest.raises(ValueError, match="slurm.mem"):
+        load_config(LaunchConfig, None, [f"--slurm.mem={value}"], base=LaunchConfig())
+
+
 def test_cpu_pretraining_without_gpus_asks_for_no_gres_and_uses_tasks_per_node(tmp_path):
     opts = sbatch_options(script_of(plan_for(tmp_path, "smoke", "--slurm.tasks_per_node=2")))
     assert "--ntasks-per-node=2" in opts and not any(o.startswith("--gres") for o in opts)

@@ -10,6 +10,7 @@ This file describes the cluster side only. Load path, as everywhere: defaults < 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -61,10 +62,16 @@ class SlurmConfig:
     """GPUs per node for distributed jobs: pretraining runs one srun task per GPU. 0 = CPU only."""
     tasks_per_node: int = 0
     """srun tasks per node for pretraining; 0 = gpus_per_node (one per GPU), or 1 without GPUs."""
-    cpus_per_task: int = 1
-    """--cpus-per-task (data-loader workers + the main process of one rank / one array task)."""
-    mem: str = ""
-    """--mem per node, e.g. "64G" ("0" = all of it); empty = the cluster default."""
+    cpus_per_task: int = 0
+    """--cpus-per-task: CPUs for one rank (pretraining) or one array task / Ray node; OMP_NUM_THREADS follows.
+    0 = derived from the job's config: its data-loader workers + 1 for the rank's main process (pretraining:
+    `data.num_workers + 1`, e.g. 9 per GPU for vit_b16.toml's 8 workers, so no GPU waits on one CPU decoding
+    JPEGs); 1 for jobs whose config names no loader workers (shard, caption, sweep, smoke)."""
+    mem: str = "auto"
+    """--mem per node, e.g. "480G"; "0" = all of the node's memory. "auto" = "0" for pretraining and Ray
+    clusters (they hold whole nodes: loader workers, pinned batches and /dev/shm use the memory beside the
+    GPUs, and many clusters' DefMemPerCPU is a few GB) and no --mem for array tasks (many share a node);
+    empty = never pass --mem (the cluster's default)."""
     array_tasks: int = 2
     """Array jobs (shard, caption): number of tasks; task i handles its slice of the inputs."""
     array_parallel: int = 0
@@ -96,10 +103,11 @@ class SlurmConfig:
     """The sbatch executable."""
 
     def __post_init__(self) -> None:
-        for name in ("nodes", "cpus_per_task", "array_tasks"):
+        for name in ("nodes", "array_tasks"):
             if getattr(self, name) < 1:
                 raise ValueError(f"slurm.{name} must be >= 1, got {getattr(self, name)}")
         for name in (
+            "cpus_per_task",
             "gpus_per_node",
             "tasks_per_node",
             "array_parallel",
@@ -115,10 +123,25 @@ class SlurmConfig:
             raise ValueError(f"slurm.master_port must be a port number, got {self.master_port}")
         if not self.signal.isalnum():
             raise ValueError(f"slurm.signal must be a signal name like USR1, got {self.signal!r}")
+        if self.mem not in ("auto", "") and not re.fullmatch(r"\d+[KMGT]?", self.mem):
+            raise ValueError(f'slurm.mem must be like "480G", "0" (all), "auto" or "", got {self.mem!r}')
 
     @property
     def ntasks_per_node(self) -> int:
         return self.tasks_per_node or self.gpus_per_node or 1
+
+    def cpus_for(self, loader_workers: int | None) -> int:
+        """--cpus-per-task: cpus_per_task, or when 0 the job's loader workers + 1 (1 when it names none)."""
+        if self.cpus_per_task:
+            return self.cpus_per_task
+        return max(0, loader_workers) + 1 if loader_workers is not None else 1
+
+    def mem_for(self, kind: str) -> str:
+        """--mem for a job of this SLURM kind ("" = none): mem, or for "auto" all of it ("0") on whole-node
+        jobs (distributed, ray) and none for array tasks."""
+        if self.mem != "auto":
+            return self.mem
+        return "" if kind == "array" else "0"
 
 
 @dataclass(frozen=True)
@@ -215,6 +238,9 @@ class JobSpec:
     """Dotted keys of the job's config that may name its run directory (first one present wins)."""
     gpus_per_array_task: int = 0
     """Default GPUs per array task."""
+    loader_workers_key: str = ""
+    """Dotted key of the job's config giving its data-loader workers per rank (slurm.cpus_per_task = 0 derives
+    the CPUs per task from it)."""
     ray_ok: bool = True
     """Whether `ray job submit` makes sense for this job (its driver uses Ray, or it is one process)."""
 
@@ -228,6 +254,7 @@ JOBS: dict[str, JobSpec] = {
         "pretrain",
         run_dir_keys=("run_dir",),
         ray_ok=False,
+        loader_workers_key="data.num_workers",
     ),
     "sweep": JobSpec("jobs.finetune_sweep", "ray", "sweep"),
     "smoke": JobSpec("pipeline.cluster.smoke", "distributed", "pretrain", run_dir_keys=("run_dir",)),

@@ -47,7 +47,9 @@ def _header(options: list[str]) -> str:
     return "\n".join(f"#SBATCH {opt}" for opt in options)
 
 
-def sbatch_options(spec: JobSpec, launch: LaunchConfig, job_name: str, run_dir: Path) -> list[str]:
+def sbatch_options(
+    spec: JobSpec, launch: LaunchConfig, job_name: str, run_dir: Path, cpus_per_task: int
+) -> list[str]:
     """Every #SBATCH option for this job, in a stable order (user's extra options last, so they win)."""
     s = launch.slurm
     kind = spec.slurm_kind
@@ -65,19 +67,20 @@ def sbatch_options(spec: JobSpec, launch: LaunchConfig, job_name: str, run_dir: 
         opts += [
             f"--array=0-{s.array_tasks - 1}{throttle}",
             "--ntasks=1",
-            f"--cpus-per-task={s.cpus_per_task}",
+            f"--cpus-per-task={cpus_per_task}",
         ]
         if gpus:
             opts.append(f"--gres=gpu:{gpus}")
     else:
         tasks = s.ntasks_per_node if kind == "distributed" else 1
-        opts += [f"--nodes={s.nodes}", f"--ntasks-per-node={tasks}", f"--cpus-per-task={s.cpus_per_task}"]
+        opts += [f"--nodes={s.nodes}", f"--ntasks-per-node={tasks}", f"--cpus-per-task={cpus_per_task}"]
         if s.gpus_per_node:
             opts.append(f"--gres=gpu:{s.gpus_per_node}")
     if kind == "distributed":
         opts += [f"--signal=B:{s.signal}@{s.signal_seconds}", "--requeue"]
-    if s.mem:
-        opts.append(f"--mem={s.mem}")
+    mem = s.mem_for(kind)
+    if mem:
+        opts.append(f"--mem={mem}")
     if s.dependency:
         opts.append(f"--dependency={s.dependency}")
     opts += list(s.sbatch_args)
@@ -85,12 +88,23 @@ def sbatch_options(spec: JobSpec, launch: LaunchConfig, job_name: str, run_dir: 
 
 
 def render_script(
-    spec: JobSpec, launch: LaunchConfig, paths: SlurmPaths, *, job_name: str, module: str, python: str
+    spec: JobSpec,
+    launch: LaunchConfig,
+    paths: SlurmPaths,
+    *,
+    job_name: str,
+    module: str,
+    python: str,
+    loader_workers: int | None = None,
 ) -> str:
-    """The complete sbatch script for this job: template + header + every value filled in."""
+    """The complete sbatch script for this job: template + header + every value filled in.
+
+    ``loader_workers``: the job's data-loader workers per rank (from its config), for slurm.cpus_per_task = 0.
+    """
     s = launch.slurm
     kind = spec.slurm_kind
-    env = launch.env.variables(s.cpus_per_task)
+    cpus = s.cpus_for(loader_workers)
+    env = launch.env.variables(cpus)
     setup = list(s.setup)
     if kind == "ray" and os.path.isabs(python):
         # Ray runs the driver as `python -m ...`: it must find this interpreter first. (Other jobs keep the
@@ -98,7 +112,7 @@ def render_script(
         # DeepSpeed rebuild its JIT ops, which takes minutes.)
         setup.append(f"export PATH={quote(str(Path(python).parent))}:$PATH")
     values: dict[str, object] = {
-        "sbatch_header": _header(sbatch_options(spec, launch, job_name, paths.run_dir)),
+        "sbatch_header": _header(sbatch_options(spec, launch, job_name, paths.run_dir, cpus)),
         "setup": "\n".join(setup) if setup else "# (no setup lines: slurm.setup)",
         "code_dir": quote(paths.code_dir),
         "run_dir": quote(paths.run_dir),
@@ -112,7 +126,7 @@ def render_script(
         "signal": s.signal,
         "nodes": s.nodes,
         "ntasks_per_node": s.ntasks_per_node,
-        "cpus_per_task": s.cpus_per_task,
+        "cpus_per_task": cpus,
         "srun_args": "".join(" " + quote(a) for a in s.srun_args),
         "step_wait_s": s.step_wait_s,
         "master_port": s.master_port or "$((20000 + SLURM_JOB_ID % 20000))",
@@ -134,7 +148,7 @@ def render_script(
             head_port=r.head_port,
             dashboard_port=r.dashboard_port,
             start_timeout_s=r.start_timeout_s,
-            cpus_per_node=s.cpus_per_task,
+            cpus_per_node=cpus,
             gpus_per_node=s.gpus_per_node,
             submit_args=join_command(submit_args),
             start_args="".join(" " + quote(a) for a in r.start_args),

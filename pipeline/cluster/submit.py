@@ -127,8 +127,15 @@ def make_plan(request: SubmitRequest) -> Plan:
             run_dir=run_dir, code_dir=record_dir, config=record_dir / JOB_CONFIG_NAME, workdir=workdir
         )
         script_name = f"{request.job}.sbatch"
+        workers = lookup(job_config, spec.loader_workers_key) if spec.loader_workers_key else None
         files[script_name] = slurm.render_script(
-            spec, launch, paths, job_name=job_name, module=module, python=_python(launch)
+            spec,
+            launch,
+            paths,
+            job_name=job_name,
+            module=module,
+            python=_python(launch),
+            loader_workers=workers if isinstance(workers, int) else None,
         )
         command = slurm.sbatch_command(launch, record_dir / script_name)
     elif request.target == "k8s":
