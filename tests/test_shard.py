@@ -508,6 +508,59 @@ def test_image_max_pixels_is_the_only_pixel_limit_not_pillows(
     assert failure["reason"] == "decompression_bomb" and "max_pixels=3000" in failure["detail"]
 
 
+PRESIGNED = (
+    "?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=AKIASECRETKEYID%2F20261201%2Fus-east-1%2Fs3%2Faws4_request"
+    "&X-Amz-Date=20261201T000000Z&X-Amz-Expires=3600&X-Amz-SignedHeaders=host"
+    "&X-Amz-Security-Token=SECRETSESSIONTOKEN&X-Amz-Signature=5ecre7519a7ure"
+)
+SECRETS = (b"AKIASECRETKEYID", b"SECRETSESSIONTOKEN", b"5ecre7519a7ure")
+
+
+def test_presigned_url_credentials_reach_no_published_file_nor_log(
+    tmp_path: Path, server: tuple[Path, LoopbackServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    srv = server[1]
+    root = tmp_path / "in"
+    (srv_root := server[0] / "presigned").mkdir(exist_ok=True)
+    uid, im, caption = scene_image(3)
+    (srv_root / "ok.jpg").write_bytes(encode(im))
+    rows = {
+        "uid": ["ok", "http_404", "s3_like_missing"],
+        "url": [  # fetched over HTTP with the query; an fsspec error quotes the path and query, no scheme
+            f"{srv.url}/presigned/ok.jpg{PRESIGNED}",
+            f"{srv.url}/presigned/gone.jpg{PRESIGNED}",
+            f"memory://bucket/gone.jpg{PRESIGNED}",
+        ],
+        "text": [caption] * 3,
+    }
+    root.mkdir()
+    pq.write_table(pa.table(rows), root / "m.parquet")
+    args = [f"--source.parquet=['{root}/m.parquet']", "--executor.processes=1", "--fetch.retries=0"]
+
+    def published(out: Path) -> bytes:
+        return b"".join(p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file())
+
+    assert main([*args, f"--output.path={tmp_path / 'strip'}"]) == 0  # default: output.url_query=strip
+    out = tmp_path / "strip"
+    [sample] = read_shards(out).values()
+    assert json.loads(sample["json"])["source"] == f"{srv.url}/presigned/ok.jpg"
+    failures = {f["uid"]: f for f in pq.read_table(out / "failures.parquet").to_pylist()}
+    assert failures["s3_like_missing"]["detail"] == "not found: /bucket/gone.jpg"
+    logs = capsys.readouterr()
+    everything = published(out) + (logs.out + logs.err).encode()
+    assert not [s for s in SECRETS if s in everything]
+
+    out = tmp_path / "redacted"
+    assert main([*args, f"--output.path={out}", "--output.url_query=redact_credentials"]) == 0
+    source = json.loads(next(iter(read_shards(out).values()))["json"])["source"]
+    assert "X-Amz-Signature=REDACTED" in source and "X-Amz-Expires=3600" in source
+    assert not [s for s in SECRETS if s in published(out) + capsys.readouterr().out.encode()]
+
+    out = tmp_path / "kept"
+    assert main([*args, f"--output.path={out}", "--output.url_query=keep"]) == 0
+    assert json.loads(next(iter(read_shards(out).values()))["json"])["source"] == rows["url"][0]
+
+
 def test_safe_tar_skips_traversal_links_and_oversized_members() -> None:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tf:

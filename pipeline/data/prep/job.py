@@ -56,6 +56,9 @@ from pipeline.data.prep.writer import (
     FAILURES_FILE,
     OutputConfig,
     open_shard,
+    public_json,
+    public_text,
+    public_url,
     read_stats,
     remove_stale_temp_files,
     shard_pattern,
@@ -228,9 +231,11 @@ def make_plan(cfg: ShardJobConfig, chash: str, log: Callable[[str], None] = prin
         try:
             urls = sources.expand_urls(cfg.source.parquet)
         except FileNotFoundError as e:
-            raise ConfigError(f"source.parquet: {e.args[0]} does not exist") from None
+            path = public_text(e.args[0], cfg.output.url_query)
+            raise ConfigError(f"source.parquet: {path} does not exist") from None
         if not urls:
-            raise ConfigError(f"source.parquet: no files match {list(cfg.source.parquet)}")
+            patterns = public_json(list(cfg.source.parquet), cfg.output.url_query)
+            raise ConfigError(f"source.parquet: no files match {patterns}")
     inputs: list[dict[str, Any]] = []
     for url in urls:
         try:
@@ -328,7 +333,7 @@ def _select(cfg: ShardJobConfig, unit: Unit, res: _Resources, fail: Callable[...
         rows = sources.read_rows(unit.url, unit.start, unit.end, _source_for(cfg))
     except Exception as e:  # noqa: BLE001 - a corrupt row group fails its rows, not the job
         for r in range(unit.start, unit.end):
-            fail(r, None, "unreadable_input", f"{type(e).__name__}: {e}"[:300])
+            fail(r, None, "unreadable_input", f"{type(e).__name__}: {e}"[:300], unit.url)
         return []
     folder = cfg.source.kind == "folder"
     out: list[_Candidate] = []
@@ -385,6 +390,7 @@ def _select(cfg: ShardJobConfig, unit: Unit, res: _Resources, fail: Callable[...
         scores = {k: v for k, v in r.scores.items() if v is not None and v == v}
         stem = ref.url.rsplit(".", 1)[0]
         extras = tuple((ext, f"{stem}.{ext}") for ext in cfg.source.extras) if folder else ()
+        source = public_url(source, cfg.output.url_query)  # the json's source; ref keeps the full URL
         out.append(_Candidate(r.row, uid, caption, syn, scores, ref, source, extras))
     return out
 
@@ -412,8 +418,10 @@ def process_unit(cfg: ShardJobConfig, chash: str, unit: Unit) -> dict[str, Any]:
     res = _resources(cfg, chash)
     failures: list[dict[str, Any]] = []
 
-    def fail(row: int, uid: str | None, reason: str, detail: str = "") -> None:
+    def fail(row: int, uid: str | None, reason: str, detail: str = "", url: str = "") -> None:
+        """Record a failed row; ``url``: the URL that ``detail`` may quote (its credentials are removed)."""
         assert reason in REASONS, reason
+        detail = public_text(detail, cfg.output.url_query, url)
         failures.append({"row": row, "uid": uid, "reason": reason, "detail": detail})
 
     candidates = _select(cfg, unit, res, fail)
@@ -436,7 +444,7 @@ def process_unit(cfg: ShardJobConfig, chash: str, unit: Unit) -> dict[str, Any]:
             c, future = queue.popleft()
             data, error, extras = future.result()
             if error is not None:
-                fail(c.row, c.uid, error.reason, error.detail)
+                fail(c.row, c.uid, error.reason, error.detail, c.ref.url)
                 continue
             sha = hashlib.sha256(data).hexdigest()
             if cfg.filters.dedupe_image and sha in first_by_sha:
@@ -481,7 +489,12 @@ def process_unit(cfg: ShardJobConfig, chash: str, unit: Unit) -> dict[str, Any]:
         "shard": unit.name,
         "index": unit.index,
         "config_hash": chash,
-        "input": {"index": unit.input_index, "url": unit.url, "start": unit.start, "end": unit.end},
+        "input": {
+            "index": unit.input_index,
+            "url": public_url(unit.url, cfg.output.url_query),
+            "start": unit.start,
+            "end": unit.end,
+        },
         "num_input": num_input,
         "num_kept": len(kept_uids),
         "num_failed": len(failures),
@@ -544,7 +557,7 @@ def merge(cfg: ShardJobConfig, plan: Plan, units: list[Unit]) -> dict[str, Any] 
         subset_input.append((unit.name, st["uids"]))
         reasons.update(st["failed"])
         for f in st["failures"]:
-            failures.append({"shard": unit.name, "input": unit.url, **f})
+            failures.append({"shard": unit.name, "input": public_url(unit.url, cfg.output.url_query), **f})
         for uid, sha in zip(st["uids"], st["sha256"]) if cfg.filters.dedupe_image else ():
             if sha in first_by_sha:
                 duplicate_images.append(uid)
@@ -555,11 +568,11 @@ def merge(cfg: ShardJobConfig, plan: Plan, units: list[Unit]) -> dict[str, Any] 
             failures.append(
                 {
                     "shard": None,
-                    "input": inp["url"],
+                    "input": public_url(inp["url"], cfg.output.url_query),
                     "row": -1,
                     "uid": None,
                     "reason": "unreadable_input",
-                    "detail": inp["error"],
+                    "detail": public_text(inp["error"], cfg.output.url_query, inp["url"]),
                 }
             )
             reasons["unreadable_input"] += 1
@@ -573,8 +586,8 @@ def merge(cfg: ShardJobConfig, plan: Plan, units: list[Unit]) -> dict[str, Any] 
     manifest = {
         "schema_version": SCHEMA_VERSION,
         "config_hash": plan.config_hash,
-        "config": content_config(cfg),
-        "inputs": plan.inputs,
+        "config": public_json(content_config(cfg), cfg.output.url_query),
+        "inputs": [_public_input(inp, cfg.output.url_query) for inp in plan.inputs],
         "num_shards": len(units),
         "shard_pattern": shard_pattern(names),
         "shards": shards,
@@ -598,6 +611,13 @@ def merge(cfg: ShardJobConfig, plan: Plan, units: list[Unit]) -> dict[str, Any] 
     write_dataset_files(out, sizes, failures, duplicate_images, manifest)
     remove_stale_temp_files(out)
     return manifest
+
+
+def _public_input(inp: dict[str, Any], mode: str) -> dict[str, Any]:
+    out = {**inp, "url": public_url(inp["url"], mode)}
+    if "error" in inp:
+        out["error"] = public_text(inp["error"], mode, inp["url"])
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- driver
@@ -630,7 +650,7 @@ def run(
         errors = _run_shards(cfg, chash, mine, this_run, result)
         if errors:
             for e in errors[:5]:
-                log(f"shard {e['shard']} failed:\n{e['error']}")
+                log(f"shard {e['shard']} failed:\n{public_text(e['error'], cfg.output.url_query)}")
             raise ShardJobError(
                 f"{len(errors)} of {len(mine)} shards failed (first: {errors[0]['shard']}); "
                 "re-run the same command to retry them"

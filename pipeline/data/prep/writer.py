@@ -16,14 +16,16 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import tarfile
 import tempfile
 import time
+import urllib.parse
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import IO, Any, Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -46,6 +48,28 @@ MEMBER_ORDER = (IMAGE_KEY, CAPTION_KEY, SYN_KEY, META_KEY, SEG_KEY, DEPTH_KEY, A
 FAILURES_FILE = "failures.parquet"
 DUPLICATE_IMAGES_FILE = "duplicate_images.txt"
 STALE_TEMP_AGE_S = 3600.0  # a writer that has not touched its temporary for an hour is dead
+URL_QUERY_MODES = ("strip", "redact_credentials", "keep")
+REDACTED = "REDACTED"
+CREDENTIAL_PARAMS = frozenset(
+    {
+        "x-amz-credential",  # AWS SigV4 presigned URLs
+        "x-amz-security-token",
+        "x-amz-signature",
+        "awsaccesskeyid",  # AWS SigV2
+        "signature",  # SigV2, CloudFront
+        "policy",
+        "key-pair-id",
+        "x-goog-credential",  # GCS V4 signed URLs
+        "x-goog-signature",
+        "googleaccessid",
+        "sig",  # Azure SAS
+        "token",
+        "access_token",
+        "api_key",
+        "apikey",
+    }
+)
+_URL_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>()\[\]{}]+")
 
 
 @dataclass(frozen=True)
@@ -58,8 +82,17 @@ class OutputConfig:
     """Shard file stem, formatted with the shard index (the file is <stem>.tar)."""
     overwrite: bool = False
     """Allow re-running into a folder planned with a different config (stale shards are rewritten)."""
+    url_query: Literal["strip", "redact_credentials", "keep"] = "strip"
+    """What of a URL's query string and user:password@ reaches the published files (each sample's json
+    ``source``, stats, failures.parquet, manifest.json) and the logs: strip drops the query, fragment and
+    user info (presigned URLs carry their X-Amz-Credential / X-Amz-Security-Token / X-Amz-Signature there);
+    redact_credentials keeps the query with credential values (X-Amz-Credential, X-Amz-Security-Token,
+    X-Amz-Signature, Signature, sig, token, ...) and user info replaced by REDACTED; keep copies URLs
+    verbatim. Images are always fetched from the full URL."""
 
     def __post_init__(self) -> None:
+        if self.url_query not in URL_QUERY_MODES:
+            raise ValueError(f"url_query must be one of {URL_QUERY_MODES}, got {self.url_query!r}")
         if self.samples_per_shard < 1:
             raise ValueError(f"samples_per_shard must be >= 1, got {self.samples_per_shard}")
         try:
@@ -71,6 +104,53 @@ class OutputConfig:
 
     def shard_name(self, index: int) -> str:
         return self.name_format.format(index=index) + ".tar"
+
+
+def public_url(url: str, mode: str) -> str:
+    """``url`` as it may be published under ``output.url_query`` = ``mode``; a path without a scheme (a
+    local file name may hold a ``?``) is returned unchanged."""
+    if mode == "keep" or "://" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
+    netloc, tail = rest[:end], rest[end:]
+    before_fragment, hash_, fragment = tail.partition("#")
+    path, question, query = before_fragment.partition("?")
+    if "@" in netloc:
+        netloc = netloc.rsplit("@", 1)[1] if mode == "strip" else f"{REDACTED}@{netloc.rsplit('@', 1)[1]}"
+    if mode == "strip":
+        return f"{scheme}://{netloc}{path}"
+    params = []
+    for param in query.split("&") if question else ():
+        name, eq, _ = param.partition("=")
+        params.append(
+            f"{name}{eq}{REDACTED}" if urllib.parse.unquote(name).lower() in CREDENTIAL_PARAMS else param
+        )
+    return f"{scheme}://{netloc}{path}{question}{'&'.join(params)}{hash_}{fragment}"
+
+
+def public_text(text: str, mode: str, url: str = "") -> str:
+    """``text`` (an error message, a traceback) with every ``scheme://`` URL in it made public; ``url`` is
+    a URL the text may quote without its scheme (fsspec strips it from paths in its errors)."""
+    if mode == "keep" or not text:
+        return text
+    text = _URL_RE.sub(lambda m: public_url(m.group(0), mode), text)
+    query = url.partition("#")[0].partition("?")[2]
+    if "://" in url and query:
+        public_query = public_url(url, mode).partition("#")[0].partition("?")[2]
+        text = text.replace(f"?{query}", f"?{public_query}" if public_query else "")
+    return text
+
+
+def public_json(obj: Any, mode: str) -> Any:
+    """A JSON-like value with :func:`public_text` applied to every string in it."""
+    if isinstance(obj, str):
+        return public_text(obj, mode)
+    if isinstance(obj, dict):
+        return {k: public_json(v, mode) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [public_json(v, mode) for v in obj]
+    return obj
 
 
 def _member_sort_key(ext: str) -> tuple[int, str]:
