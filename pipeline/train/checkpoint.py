@@ -3,17 +3,23 @@
     <run>/checkpoints/<step>/                DeepSpeed's files (weights, optimizer shards, scheduler, step)
     <run>/checkpoints/<step>/rank<r>.pt      this rank's state: RNG states, data position, EMA (shards)
     <run>/checkpoints/<step>/meta.json       step, world size, time, the run's resolved config
+    <run>/checkpoints/<step>/sha256.json     sha256 of every other file of the checkpoint (written atomically)
     <run>/checkpoints/latest                 text: the newest *complete* step (written last, atomically)
 
 A checkpoint is complete once ``latest`` names it: every rank has written its part and passed a barrier
 before rank 0 replaces ``latest``, so a job killed mid-save resumes from the previous checkpoint. The
 EMA is stored by rank 0 when it is replicated (ZeRO 0-2) and by every rank under ZeRO-3 (its shards).
 Resuming needs the same world size (DeepSpeed's optimizer shards, the EMA shards and the data position are
-per rank). Our files are read with ``torch.load(weights_only=True)``.
+per rank). Our files are read with ``torch.load(weights_only=True)``; DeepSpeed reads its own
+(``*_model_states.pt``, ``*_optim_states.pt``) with full pickle (``weights_only=False``, inside
+``engine.load_checkpoint``), because its optimizer files hold DeepSpeed objects (``ZeroStageEnum``,
+``LossScaler``, ``fragment_address``). So before anything is loaded, every file is checked against
+``sha256.json`` (the ranks split the hashing): a changed, missing or unlisted file is an error naming it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import shutil
@@ -29,6 +35,8 @@ import torch.distributed as dist
 from pipeline import io
 
 LATEST = "latest"
+MANIFEST = "sha256.json"
+"""Per checkpoint: ``{"algorithm": "sha256", "files": {relative path: hex digest}}`` of every other file."""
 
 
 @dataclass(frozen=True)
@@ -154,11 +162,65 @@ def save(
     _barrier()
     if rank == 0:
         io.write_json(str(folder / "meta.json"), {"step": step, "time": time.time(), **meta})
+        write_manifest(folder)
         io.write_text(str(checkpoints / LATEST), f"{step}\n")
         for old in to_delete(saved_steps(checkpoints), cfg.keep_last, cfg.keep_every):
             shutil.rmtree(checkpoints / str(old), ignore_errors=True)
     _barrier()
     return folder
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _checkpoint_files(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def write_manifest(folder: Path) -> None:
+    """Write ``folder/sha256.json``: the sha256 of every file of the checkpoint (atomically)."""
+    files = {name: file_sha256(folder / name) for name in _checkpoint_files(folder)}
+    io.write_json(str(folder / MANIFEST), {"algorithm": "sha256", "files": files})
+
+
+def verify_files(folder: Path, rank: int = 0, world_size: int = 1) -> list[str]:
+    """Problems of checkpoint ``folder`` against its ``sha256.json``, each naming its file (empty: all good).
+
+    Every rank checks the listing; rank ``r`` hashes every ``world_size``-th listed file from the ``r``-th."""
+    manifest_path = folder / MANIFEST
+    if not manifest_path.is_file():
+        return [f"{manifest_path} is missing: the checkpoint's files cannot be verified before loading"]
+    listed: dict[str, str] = json.loads(manifest_path.read_text())["files"]
+    present = set(_checkpoint_files(folder))
+    problems = [f"{folder / name} is not listed in {manifest_path}" for name in sorted(present - set(listed))]
+    problems += [
+        f"{folder / name} is listed in {manifest_path} but missing" for name in sorted(set(listed) - present)
+    ]
+    for name in sorted(set(listed) & present)[rank::world_size]:
+        if file_sha256(folder / name) != listed[name]:
+            problems.append(
+                f"{folder / name} does not match its sha256 in {manifest_path} (changed after saving)"
+            )
+    return problems
+
+
+def _verify(folder: Path) -> None:
+    """Collective: raise ValueError on every rank when any rank found a problem with the checkpoint's files."""
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
+    problems = verify_files(folder, _rank(), world_size)
+    if world_size > 1:
+        gathered: list[list[str]] = [[] for _ in range(world_size)]
+        dist.all_gather_object(gathered, problems)
+        problems = sorted({p for rank_problems in gathered for p in rank_problems})
+    if problems:
+        raise ValueError(
+            "resume: refusing to load checkpoint files that fail verification: " + "; ".join(problems)
+        )
 
 
 def read_rank_state(checkpoints: Path, step: int, rank: int) -> dict[str, Any]:
@@ -167,8 +229,10 @@ def read_rank_state(checkpoints: Path, step: int, rank: int) -> dict[str, Any]:
 
 
 def load(checkpoints: Path, step: int, engine: Any) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Collective: restore the engine from checkpoint ``step``; returns ``(this rank's state, meta.json)``."""
+    """Collective: verify every file of checkpoint ``step`` against its ``sha256.json``, then restore the
+    engine from it; returns ``(this rank's state, meta.json)``."""
     folder = checkpoints / str(step)
+    _verify(folder)
     meta = json.loads((folder / "meta.json").read_text())
     world_size = dist.get_world_size() if dist.is_initialized() else 1
     if meta.get("world_size", world_size) != world_size:
