@@ -54,7 +54,7 @@ def make_export(out_dir: Path) -> Path:
     )
 
 
-def write_pretrain_run(path: Path, source: str, subset_uids: Path, seed: int, steps: int = 20,
+def write_pretrain_run(path: Path, source: str, subset_uids: Path | None, seed: int, steps: int = 20,
                        export: Path | None = None, with_point: bool = True, size: int | None = None) -> RunDir:  # fmt: skip
     from pipeline.train.trainer import TrainConfig
 
@@ -62,7 +62,7 @@ def write_pretrain_run(path: Path, source: str, subset_uids: Path, seed: int, st
     cfg = load_config(
         TrainConfig, ROOT / "jobs/configs/debug.toml",
         [f"--run_dir={path}", f"--steps={steps}", f"--loss.w_real={w_real}", f"--loss.w_syn={w_syn}",
-         f"--data.subset_uids={subset_uids}", f"--data.seed={seed}"],
+         f"--data.subset_uids={subset_uids or ''}", f"--data.seed={seed}"],
     )  # fmt: skip
     run = RunDir(path)
     run.write_config(cfg)
@@ -72,7 +72,8 @@ def write_pretrain_run(path: Path, source: str, subset_uids: Path, seed: int, st
         from pipeline.io import write_json
 
         write_json(str(path / "point.json"), {"name": path.name, "model": "debug", "caption_source": source,
-                                              "subset": subset_uids.stem, "subset_size": size, "seed": seed})  # fmt: skip
+                                              "subset": subset_uids.stem if subset_uids else "all",
+                                              "subset_size": size, "seed": seed})  # fmt: skip
     exports = {}
     if export is not None:
         exports = {"ema": str(export), "final": str(export)}

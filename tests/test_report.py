@@ -359,6 +359,37 @@ def test_report_only_mode_reports_on_runs_made_elsewhere_without_a_grid(study, t
     assert data["missing"] == [] and data["planned_points"] == []
 
 
+def test_report_on_one_run_without_subsets_says_there_is_no_axis_to_plot(study, tmp_path, capsys):
+    from report_fixtures import write_pretrain_run
+
+    from jobs.scaling_report import main
+
+    run = write_pretrain_run(tmp_path / "one_run", "web+syn", None, seed=0, with_point=False).path
+    points = tmp_path / "points.json"
+    points.write_text(
+        json.dumps({"p": {"label": "p", "source": str(run), "checkpoint": "", "pretrain_summary": {}}})
+    )
+    code = main(["--report-only", "--no-grid", f"--root={tmp_path / 'dag'}", f"--points-json={points}",
+                 "--collect=[]", "--report.reference_model="])  # fmt: skip
+    assert code == 0, capsys.readouterr().out
+    out = tmp_path / "dag" / "report"
+    html, markdown = (out / "index.html").read_text(), (out / "report.md").read_text()
+    for text in (html, markdown):
+        assert "no data axis to plot against" in text and "No metric has" not in text
+    assert "zs_top1" in html  # the results table beside it has the run's metrics
+
+
+def test_a_data_multiplier_range_of_one_value_prints_one_value():
+    from pipeline.report.build import verdict_lines
+
+    row = {"metric": "m", "model": "debug", "source": "web+syn", "reference": "web", "gain": 1.0,
+           "gain_lo": math.nan, "gain_hi": math.nan}  # fmt: skip
+    one = verdict_lines([dict(row, data_multiplier=4.6912), dict(row, data_multiplier=4.6901)], 0.95)
+    two = verdict_lines([dict(row, data_multiplier=2.0), dict(row, data_multiplier=4.69)], 0.95)
+    assert one[0]["text"].endswith("data multiplier 4.69x")
+    assert two[0]["text"].endswith("data multiplier 2-4.69x")
+
+
 # ------------------------------------------------------------------------------------ toy reproduction
 
 

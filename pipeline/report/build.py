@@ -139,6 +139,19 @@ def compare(
     return rows
 
 
+def no_curves_reason(table: Sequence[dict[str, Any]]) -> str:
+    """Why there can be no scaling curve at all ("" when finished points have subset sizes to plot against)."""
+    done = [r for r in table if r.get("kind") == "pretrain" and r.get("status") == "complete"]
+    if not done:
+        return "No pretraining point has finished yet, so there is nothing to plot."
+    sized = [r for r in done if isinstance(r.get("subset_size"), (int, float)) and r["subset_size"] > 0]
+    if not sized:
+        return (f"No scaling curves: the {len(done)} finished pretraining run(s) have no subset size, so there is "
+                "no data axis to plot against (one run, or a grid without subsets). Their metrics are in the "
+                "results table.")  # fmt: skip
+    return ""
+
+
 def verdict_lines(comparisons: list[dict[str, Any]], level: float) -> list[dict[str, Any]]:
     """One line per (metric, model, source): at how many sizes the source beats the reference."""
     groups: dict[tuple[str, str, str, str], list[dict[str, Any]]] = {}
@@ -160,7 +173,8 @@ def verdict_lines(comparisons: list[dict[str, Any]], level: float) -> list[dict[
                 f"(interval at {level:.0%} above zero at {sure_better}, below zero at {sure_worse}); "
                 f"mean gain {np.mean([r['gain'] for r in rows]):+.4g}")  # fmt: skip
         if mults:
-            text += f"; data multiplier {min(mults):.3g}-{max(mults):.3g}x"
+            low, high = f"{min(mults):.3g}", f"{max(mults):.3g}"
+            text += f"; data multiplier {low}x" if low == high else f"; data multiplier {low}-{high}x"
         out.append({"metric": metric, "model": model, "source": source, "reference": reference, "text": text,
                     "kind": kind, "better": better, "sizes": len(rows), "sure_better": sure_better,
                     "sure_worse": sure_worse})  # fmt: skip
@@ -383,11 +397,15 @@ def build_report(cfg: Any, points: Sequence[Any] = (), launches: Sequence[Any] =
     figures: list[dict[str, Any]] = []
     fit_rows: list[dict[str, Any]] = []
     comparisons: list[dict[str, Any]] = []
+    curves_note = no_curves_reason(table)
+    if curves_note:
+        notes.append(curves_note)
     for metric in metrics:
         higher = higher_is_better(metric, primaries)
         series = series_from_rows(table, metric)
         if not series:
-            notes.append(f"metric {metric}: no finished point has it")
+            if not curves_note:
+                notes.append(f"metric {metric}: no finished point with a subset size has it")
             continue
         fits, fit_notes = fit_series(cfg, metric, series)
         notes.extend(fit_notes)
@@ -455,6 +473,8 @@ def build_report(cfg: Any, points: Sequence[Any] = (), launches: Sequence[Any] =
         "missing": missing,
         "notes": notes,
         "figures": figures,
+        "curves_note": curves_note
+        or ("" if figures else "No metric has a finished point at any subset size yet."),
         "files": files,
         "build_seconds": None,
     }
@@ -572,7 +592,7 @@ def write_html(cfg: Any, report: dict[str, Any], out_dir: Path, loss_plot: Path 
         for f in report["figures"]
     )
     fit_cols = ["metric", "series", "points", "formula", "b", "b_lo", "b_hi", "r2", "dof"]
-    body = figs or H.paragraph("No metric has finished points yet.")
+    body = figs or H.paragraph(report["curves_note"])
     if report["fits"]:
         body += "<h3>Fits</h3>" + H.table_html(
             report["fits"], fit_cols, text_columns=["metric", "series", "formula"]
@@ -696,6 +716,8 @@ def write_markdown(cfg: Any, report: dict[str, Any], out_dir: Path, loss_plot: P
     lines += ["## Results", "", col.markdown_table(table, result_columns(table, report["metrics"]))]
     for f in report["figures"]:
         lines += [f"![{f['metric']}]({rel(f['png'])})", ""]
+    if not report["figures"]:
+        lines += [report["curves_note"], ""]
     if report["comparisons"]:
         cols = ["metric", "source", "reference", "subset_size", "reference_mean", "source_mean", "gain", "gain_lo",
                 "gain_hi", "data_multiplier"]  # fmt: skip
