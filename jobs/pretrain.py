@@ -9,7 +9,8 @@ The same command runs under every launcher (ranks come from the environment, see
 
 Presets: ``--preset debug`` / ``--preset vit_b16`` (the TOML files of the same names). ``--print-config``
 prints the resolved config; ``--print-ds-config`` the DeepSpeed config it builds. Exit code 0 when done,
-124 when a SIGUSR1 / SIGTERM made it checkpoint and stop (slurm/ scripts requeue on 124).
+124 when a SIGUSR1 / SIGTERM made it checkpoint and stop (slurm/ scripts requeue on 124), 2 with a one-line
+error for a bad config value or a shard spec that names no shard (``data.shards`` / ``data.syn_shards``).
 """
 
 from __future__ import annotations
@@ -58,6 +59,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         ds = deepspeed_config(cfg.engine, cfg.optim, cfg.data.micro_batch, cfg.accumulation_for(world), world)
         print(json.dumps(ds, indent=2, sort_keys=True))
         return 0
+    from pipeline.data.loader import ShardSpecError, resolve_shards
+
+    try:  # before any model is built: a missing shards folder is one line, not five empty epochs
+        resolve_shards(cfg.data)
+    except ShardSpecError as e:
+        print(f"python -m jobs.pretrain: error: data.{e}", file=sys.stderr)
+        return 2
     from pipeline.train.trainer import Trainer
 
     trainer = Trainer(cfg)

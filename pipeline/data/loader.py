@@ -61,6 +61,7 @@ import gzip
 import hashlib
 import json
 import logging
+import os
 import random
 import time
 import zlib
@@ -121,8 +122,13 @@ class LoaderConfig:
     """Normalisation std (CLIP's)."""
     context_length: int = 77
     """Tokens per caption."""
+    syn_shards: str = ""
+    """DataCompDR-style sidecar caption shards (data_prep.caption's output), same forms as shards: the i-th
+    joins the i-th shard (same file names) by key, its syn.json replacing the shard's synthetic captions."""
     subset_uids: str | None = None
     """uid list file (one per line, or a JSON list) selecting a subset of the shards' samples."""
+    skip_duplicate_images: bool = True
+    """Skip the uids listed in duplicate_images.txt beside the shards (cross-shard image duplicates)."""
     syn_sampling: Literal["random", "first", "cycle"] = "random"
     """Which synthetic caption a sample gets per visit (epoch): random, the first, or cycling."""
     group_size: int = 1
@@ -192,6 +198,10 @@ def _hash_int(*parts: object) -> int:
 # ---------------------------------------------------------------------------------------------- shard lists
 
 
+class ShardSpecError(ValueError):
+    """A shard spec names no shard (missing folder or list file, empty glob, no existing file)."""
+
+
 def _read_lines(url: str) -> list[str]:
     fs, path = pio.filesystem(url)
     with fs.open(path, "rb") as f:
@@ -199,34 +209,112 @@ def _read_lines(url: str) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
 
 
+_SHARD_SUFFIXES = (".tar", ".tgz", ".tar.gz")
+
+
+def _none_exists(part: str, urls: list[str]) -> bool:
+    """True when no file of ``urls`` exists (local: any of them; object stores: the first and the last)."""
+    if pio.is_local(part):
+        return not any(os.path.exists(u.removeprefix("file://")) for u in urls)
+    fs, _ = pio.filesystem(part)
+    return not any(fs.exists(pio.filesystem(u)[1]) for u in dict.fromkeys(urls[:1] + urls[-1:]))
+
+
 def _expand_one(part: str) -> list[str]:
     import braceexpand
 
     if part.endswith((".txt", ".list", ".lst")) and "{" not in part:
         base = part.rsplit("/", 1)[0] if "/" in part else ""
+        try:
+            lines = _read_lines(part)
+        except FileNotFoundError:
+            raise ShardSpecError(f"list file {part} does not exist") from None
+        if not lines:
+            raise ShardSpecError(f"list file {part} names no shard")
         out = []
-        for line in _read_lines(part):
+        for line in lines:
             line = line if ("://" in line or line.startswith("/") or not base) else pio.join(base, line)
             out.extend(_expand_one(line))
         return out
+    fs, path = pio.filesystem(part)
     if any(c in part for c in "*?["):
-        fs, path = pio.filesystem(part)
-        return [p if pio.is_local(part) else fs.unstrip_protocol(p) for p in sorted(fs.glob(path))]
-    if "{" not in part and not part.endswith((".tar", ".tgz", ".tar.gz")):
-        fs, path = pio.filesystem(part)
+        found = [p if pio.is_local(part) else fs.unstrip_protocol(p) for p in sorted(fs.glob(path))]
+        if not found:
+            raise ShardSpecError(f"{part} matches no file")
+        return found
+    if "{" not in part and not part.endswith(_SHARD_SUFFIXES):
         if fs.isdir(path):
-            found = sorted(p for p in fs.ls(path, detail=False) if p.endswith((".tar", ".tgz", ".tar.gz")))
+            found = sorted(p for p in fs.ls(path, detail=False) if p.endswith(_SHARD_SUFFIXES))
+            if not found:
+                raise ShardSpecError(f"folder {part} holds no .tar / .tgz / .tar.gz shard")
             return [p if pio.is_local(part) else fs.unstrip_protocol(p) for p in found]
-    return list(braceexpand.braceexpand(part))
+        if not fs.exists(path):
+            raise ShardSpecError(f"{part} does not exist (no such folder or shard)")
+    urls = list(braceexpand.braceexpand(part))
+    if _none_exists(part, urls):
+        if len(urls) == 1:
+            raise ShardSpecError(f"shard {part} does not exist")
+        raise ShardSpecError(f"none of the {len(urls)} shards of {part} exists")
+    return urls
 
 
 def expand_shards(spec: str) -> list[str]:
-    """Shard URLs named by ``spec`` (see :class:`LoaderConfig.shards`), in order."""
+    """Shard URLs named by ``spec`` (see :class:`LoaderConfig.shards`), in order.
+
+    Raises :class:`ShardSpecError` (a ``ValueError``) naming the path when a part of ``spec`` names no shard:
+    a missing folder or list file, a glob matching nothing, a brace pattern or path none of whose files
+    exists (on object stores only its first and last file are checked). Single missing shards of a pattern
+    are not errors here: the loader counts them as ``shard_error``.
+    """
     urls: list[str] = []
     for part in str(spec).split("::"):
         if part.strip():
             urls.extend(_expand_one(part.strip()))
+    if not urls:
+        raise ShardSpecError(f"{spec!r} names no shard")
     return urls
+
+
+def _shard_stem(url: str) -> str:
+    name = url.rstrip("/").rsplit("/", 1)[-1]
+    for suffix in (".tar.gz", ".tgz", ".tar"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def resolve_shards(cfg: LoaderConfig) -> tuple[list[str], list[str] | None]:
+    """The shard URLs of ``cfg.shards`` and, when ``cfg.syn_shards`` is set, their sidecars, paired.
+
+    Raises :class:`ShardSpecError` with a one-line message naming the field and the path (jobs turn it
+    into exit code 2, as they do config errors).
+    """
+    if not cfg.shards:
+        raise ShardSpecError("shards: no shards given")
+    try:
+        urls = expand_shards(cfg.shards)
+    except ShardSpecError as e:
+        raise ShardSpecError(f"shards: {e}") from None
+    if not cfg.syn_shards:
+        return urls, None
+    try:
+        syn_urls = expand_shards(cfg.syn_shards)
+    except ShardSpecError as e:
+        raise ShardSpecError(f"syn_shards: {e}") from None
+    return urls, pair_sidecars(urls, syn_urls)
+
+
+def pair_sidecars(urls: list[str], syn_urls: list[str]) -> list[str]:
+    """Check that sidecar ``i`` belongs to shard ``i`` (same count, same file names); returns ``syn_urls``."""
+    if len(syn_urls) != len(urls):
+        raise ShardSpecError(f"syn_shards: {len(syn_urls)} sidecar shards for {len(urls)} shards")
+    for url, syn in zip(urls, syn_urls):
+        if _shard_stem(url) != _shard_stem(syn):
+            raise ShardSpecError(
+                f"syn_shards: sidecar {syn} sits where {url} expects its own (sidecar i joins shard i, "
+                "so both lists need the same file names in the same order)"
+            )
+    return syn_urls
 
 
 # ------------------------------------------------------------------------------------------------- subsets
@@ -260,6 +348,18 @@ class UidSubset:
         h = np.uint64(_uid_hash(str(uid)))
         i = int(np.searchsorted(self._hashes, h))
         return i < self._hashes.size and self._hashes[i] == h
+
+
+def duplicate_image_uids(urls: Sequence[str]) -> UidSubset | None:
+    """The uids of ``duplicate_images.txt`` in the folders holding ``urls`` (data prep's cross-shard image
+    duplicates), or None when no folder has one or the lists are empty."""
+    folders = dict.fromkeys(u.rsplit("/", 1)[0] if "/" in u else "." for u in urls)
+    uids: list[str] = []
+    for folder in folders:
+        path = pio.join(folder, schema.DUPLICATE_IMAGES_FILE)
+        if pio.exists(path):
+            uids.extend(_read_lines(path))
+    return UidSubset(uids) if uids else None
 
 
 # ------------------------------------------------------------------------------------------- tar reading
@@ -330,8 +430,8 @@ def iter_tar(f: Any, want: Callable[[str], bool], max_bytes: int) -> Iterator[tu
     """``(member name, data)`` for the regular files of an uncompressed tar stream.
 
     A small reader of our own (ustar, pax and GNU long names), faster than :mod:`tarfile` on the many small
-    members of WebDataset shards. Nothing is trusted: names are only returned (callers use base names),
-    links / folders / devices are skipped, header extensions over 1 MiB and bad checksums raise
+    members of WebDataset shards. Nothing is trusted: names are only returned (callers check them with
+    :func:`pipeline.data.schema.member_key`), links / folders / devices are skipped, header extensions over 1 MiB and bad checksums raise
     :class:`TarFormatError`. ``data`` is None, and the member is skipped unread, when ``want(name)`` is
     False or the member is over ``max_bytes``.
     """
@@ -386,30 +486,27 @@ def iter_tar(f: Any, want: Callable[[str], bool], max_bytes: int) -> Iterator[tu
         yield name, data
 
 
-def _split_name(name: str) -> tuple[str, str] | None:
-    """``dir/abc.seg.png`` -> (``abc``, ``seg.png``): key from the base name only; None when unusable."""
-    base = name.replace("\\", "/").rsplit("/", 1)[-1]
-    key, dot, ext = base.partition(".")
-    if not key or not dot or not ext or base.startswith("."):
-        return None
-    return key, ext.lower()
+_UNSAFE = "/unsafe"  # in a sample's members: how many members with unsafe names were skipped near it
+_NO_SIDECAR = "/no_sidecar"  # in a sample's members: the sidecar shard has no entry for its key
+# (no member extension can hold "/": these never collide with a member)
 
 
-def _tar_groups(
-    fileobj: Any, skip: int, max_bytes: int
-) -> Iterator[tuple[int, str, dict[str, bytes | None]]]:
+def _tar_groups(fileobj: Any, skip: int, max_bytes: int) -> Iterator[tuple[int, str | None, dict[str, Any]]]:
     """``(index in shard, key, {ext: bytes})`` for each sample of a tar stream, from sample ``skip`` on.
 
-    Keys come from the member's base name up to its first dot (never its path); links, folders, hidden and
-    extension-less names are ignored. Members of the first ``skip`` samples are not read; members over
-    ``max_bytes`` become None.
+    Keys and extensions follow :func:`pipeline.data.schema.member_key`, the rule data prep's tar reader
+    follows too; hidden and extension-less names are ignored. Members with unsafe names (absolute, ``..``)
+    are skipped unread and counted under ``_UNSAFE`` in the sample open at that point (the first sample
+    when no sample has started yet); a tar holding nothing else yields one ``(0, None, {...})``. Members
+    of the first ``skip`` samples are not read; members over ``max_bytes`` become None.
     """
-    state = {"index": -1, "key": None, "exts": set()}
+    state: dict[str, Any] = {"index": -1, "key": None, "exts": set(), "parts": None}
 
     def want(name: str) -> bool:
-        # Called once per regular member, in order: tracks sample boundaries before any data is read.
-        parts = _split_name(name)
-        if parts is None:
+        # Called once per regular member, in order, just before iter_tar yields it: tracks sample
+        # boundaries before any data is read.
+        parts = state["parts"] = schema.member_key(name)
+        if parts is None or not parts[0]:
             return False
         key, ext = parts
         if key != state["key"] or ext in state["exts"]:
@@ -417,20 +514,30 @@ def _tar_groups(
         state["exts"].add(ext)
         return state["index"] >= skip
 
-    index, key, members = -1, None, {}
-    for name, data in iter_tar(fileobj, want, max_bytes):
-        if state["index"] < skip:
+    index, key, members, unsafe = -1, None, {}, 0
+    for _, data in iter_tar(fileobj, want, max_bytes):
+        parts = state["parts"]
+        if parts is None:  # unsafe name: counted with the sample open now, or the first one
+            if max(state["index"], 0) < skip:
+                continue
+            if key is not None:
+                members[_UNSAFE] = members.get(_UNSAFE, 0) + 1
+            else:
+                unsafe += 1
             continue
-        parts = _split_name(name)
-        if parts is None:
+        if state["index"] < skip or not parts[0]:
             continue
         if state["index"] != index:
             if key is not None:
                 yield index, key, members
             index, key, members = state["index"], parts[0], {}
+            if unsafe:
+                members[_UNSAFE], unsafe = unsafe, 0
         members[parts[1]] = data
     if key is not None:
         yield index, key, members
+    elif unsafe:
+        yield 0, None, {_ERROR: None, _UNSAFE: unsafe}
 
 
 def _maybe_gunzip(f: Any) -> Any:
@@ -485,6 +592,16 @@ def _shard_groups(
 # ---------------------------------------------------------------------------------------------- the stream
 
 
+@dataclass(frozen=True)
+class _Sources:
+    """What every slot reads from: shard URLs, their sidecars (or None), the uid subset and exclusions."""
+
+    urls: list[str]
+    syn_urls: list[str] | None
+    subset: UidSubset | None
+    exclude: UidSubset | None
+
+
 @dataclass
 class _WorkerState:
     epoch: int = 0
@@ -515,15 +632,16 @@ class _SlotStream:
     def __init__(
         self,
         cfg: LoaderConfig,
-        urls: list[str],
-        subset: UidSubset | None,
+        sources: _Sources,
         tokenizer: Callable[..., torch.Tensor],
         rank: int,
         world_size: int,
         worker: int,
         state: _WorkerState,
     ):
-        self.cfg, self.urls, self.subset, self.tokenizer = cfg, urls, subset, tokenizer
+        self.cfg, self.tokenizer = cfg, tokenizer
+        self.urls, self.syn_urls = sources.urls, sources.syn_urls
+        self.subset, self.exclude = sources.subset, sources.exclude
         self.rank, self.worker = rank, worker
         self.num_workers = max(1, cfg.num_workers)
         self.slot = rank * self.num_workers + worker
@@ -531,28 +649,54 @@ class _SlotStream:
         self.state = state
 
     # -- shard sequence
-    def _epoch_shards(self, epoch: int) -> list[str]:
+    def _epoch_shards(self, epoch: int) -> list[int]:
         order = list(range(len(self.urls)))
         if self.cfg.shuffle_shards:
             random.Random(_hash_int(self.cfg.seed, "shards", epoch)).shuffle(order)
-        return [self.urls[i] for i in order[self.slot :: self.num_slots]]
+        return order[self.slot :: self.num_slots]
 
-    def _shard_at(self, epoch: int, i: int, mine: list[str] | None) -> str | None:
+    def _shard_at(self, epoch: int, i: int, mine: list[int] | None) -> int | None:
         if self.cfg.resampled:
-            return self.urls[_hash_int(self.cfg.seed, "resample", self.rank, self.worker, i) % len(self.urls)]
+            return _hash_int(self.cfg.seed, "resample", self.rank, self.worker, i) % len(self.urls)
         assert mine is not None
         return mine[i] if i < len(mine) else None
+
+    def _sidecar(self, shard: int) -> dict[str, bytes | None]:
+        """``{key: syn.json bytes}`` of the sidecar of shard ``shard`` (read whole: a few KB per sample)."""
+        assert self.syn_urls is not None
+        out: dict[str, bytes | None] = {}
+        for _, key, members in _shard_groups(
+            self.syn_urls[shard], 0, self.cfg.max_member_bytes, self.cfg.read_retries
+        ):
+            if key is None:  # unreadable from here on (logged): its samples count as missing_sidecar
+                break
+            if schema.SYN_KEY in members:
+                out.setdefault(key, members[schema.SYN_KEY])
+        return out
 
     def _raw(self, epoch: int, shard: int, sample: int) -> Iterator[tuple[int, int, str | None, dict]]:
         mine = None if self.cfg.resampled else self._epoch_shards(epoch)
         i, idle = shard, 0
-        while (url := self._shard_at(epoch, i, mine)) is not None:
+        while (index := self._shard_at(epoch, i, mine)) is not None:
             kept = 0
+            sidecar = self._sidecar(index) if self.syn_urls is not None else None
             for j, key, members in _shard_groups(
-                url, sample if i == shard else 0, self.cfg.max_member_bytes, self.cfg.read_retries
+                self.urls[index],
+                sample if i == shard else 0,
+                self.cfg.max_member_bytes,
+                self.cfg.read_retries,
             ):
                 if key is not None and self.subset is not None and key not in self.subset:
                     continue
+                if key is not None and self.exclude is not None and key in self.exclude:
+                    # stays in the stream as a marker, so windows do not depend on skip_duplicate_images
+                    key, members = None, {_ERROR: "duplicate_image", _UNSAFE: members.get(_UNSAFE, 0)}
+                if key is not None and sidecar is not None:
+                    members = dict(members)
+                    if key in sidecar:
+                        members[schema.SYN_KEY] = sidecar[key]
+                    else:
+                        members[_NO_SIDECAR] = 1
                 kept += 1
                 yield i, j, key, members
             idle = 0 if kept else idle + 1
@@ -593,16 +737,21 @@ class _SlotStream:
         return [item for group in groups for item in group]
 
     # -- samples
-    def _bad(self, reason: str) -> None:
-        self.state.stats[reason] = self.state.stats.get(reason, 0) + 1
+    def _bad(self, reason: str, n: int = 1) -> None:
+        self.state.stats[reason] = self.state.stats.get(reason, 0) + n
 
     def _count(self, name: str) -> None:
         self.state.counts[name] = self.state.counts.get(name, 0) + 1
 
     def _sample(self, key: str | None, members: dict[str, Any], visit: int) -> dict[str, Any] | None:
         cfg = self.cfg
+        if members.get(_UNSAFE):
+            self._bad("unsafe_member_name", members[_UNSAFE])
+        if members.get(_NO_SIDECAR):
+            self._bad("missing_sidecar")  # the sample is kept, with its own syn.json
         if key is None:
-            self._bad(members[_ERROR])
+            if members[_ERROR]:
+                self._bad(members[_ERROR])
             return None
         image_key = next((k for k in IMAGE_KEYS if k in members), None)
         if image_key is None:
@@ -729,7 +878,7 @@ class _Dataset(IterableDataset):
 
     def __init__(self, loader: Loader, states: list[_WorkerState], rotation: int):
         super().__init__()
-        self.cfg, self.urls, self.subset = loader.cfg, loader.urls, loader.subset
+        self.cfg, self.sources = loader.cfg, loader.sources
         self.tokenizer, self.rank, self.world_size = loader.tokenizer, loader.rank, loader.world_size
         self.states, self.rotation = states, rotation
 
@@ -739,9 +888,7 @@ class _Dataset(IterableDataset):
         worker = ((info.id if info is not None else 0) + self.rotation) % num
         state = _WorkerState.from_dict(self.states[worker].to_dict())
         return iter(
-            _SlotStream(
-                self.cfg, self.urls, self.subset, self.tokenizer, self.rank, self.world_size, worker, state
-            )
+            _SlotStream(self.cfg, self.sources, self.tokenizer, self.rank, self.world_size, worker, state)
         )
 
 
@@ -761,13 +908,9 @@ class Loader:
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
-        if not cfg.shards:
-            raise ValueError("shards: no shards given")
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.urls, syn_urls = resolve_shards(cfg)
         self.tokenizer = tokenizer or get_tokenizer("ViT-B-16", cfg.context_length)
-        self.urls = expand_shards(cfg.shards)
-        if not self.urls:
-            raise ValueError(f"shards: {cfg.shards!r} names no shard")
         num_slots = world_size * max(1, cfg.num_workers)
         if not cfg.resampled and len(self.urls) < num_slots:
             raise ValueError(
@@ -775,6 +918,8 @@ class Loader:
                 f"num_workers {max(1, cfg.num_workers)}); use more shards, fewer workers, or resampled"
             )
         self.subset = UidSubset.from_file(cfg.subset_uids) if cfg.subset_uids else None
+        self.exclude = duplicate_image_uids(self.urls) if cfg.skip_duplicate_images else None
+        self.sources = _Sources(self.urls, syn_urls, self.subset, self.exclude)
         self._states = [_WorkerState() for _ in range(max(1, cfg.num_workers))]
         self._batches = 0
         self._next_worker = 0
@@ -829,15 +974,30 @@ class Loader:
     def batches(self) -> int:
         return self._batches
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        cfg = self.cfg
-        dataset = _Dataset(
-            self, [_WorkerState.from_dict(s.to_dict()) for s in self._states], self._next_worker
-        )
+    def __iter__(self) -> _Pass:
+        return _Pass(self)
+
+
+class _Pass(Iterator[dict[str, Any]]):
+    """One pass over a :class:`Loader`, from its current position.
+
+    Built eagerly by ``iter(loader)`` (not a generator), so the worker processes start there, and the
+    DataLoader draws its worker seed from its own generator seeded by (seed, rank): iterating never draws
+    from, or moves, the global torch RNG (a resumed run's training RNG streams stay those of an
+    uninterrupted one).
+    """
+
+    def __init__(self, loader: Loader):
+        self.loader = loader
+        cfg = loader.cfg
+        states = [_WorkerState.from_dict(s.to_dict()) for s in loader._states]
+        dataset = _Dataset(loader, states, loader._next_worker)
         if cfg.num_workers == 0:
-            source: Any = iter(dataset)
+            self._source: Iterator[dict[str, Any]] = iter(dataset)
         else:
-            source = iter(
+            generator = torch.Generator()
+            generator.manual_seed(_hash_int(cfg.seed, "dataloader", loader.rank) >> 1)
+            self._source = iter(
                 DataLoader(
                     dataset,
                     batch_size=None,
@@ -845,16 +1005,23 @@ class Loader:
                     prefetch_factor=cfg.prefetch_factor,
                     pin_memory=cfg.pin_memory and torch.cuda.is_available(),
                     persistent_workers=False,
+                    generator=generator,
                 )
             )
-        for batch in source:
+
+    def __iter__(self) -> _Pass:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        loader, num = self.loader, max(1, self.loader.cfg.num_workers)
+        while True:
+            batch = next(self._source)
             worker = int(batch.pop("_worker"))
-            self._states[worker] = _WorkerState.from_dict(batch.pop("_state"))
-            self._next_worker = (worker + 1) % max(1, cfg.num_workers)
-            if not batch:  # a worker's end-of-stream state report
-                continue
-            self._batches += 1
-            yield batch
+            loader._states[worker] = _WorkerState.from_dict(batch.pop("_state"))
+            loader._next_worker = (worker + 1) % num
+            if batch:  # else a worker's end-of-stream state report
+                loader._batches += 1
+                return batch
 
 
 def _sum_dicts(dicts: Any) -> dict[str, int]:

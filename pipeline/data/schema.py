@@ -12,12 +12,18 @@ A sample is a group of tar members sharing the key ``<uid>``:
     <uid>.ann.json   optional: instances {"boxes": [[x0,y0,x1,y1]...], "labels": [...], ...}
 
 Shard folders also hold ``sizes.json`` ({shard file name: samples}, open_clip's format), one
-``<shard>.stats.json`` per shard, and ``manifest.json`` describing the dataset.
+``<shard>.stats.json`` per shard, ``manifest.json`` describing the dataset and ``duplicate_images.txt``
+(uids whose image bytes equal an earlier shard's sample; the loader skips them).
+
+Tar member names follow one rule for every reader (:func:`member_key`): a name that is absolute, escapes
+upwards (``..``) or holds NUL / backslash is unsafe and skipped; otherwise the key is the normalised path up
+to the first dot of the base name (WebDataset's convention) and the extension the rest, lower-cased.
 """
 
 from __future__ import annotations
 
 import json
+import posixpath
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +36,7 @@ DEPTH_KEY = "depth.npy"
 ANN_KEY = "ann.json"
 
 SIZES_FILE = "sizes.json"
+DUPLICATE_IMAGES_FILE = "duplicate_images.txt"
 MANIFEST_FILE = "manifest.json"
 STATS_SUFFIX = ".stats.json"
 SCHEMA_VERSION = 1
@@ -88,3 +95,30 @@ def decode_syn(data: bytes | str) -> list[str]:
     d = json.loads(data)
     texts = d.get("syn_text", []) if isinstance(d, dict) else []
     return [t for t in texts if isinstance(t, str) and t.strip()]
+
+
+def safe_member_name(name: str) -> str | None:
+    """The normalised tar member name, or ``None`` when it is absolute, escapes upwards or has NUL / backslash."""
+    if not name or "\x00" in name or "\\" in name:
+        return None
+    norm = posixpath.normpath(name)
+    if norm.startswith("/") or norm in (".", "") or any(part == ".." for part in norm.split("/")):
+        return None
+    return norm
+
+
+def member_key(name: str) -> tuple[str, str] | None:
+    """``(key, extension)`` of a tar member name, the rule every reader of shards follows.
+
+    ``dir/abc.seg.PNG`` -> (``dir/abc``, ``seg.png``). ``None`` when the name is unsafe (see
+    :func:`safe_member_name`); ``("", "")`` when it is safe but names no sample member (a hidden base name
+    such as ``.hidden.txt``, or no extension): readers skip both, and count the unsafe ones.
+    """
+    norm = safe_member_name(name)
+    if norm is None:
+        return None
+    head, base = posixpath.split(norm)
+    stem, _, ext = base.partition(".")
+    if not stem or not ext:
+        return "", ""
+    return (posixpath.join(head, stem) if head else stem), ext.lower()

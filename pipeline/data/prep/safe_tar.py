@@ -1,9 +1,11 @@
 """Reading tars we did not write (img2dataset output, DataCompDR sidecars) without trusting them.
 
-Nothing is ever extracted to disk. Member names are checked anyway (no absolute paths, no ``..``, no NUL or
-backslash), only regular files are read (links, devices, directories and sparse members are skipped), and a
-member larger than ``max_member_bytes`` is skipped without reading it into memory. Everything skipped is
-counted in a :class:`TarReport` so callers can surface it.
+Nothing is ever extracted to disk. Member names are checked anyway, by the one rule the training loader
+follows too (:func:`pipeline.data.schema.member_key`: no absolute paths, no ``..``, no NUL or backslash;
+names without a key or an extension, such as ``.hidden`` or ``README``, belong to no sample). Only regular
+files are read (links, devices, directories and sparse members are skipped), and a member larger than
+``max_member_bytes`` is skipped without reading it into memory. Everything skipped is counted in a
+:class:`TarReport` so callers can surface it.
 
     with fsspec.open(url, "rb") as f:
         for key, members in iter_tar_samples(f, max_member_bytes=32 << 20):
@@ -12,12 +14,13 @@ counted in a :class:`TarReport` so callers can surface it.
 
 from __future__ import annotations
 
-import posixpath
 import tarfile
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import IO
+
+from pipeline.data.schema import member_key, safe_member_name
 
 DEFAULT_MAX_MEMBER_BYTES = 64 << 20
 
@@ -39,24 +42,12 @@ class TarEntry:
     size: int
 
 
-def safe_member_name(name: str) -> str | None:
-    """The normalised member name, or ``None`` when it is absolute, escapes upwards or has odd characters."""
-    if not name or "\x00" in name or "\\" in name:
-        return None
-    norm = posixpath.normpath(name)
-    if norm.startswith("/") or norm == ".." or norm.startswith("../") or norm in (".", ""):
-        return None
-    if any(part == ".." for part in norm.split("/")):
-        return None
-    return norm
-
-
 def split_key(name: str) -> tuple[str, str]:
-    """WebDataset's convention: ``dir/abc.seg.png`` -> (``dir/abc``, ``seg.png``); no extension -> ``""``."""
-    head, base = posixpath.split(name)
-    stem, dot, ext = base.partition(".")
-    key = posixpath.join(head, stem) if head else stem
-    return key, ext if dot else ""
+    """The (key, extension) of a safe member name by :func:`pipeline.data.schema.member_key`."""
+    parts = member_key(name)
+    if parts is None:
+        raise ValueError(f"unsafe tar member name {name!r}")
+    return parts
 
 
 def _check(member: tarfile.TarInfo, max_member_bytes: int, report: TarReport) -> str | None:
@@ -66,6 +57,9 @@ def _check(member: tarfile.TarInfo, max_member_bytes: int, report: TarReport) ->
     name = safe_member_name(member.name)
     if name is None:
         report.skipped["unsafe_name"] += 1
+        return None
+    if "" in (member_key(name) or ("",)):
+        report.skipped["not_sample_member"] += 1
         return None
     if member.size < 0 or member.size > max_member_bytes:
         report.skipped["too_large"] += 1
