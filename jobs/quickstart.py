@@ -9,7 +9,8 @@ killed quickstart re-runs from where it stopped):
   2. shard       DataComp parquet + images + DataCompDR-style synthetic captions -> WebDataset shards
   3. caption     train a tiny CoCa on the precise captions, then write 2 synthetic captions per image
                  for the shards as DataCompDR-style sidecar shards
-  4. pretrain    DeepSpeed CLIP pretraining of the debug model on web + synthetic captions, with EMA
+  4. pretrain    DeepSpeed CLIP pretraining of the debug model on web captions + the CoCa captions of step 3
+                 (the loader joins the sidecar shards to the image shards by key: ``data.syn_shards``), EMA
   5. finetune    segmentation and depth from the pretrained (EMA) image tower
   6. summary     a table of what each step wrote and its headline numbers
 """
@@ -56,6 +57,18 @@ def _step(title: str, fn: Callable[[], int | None]) -> float:
     if rc not in (0, None):
         raise SystemExit(f"quickstart: step '{title}' failed with exit code {rc}")
     return time.time() - start
+
+
+def caption_source(syn: Path) -> str:
+    """Where the pretraining synthetic captions come from, from the caption job's done markers."""
+    markers = [json.loads(p.read_text()) for p in sorted(syn.glob("*.caption.json"))]
+    captioners = sorted({str(m.get("captioner", "?")).split(":")[0] for m in markers}) or ["?"]
+    samples = sum(int(m.get("samples", 0)) for m in markers)
+    captioned = sum(int(m.get("captioned", 0)) for m in markers)
+    return (
+        f"synthetic captions: {syn} ({', '.join(c.replace('coca', 'CoCa') for c in captioners)}, "
+        f"{captioned} of {samples} samples captioned, {len(markers)} sidecar shards)"
+    )
 
 
 def run(cfg: QuickstartConfig) -> dict:
@@ -111,12 +124,14 @@ def run(cfg: QuickstartConfig) -> dict:
             ]
         ),
     )
+    source = caption_source(syn)
     timings["pretrain"] = _step(
-        "4/5 pretrain: DeepSpeed CLIP (debug model) on web + synthetic captions",
+        f"4/5 pretrain: DeepSpeed CLIP (debug model) on web + CoCa captions\n    {source}",
         lambda: pretrain.main(
             [
                 "--config=jobs/configs/debug.toml",
                 f"--data.shards={shards}",
+                f"--data.syn_shards={syn}",
                 f"--run_dir={pre}",
                 f"--steps={cfg.pretrain_steps}",
                 "--log.progress=false",
@@ -138,7 +153,11 @@ def run(cfg: QuickstartConfig) -> dict:
                 ]
             ),
         )
-    summary = {"out": str(out), "seconds": {k: round(v, 1) for k, v in timings.items()}}
+    summary = {
+        "out": str(out),
+        "seconds": {k: round(v, 1) for k, v in timings.items()},
+        "pretrain_captions": source,
+    }
     pre_summary = pre / "summary.json"
     if pre_summary.exists():
         summary["pretrain"] = json.loads(pre_summary.read_text())
@@ -183,7 +202,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = [
         ("world", f"{cfg.out}/world/datacomp", "DataComp-layout parquet + images + syn captions"),
         ("shards", f"{cfg.out}/shards", "WebDataset tars, sizes.json, manifest.json, failures.parquet"),
-        ("captions", f"{cfg.out}/captions", "sidecar syn.json shards written by the tiny CoCa"),
+        (
+            "captions",
+            f"{cfg.out}/captions",
+            "sidecar syn.json shards by the tiny CoCa: pretraining's syn captions",
+        ),
         (
             "pretrain",
             f"{cfg.out}/pretrain",
@@ -196,6 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name, path, what in rows:
         print(f"  {name:<13} {path:<{width}}  {what}")
     print(f"  {'seconds':<13} {json.dumps(summary['seconds'])}")
+    print(f"  {summary['pretrain_captions']}")
     return 0
 
 
