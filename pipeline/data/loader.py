@@ -8,9 +8,17 @@
 
 Shards are tar files of the schema in :mod:`pipeline.data.schema`, named by brace patterns, ``::``-joined
 lists of patterns, globs, a folder, or a list file (``.txt``), on local disk or any fsspec URL (``s3://``; the
-endpoint comes from ``S3_ENDPOINT_URL``). Tars are read by a small streaming reader of our own (no webdataset
-pipeline, so no ``KeyError: 'fname'`` at shard ends): only regular members, keys from the member's base name
-(never its path), members over ``max_member_bytes`` dropped unread.
+endpoint comes from ``S3_ENDPOINT_URL``); a spec naming no shard raises :class:`ShardSpecError` naming the
+path. Tars are read by a small streaming reader of our own (no webdataset pipeline, so no ``KeyError:
+'fname'`` at shard ends): only regular members, keys and extensions by the rule data prep shares
+(:func:`pipeline.data.schema.member_key`; unsafe names such as ``../x.jpg`` are skipped and counted), members
+over ``max_member_bytes`` dropped unread.
+
+``syn_shards`` names DataCompDR-style caption sidecars (``data_prep.caption``'s output): sidecar ``i`` is read
+whole when shard ``i`` is opened and replaces each sample's ``syn.json`` by its entry for the sample's key
+(samples without one keep theirs and are counted as ``missing_sidecar``). uids listed in data prep's
+``duplicate_images.txt`` beside the shards are skipped (``skip_duplicate_images``), counted as
+``duplicate_image``.
 
 Bad samples never stop training: undecodable / missing / oversized images, missing / empty / non-UTF-8
 captions, bad ``json`` or ``syn.json``, unreadable or truncated shards are skipped and counted by reason in
@@ -52,7 +60,9 @@ Everything below is a pure function of (config, rank, world size, number of work
   workers. Ranks may then yield different numbers of batches: distributed training uses endless mode.
 - A subset (``subset_uids``, a uid list file from data prep's nested subsets, one uid per line or a JSON
   list) keeps only those uids, decided from tar keys before any decoding: no re-sharding. Windows count only
-  kept samples.
+  kept samples. Duplicate images stay in windows as markers, so skipping them never moves a position.
+- ``iter(loader)`` builds the pass at once (workers start there) and the DataLoader seeds its workers from
+  its own generator: a loader never draws from or moves the global torch RNG.
 """
 
 from __future__ import annotations
