@@ -276,10 +276,14 @@ def test_rerun_after_a_crash_redoes_only_unfinished_shards(
     names = sorted(p.name for p in out.glob("*.tar"))
     (out / names[1]).unlink()  # killed before the rename: no tar, no stats
     (out / names[2].replace(".tar", ".stats.json")).unlink()  # killed between tar and stats
-    dead = out / (names[3] + ".tmp-1234-abcd")
+    (out / "_tmp").mkdir()
+    dead = out / "_tmp" / (names[3] + ".tmp-1234-abcd")
     dead.write_bytes(b"partial tar")  # a dead writer's temporary: untouched for two hours
-    os.utime(dead, (time.time() - 7200, time.time() - 7200))
-    live = out / (names[4] + ".tmp-5678-ef01")
+    legacy = out / (names[0] + ".tmp-4321-dcba")  # where older versions wrote temporaries
+    legacy.write_bytes(b"partial tar")
+    for old in (dead, legacy):
+        os.utime(old, (time.time() - 7200, time.time() - 7200))
+    live = out / "_tmp" / (names[4] + ".tmp-5678-ef01")
     live.write_bytes(b"being written")  # another array task's temporary, touched just now
     from pipeline.cli import parse_config
     from pipeline.data.prep.job import ShardJobConfig, run
@@ -290,7 +294,7 @@ def test_rerun_after_a_crash_redoes_only_unfinished_shards(
     result = run(cfg, log=lambda s: None)
     assert (result["units_run"], result["units_skipped"]) == (2, len(names) - 2)
     assert tar_bytes(out) == tar_bytes(reference)
-    assert [p.name for p in out.glob("*.tmp-*")] == [live.name]
+    assert [p.relative_to(out) for p in out.rglob("*.tmp-*")] == [live.relative_to(out)]
     assert (out / "sizes.json").read_bytes() == (reference / "sizes.json").read_bytes()
 
 
@@ -304,7 +308,11 @@ def test_job_killed_with_sigkill_resumes_to_identical_shards(
     try:
         proc = subprocess.Popen(cmd + args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + 60
-        while not list(out.glob("*.stats.json")) and time.time() < deadline and proc.poll() is None:
+
+        def mid_shard() -> bool:  # a shard done and the next one being written
+            return bool(list(out.glob("*.stats.json")) and list(out.rglob("*.tar.tmp-*")))
+
+        while not mid_shard() and time.time() < deadline and proc.poll() is None:
             time.sleep(0.01)
         assert proc.poll() is None, "the job finished before it could be killed"
         os.kill(proc.pid, signal.SIGKILL)
@@ -315,8 +323,45 @@ def test_job_killed_with_sigkill_resumes_to_identical_shards(
     sizes = json.loads((reference / "sizes.json").read_text())
     for tar in out.glob("*.tar"):  # whatever is visible is a complete shard, never a partial tar
         assert len(read_tar(tar)) == sizes[tar.name]
+    killed_temps = list(out.rglob("*.tmp-*"))
+    assert killed_temps and {p.parent.name for p in killed_temps} == {"_tmp"}  # none beside the shards
     assert subprocess.run(cmd + args, cwd=REPO, capture_output=True).returncode == 0
     assert tar_bytes(out) == tar_bytes(reference) != {}
+    # the killed writer's temporary may be another task's that is still writing: it waits out its hour in
+    # _tmp/ (which a sync excludes); the rerun itself left none, and none anywhere else
+    assert sorted(out.rglob("*.tmp-*")) == sorted(killed_temps)
+
+
+def test_a_finished_job_leaves_no_temporaries_of_its_own(
+    inputs: Inputs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker killed while writing (OOM killer, preempted Ray task) never cleans up; the run that started
+    it removes its temporaries at the end. Here the first shard's writer dies without cleaning up."""
+    from pipeline.data.prep import writer
+
+    out = tmp_path / "out"
+    real_add, real_remove, died = writer.TarBuilder.add, os.remove, []
+
+    def dying_add(self: writer.TarBuilder, key: str, members: dict[str, bytes]) -> None:
+        if not died:
+            died.append(self._tar.fileobj.name)  # the temporary it was writing
+            raise RuntimeError("killed")
+        real_add(self, key, members)
+
+    def remove(path: str) -> None:
+        if died and path == died[0] and len(died) == 1:
+            died.append("no cleanup")  # a killed process runs no finally: its temporary stays
+            return
+        real_remove(path)
+
+    monkeypatch.setattr(writer.TarBuilder, "add", dying_add)
+    monkeypatch.setattr(os, "remove", remove)
+    assert main(inputs.args(out, "--executor.processes=1")) == 1  # one shard failed: re-run to retry
+    assert died[1:] == ["no cleanup"] and "/_tmp/" in died[0]
+    assert not list(out.rglob("*.tmp-*")) and not (out / "_tmp").exists()
+    monkeypatch.undo()
+    assert main(inputs.args(out, "--executor.processes=1")) == 0
+    assert not list(out.rglob("*.tmp-*")) and not (out / "_tmp").exists()
 
 
 def test_nested_subsets_are_contained_in_each_other(reference: Path) -> None:

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 import traceback
+import uuid
 from collections import Counter, deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -55,7 +57,7 @@ from pipeline.data.prep.subsets import SubsetConfig, read_uid_list, write_subset
 from pipeline.data.prep.writer import (
     FAILURES_FILE,
     OutputConfig,
-    open_shard,
+    OutputFolder,
     public_json,
     public_text,
     public_url,
@@ -64,6 +66,7 @@ from pipeline.data.prep.writer import (
     shard_pattern,
     stats_url,
     write_dataset_files,
+    write_json,
 )
 from pipeline.data.schema import (
     CAPTION_KEY,
@@ -205,13 +208,15 @@ def find_duplicate_rows(inputs: list[dict[str, Any]], uid_column: str) -> pa.Tab
     return pa.table({"input": pa.array(rows_in, pa.int32()), "row": pa.array(rows_row, pa.int64())})
 
 
-def _write_parquet(url: str, table: pa.Table) -> None:
-    with io.atomic_write(url, "wb") as f:
+def _write_plan_parquet(out: OutputFolder, name: str, table: pa.Table) -> None:
+    with out.open(PLAN_DIR, name) as f:
         pq.write_table(table, f)
 
 
-def make_plan(cfg: ShardJobConfig, chash: str, log: Callable[[str], None] = print) -> Plan:
-    """Load ``<output>/_plan/plan.json`` if it was made with this config, else build and write it."""
+def make_plan(cfg: ShardJobConfig, chash: str, log: Callable[[str], None] = print, owner: str = "") -> Plan:
+    """Load ``<output>/_plan/plan.json`` if it was made with this config, else build and write it
+    (``owner``: the run's tag for its temporaries)."""
+    out = OutputFolder(cfg.output.path, owner)
     plan_url = _plan_url(cfg, PLAN_FILE)
     if io.exists(plan_url):
         old = io.read_json(plan_url)
@@ -225,7 +230,7 @@ def make_plan(cfg: ShardJobConfig, chash: str, log: Callable[[str], None] = prin
     t0 = time.time()
     if cfg.source.kind == "folder":
         folder_url = _plan_url(cfg, "folder.parquet")
-        _write_parquet(folder_url, sources.list_folder(cfg.source))
+        _write_plan_parquet(out, "folder.parquet", sources.list_folder(cfg.source))
         urls = [folder_url]
     else:
         try:
@@ -244,13 +249,13 @@ def make_plan(cfg: ShardJobConfig, chash: str, log: Callable[[str], None] = prin
             inputs.append({"url": url, "error": f"{type(e).__name__}: {e}"[:500]})
     uid_column = "uid" if cfg.source.kind == "folder" else cfg.source.uid_column
     if cfg.filters.dedupe_uid:
-        _write_parquet(_plan_url(cfg, "duplicates.parquet"), find_duplicate_rows(inputs, uid_column))
+        _write_plan_parquet(out, "duplicates.parquet", find_duplicate_rows(inputs, uid_column))
     if cfg.source.images == "img2dataset":
         index, report = sources.build_img2dataset_index(cfg.source)
-        _write_parquet(_plan_url(cfg, "img2dataset_index.parquet"), index)
+        _write_plan_parquet(out, "img2dataset_index.parquet", index)
         if report.skipped:
             log(f"img2dataset index: skipped members {dict(report.skipped)}")
-    io.write_json(plan_url, {"config_hash": chash, "inputs": inputs})
+    out.write_json({"config_hash": chash, "inputs": inputs}, PLAN_DIR, PLAN_FILE)
     rows = sum(i.get("num_rows", 0) for i in inputs)
     log(f"planned {len(inputs)} input file(s), {rows} rows in {time.time() - t0:.1f}s")
     return Plan(chash, inputs)
@@ -408,8 +413,9 @@ def _source_for(cfg: ShardJobConfig) -> SourceConfig:
     return cfg.source
 
 
-def process_unit(cfg: ShardJobConfig, chash: str, unit: Unit) -> dict[str, Any]:
-    """Write one shard (or skip it when its stats show it is done); returns a slim summary."""
+def process_unit(cfg: ShardJobConfig, chash: str, unit: Unit, owner: str = "") -> dict[str, Any]:
+    """Write one shard (or skip it when its stats show it is done); returns a slim summary. ``owner``: the
+    run's tag for its temporaries."""
     out = cfg.output.path
     done = read_stats(out, unit.name)
     if done is not None and done.get("config_hash") == chash:
@@ -430,7 +436,7 @@ def process_unit(cfg: ShardJobConfig, chash: str, unit: Unit) -> dict[str, Any]:
     first_by_sha: dict[str, str] = {}
     num_reencoded = num_syn = 0
     window = max(2, 2 * cfg.fetch.threads)
-    with ThreadPoolExecutor(cfg.fetch.threads) as pool, open_shard(io.join(out, unit.name)) as tar:
+    with ThreadPoolExecutor(cfg.fetch.threads) as pool, OutputFolder(out, owner).shard(unit.name) as tar:
         queue: deque[tuple[_Candidate, Any]] = deque()
         todo = iter(candidates)
         while True:
@@ -507,7 +513,7 @@ def process_unit(cfg: ShardJobConfig, chash: str, unit: Unit) -> dict[str, Any]:
         "sha256": kept_sha,
         "failures": failures,
     }
-    io.write_json(stats_url(out, unit.name), stats)
+    write_json(stats_url(out, unit.name), stats, OutputFolder(out).tmp_dir, owner)
     return {**_slim(stats), "skipped": False}
 
 
@@ -522,10 +528,12 @@ class UnitTask:
 
     cfg: ShardJobConfig
     chash: str
+    owner: str = ""
+    """The run's tag for its temporaries (so that the run can remove those of its killed workers)."""
 
     def __call__(self, unit: Unit) -> dict[str, Any]:
         try:
-            return {"ok": True, **process_unit(self.cfg, self.chash, unit)}
+            return {"ok": True, **process_unit(self.cfg, self.chash, unit, self.owner)}
         except Exception:  # noqa: BLE001 - reported by the driver; a re-run retries the unit
             return {"ok": False, "shard": unit.name, "error": traceback.format_exc(limit=8)}
 
@@ -533,8 +541,9 @@ class UnitTask:
 # ---------------------------------------------------------------------------------------------- merge
 
 
-def merge(cfg: ShardJobConfig, plan: Plan, units: list[Unit]) -> dict[str, Any] | None:
-    """Write the dataset files if every unit is done (else return None); check the accounting."""
+def merge(cfg: ShardJobConfig, plan: Plan, units: list[Unit], owner: str = "") -> dict[str, Any] | None:
+    """Write the dataset files if every unit is done (else return None); check the accounting. ``owner``:
+    the run's tag for its temporaries."""
     out = cfg.output.path
     with ThreadPoolExecutor(16) as pool:
         all_stats = list(pool.map(lambda u: read_stats(out, u.name), units))
@@ -581,7 +590,8 @@ def merge(cfg: ShardJobConfig, plan: Plan, units: list[Unit]) -> dict[str, Any] 
     num_failed = len(failures)
     if num_kept + num_failed != num_input or sum(reasons.values()) != num_failed:
         raise ShardJobError(f"accounting: kept {num_kept} + failed {num_failed} != input {num_input}")
-    subsets = write_subsets(out, subset_input, cfg.subsets) if cfg.subsets.fractions else {}
+    folder = OutputFolder(out, owner)
+    subsets = write_subsets(folder, subset_input, cfg.subsets) if cfg.subsets.fractions else {}
     names = [u.name for u in units]
     manifest = {
         "schema_version": SCHEMA_VERSION,
@@ -608,8 +618,8 @@ def merge(cfg: ShardJobConfig, plan: Plan, units: list[Unit]) -> dict[str, Any] 
             "json": "metadata",
         },
     }
-    write_dataset_files(out, sizes, failures, duplicate_images, manifest)
-    remove_stale_temp_files(out)
+    write_dataset_files(folder, sizes, failures, duplicate_images, manifest)
+    remove_stale_temp_files(out, owner=owner)
     return manifest
 
 
@@ -634,12 +644,24 @@ def run(
 
     Returns {"plan", "units_run", "units_skipped", "this_run": {...}, "manifest" (None until merged)}.
     Raises :class:`ShardJobError` when units failed (after running all others) or accounting is off.
+    Whatever happens, the temporaries of this run's writers (workers killed by the OOM killer, a Ray task
+    retried elsewhere) are removed at the end; others' only once they are an hour old.
     """
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    owner = uuid.uuid4().hex[:12]  # tags this run's temporaries, in every worker process
+    try:
+        return _run_stages(cfg, stage, task_index, num_tasks, log, owner)
+    finally:
+        remove_stale_temp_files(cfg.output.path, min_age_s=math.inf, owner=owner)
+
+
+def _run_stages(
+    cfg: ShardJobConfig, stage: str, task_index: int, num_tasks: int, log: Callable[[str], None], owner: str
+) -> dict[str, Any]:
     t0 = time.time()
     chash = config_hash(cfg)
-    plan = make_plan(cfg, chash, log)
+    plan = make_plan(cfg, chash, log, owner)
     units = plan.units(cfg.output)
     result: dict[str, Any] = {"plan": plan, "units_run": 0, "units_skipped": 0, "manifest": None}
     if stage == "plan":
@@ -647,7 +669,7 @@ def run(
     this_run: Counter[str] = Counter()
     if stage in ("all", "shard"):
         mine = [units[i] for i in task_range(len(units), task_index, num_tasks)]
-        errors = _run_shards(cfg, chash, mine, this_run, result)
+        errors = _run_shards(UnitTask(cfg, chash, owner), mine, this_run, result)
         if errors:
             for e in errors[:5]:
                 log(f"shard {e['shard']} failed:\n{public_text(e['error'], cfg.output.url_query)}")
@@ -658,7 +680,7 @@ def run(
     elapsed = time.time() - t0
     result["this_run"] = {**this_run, "seconds": round(elapsed, 3)}
     if stage in ("all", "merge"):
-        result["manifest"] = merge(cfg, plan, units)
+        result["manifest"] = merge(cfg, plan, units, owner)
         if result["manifest"] is None:
             if stage == "merge" or num_tasks == 1:
                 raise ShardJobError(
@@ -670,12 +692,12 @@ def run(
 
 
 def _run_shards(
-    cfg: ShardJobConfig, chash: str, mine: list[Unit], this_run: Counter[str], result: dict[str, Any]
+    task: UnitTask, mine: list[Unit], this_run: Counter[str], result: dict[str, Any]
 ) -> list[dict[str, Any]]:
     from tqdm import tqdm
 
+    cfg = task.cfg
     errors = []
-    task = UnitTask(cfg, chash)
     with tqdm(total=len(mine), unit="shard", disable=not cfg.executor.progress, dynamic_ncols=True) as bar:
         for _, r in run_units(task, mine, cfg.executor):
             bar.update(1)

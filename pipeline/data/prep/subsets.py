@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline import io
+from pipeline.data.prep.writer import OutputFolder, as_output_folder
 
 
 @dataclass(frozen=True)
@@ -48,9 +49,10 @@ def subset_name(fraction: float) -> str:
 
 
 def write_subsets(
-    output_url: str, shards: Sequence[tuple[str, Sequence[str]]], cfg: SubsetConfig
+    output: str | OutputFolder, shards: Sequence[tuple[str, Sequence[str]]], cfg: SubsetConfig
 ) -> dict[str, Any]:
     """Write the uid lists for ``shards`` = [(shard file name, kept uids in order)]; returns a summary."""
+    out = as_output_folder(output)
     summary: dict[str, Any] = {}
     for fraction in sorted(cfg.fractions):
         name = subset_name(fraction)
@@ -60,9 +62,9 @@ def write_subsets(
             chosen = [u for u in uids if in_subset(u, fraction, cfg.salt)]
             per_shard[shard] = len(chosen)
             lines.extend(chosen)
-        io.write_text(io.join(output_url, "subsets", f"{name}.txt"), "".join(u + "\n" for u in lines))
+        out.write_text("".join(u + "\n" for u in lines), "subsets", f"{name}.txt")
         info = {"fraction": fraction, "salt": cfg.salt, "num_samples": len(lines), "shards": per_shard}
-        io.write_json(io.join(output_url, "subsets", f"{name}.json"), info)
+        out.write_json(info, "subsets", f"{name}.json")
         summary[name] = {"fraction": fraction, "num_samples": len(lines), "uids": f"subsets/{name}.txt"}
     return summary
 

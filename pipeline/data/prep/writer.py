@@ -1,8 +1,9 @@
 """Deterministic, atomic WebDataset shard writing, per-shard stats and the dataset-level files.
 
-A shard is built in a temporary file and published in one step: ``os.replace`` onto ``<name>.tar`` for
-local folders, a single upload for object stores (so neither ever shows a partial tar). Its
-``<name>.stats.json`` is written after the tar and is the completion marker a re-run checks.
+Every file is built in a temporary file and published in one step (:func:`atomic_file`): ``os.replace``
+from ``<output>/_tmp/`` onto its name for local folders, a single upload for object stores, so neither ever
+shows a partial tar and the shards' folder never holds a temporary. A shard's ``<name>.stats.json`` is
+written after the tar and is the completion marker a re-run checks.
 
 Tars are byte-identical for identical samples: GNU format, members in sample order and, within a sample, in
 :data:`MEMBER_ORDER`, mtime 0, uid/gid 0, empty user/group names, mode 0444.
@@ -15,6 +16,7 @@ Dataset files written by :func:`write_dataset_files` after every shard is done: 
 from __future__ import annotations
 
 import glob
+import json
 import os
 import re
 import tarfile
@@ -23,7 +25,7 @@ import time
 import urllib.parse
 import uuid
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import IO, Any, Literal
 
@@ -48,6 +50,7 @@ MEMBER_ORDER = (IMAGE_KEY, CAPTION_KEY, SYN_KEY, META_KEY, SEG_KEY, DEPTH_KEY, A
 FAILURES_FILE = "failures.parquet"
 DUPLICATE_IMAGES_FILE = "duplicate_images.txt"
 STALE_TEMP_AGE_S = 3600.0  # a writer that has not touched its temporary for an hour is dead
+TMP_DIR = "_tmp"  # temporaries live here, never beside the final names (sync tools can exclude it)
 URL_QUERY_MODES = ("strip", "redact_credentials", "keep")
 REDACTED = "REDACTED"
 CREDENTIAL_PARAMS = frozenset(
@@ -195,25 +198,51 @@ class _BytesReader:
         return out
 
 
+def _local_path(url: str) -> str:
+    return url[len("file://") :] if url.startswith("file://") else url
+
+
+def _create_temp(tmp_dir: str, name: str, owner: str) -> tuple[str, IO[bytes]]:
+    """A new temporary ``<tmp_dir>/<name>.tmp-[<owner>-]<pid>-<random>``, opened for writing."""
+    tag = f"{owner}-" if owner else ""
+    tmp = os.path.join(tmp_dir, f"{name}.tmp-{tag}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    for attempt in range(5):
+        os.makedirs(tmp_dir, exist_ok=True)
+        try:
+            return tmp, open(tmp, "xb")
+        except FileNotFoundError:  # another job removed the (then empty) folder in between: make it again
+            if attempt == 4:
+                raise
+    raise AssertionError("unreachable")
+
+
 @contextmanager
-def open_shard(url: str) -> Iterator[TarBuilder]:
-    """Build a tar and publish it at ``url`` only if the block completes (temp file + rename / one upload)."""
-    if io.is_local(url):
-        path = url[len("file://") :] if url.startswith("file://") else url
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+def atomic_file(url: str, tmp_dir: str = "", owner: str = "") -> Iterator[IO[bytes]]:
+    """Write ``url`` (binary) all or nothing: it appears only if the block completes.
+
+    Local: the data goes to a temporary in ``tmp_dir`` (default ``<url's folder>/_tmp``; it must be on the
+    same file system), is fsynced, then renamed onto ``url`` with ``os.replace``. So the folder of the final
+    names never holds a temporary, and a sync of it that excludes ``_tmp/`` never copies a partial file.
+    ``owner`` tags the temporary's name, so that a run can remove its own leftovers
+    (:func:`remove_stale_temp_files`). Object stores: a node-local temporary, uploaded in one ``put`` (no
+    partial object and no temporary ever shows in the bucket).
+    """
+    local = io.is_local(url)
+    if local:
+        path = _local_path(url)
+        folder = os.path.dirname(path) or "."
+        os.makedirs(folder, exist_ok=True)
+        tmp_dir = _local_path(tmp_dir) if tmp_dir else os.path.join(folder, TMP_DIR)
+        tmp, f = _create_temp(tmp_dir, os.path.basename(path), owner)
     else:
-        fd, tmp = tempfile.mkstemp(suffix=".tar")
-        os.close(fd)
+        fd, tmp = tempfile.mkstemp(suffix=".tmp")
+        f = os.fdopen(fd, "wb")
     try:
-        with open(tmp, "wb") as f:
-            builder = TarBuilder(f)
-            yield builder
-            builder.close()
-            builder.size = f.tell()
+        with f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
-        if io.is_local(url):
+        if local:
             os.replace(tmp, path)
         else:
             fs, remote = io.filesystem(url)
@@ -223,24 +252,82 @@ def open_shard(url: str) -> Iterator[TarBuilder]:
             os.remove(tmp)
 
 
-def remove_stale_temp_files(output_url: str, min_age_s: float = STALE_TEMP_AGE_S) -> int:
-    """Delete ``*.tmp-*`` files left by killed writers: those untouched for ``min_age_s`` seconds.
+def write_json(url: str, obj: Any, tmp_dir: str = "", owner: str = "") -> None:
+    """``obj`` as indented, key-sorted JSON (the bytes of :func:`pipeline.io.write_json`), via :func:`atomic_file`."""
+    with atomic_file(url, tmp_dir, owner) as f:
+        f.write((json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8"))
 
-    Array tasks on other hosts may be writing beside us (two tasks can merge at the same moment), so a
-    temporary is only taken as dead once its writer has not touched it for a while.
+
+@contextmanager
+def open_shard(url: str, tmp_dir: str = "", owner: str = "") -> Iterator[TarBuilder]:
+    """Build a tar and publish it at ``url`` only if the block completes (see :func:`atomic_file`)."""
+    with atomic_file(url, tmp_dir, owner) as f:
+        builder = TarBuilder(f)
+        yield builder
+        builder.close()
+        builder.size = f.tell()
+
+
+@dataclass(frozen=True)
+class OutputFolder:
+    """The shard job's output folder: every file is written atomically, its temporaries in ``<url>/_tmp/``
+    tagged with ``owner`` (one token per run, shared by the run's worker processes)."""
+
+    url: str
+    owner: str = ""
+
+    def join(self, *parts: str) -> str:
+        return io.join(self.url, *parts)
+
+    @property
+    def tmp_dir(self) -> str:
+        return self.join(TMP_DIR)
+
+    def open(self, *parts: str) -> AbstractContextManager[IO[bytes]]:
+        return atomic_file(self.join(*parts), self.tmp_dir, self.owner)
+
+    def shard(self, name: str) -> AbstractContextManager[TarBuilder]:
+        return open_shard(self.join(name), self.tmp_dir, self.owner)
+
+    def write_text(self, text: str, *parts: str) -> None:
+        with self.open(*parts) as f:
+            f.write(text.encode("utf-8"))
+
+    def write_json(self, obj: Any, *parts: str) -> None:
+        write_json(self.join(*parts), obj, self.tmp_dir, self.owner)
+
+
+def as_output_folder(output: str | OutputFolder) -> OutputFolder:
+    return output if isinstance(output, OutputFolder) else OutputFolder(output)
+
+
+def remove_stale_temp_files(output_url: str, min_age_s: float = STALE_TEMP_AGE_S, owner: str = "") -> int:
+    """Delete temporaries left by killed writers in ``<output>/_tmp/`` (and beside the shards, where older
+    versions wrote them): ``owner``'s at once (a finished run's writers are all done), any other's once
+    untouched for ``min_age_s`` seconds. Removes ``_tmp/`` when it is left empty.
+
+    Array tasks on other hosts may be writing beside us (two tasks can merge at the same moment), so another
+    writer's temporary is only taken as dead once it has not been touched for a while.
     """
     if not io.is_local(output_url):
         return 0  # object stores never see our temporaries
+    root = _local_path(output_url)
+    tmp_dir = os.path.join(root, TMP_DIR)
     now = time.time()
     removed = 0
-    for path in glob.glob(os.path.join(output_url, "*.tmp-*")):
+    for path in glob.glob(os.path.join(tmp_dir, "*.tmp-*")) + glob.glob(os.path.join(root, "*.tmp-*")):
         try:
-            if now - os.path.getmtime(path) < min_age_s:
+            mine = bool(owner) and f".tmp-{owner}-" in os.path.basename(path)
+            if not mine and now - os.path.getmtime(path) < min_age_s:
                 continue
             os.remove(path)
             removed += 1
         except FileNotFoundError:
             pass  # its writer renamed or removed it meanwhile
+    try:
+        os.rmdir(tmp_dir)
+    except OSError:
+        pass  # not empty (another writer's temporary) or not there
     return removed
 
 
@@ -272,7 +359,7 @@ def shard_pattern(names: Sequence[str]) -> str:
     return "::".join(names)
 
 
-def write_failures(output_url: str, rows: Sequence[dict[str, Any]]) -> None:
+def write_failures(output: str | OutputFolder, rows: Sequence[dict[str, Any]]) -> None:
     """The failure table: one row per failed input row (shard, input, row, uid, reason, detail)."""
     schema = pa.schema(
         [
@@ -285,18 +372,19 @@ def write_failures(output_url: str, rows: Sequence[dict[str, Any]]) -> None:
         ]
     )
     table = pa.Table.from_pylist(list(rows), schema=schema)
-    with io.atomic_write(io.join(output_url, FAILURES_FILE), "wb") as f:
+    with as_output_folder(output).open(FAILURES_FILE) as f:
         pq.write_table(table, f)
 
 
 def write_dataset_files(
-    output_url: str,
+    output: str | OutputFolder,
     sizes: dict[str, int],
     failures: Sequence[dict[str, Any]],
     duplicate_images: Sequence[str],
     manifest: dict[str, Any],
 ) -> None:
-    write_failures(output_url, failures)
-    io.write_text(io.join(output_url, DUPLICATE_IMAGES_FILE), "".join(u + "\n" for u in duplicate_images))
-    io.write_json(io.join(output_url, SIZES_FILE), sizes)
-    io.write_json(io.join(output_url, MANIFEST_FILE), manifest)
+    out = as_output_folder(output)
+    write_failures(out, failures)
+    out.write_text("".join(u + "\n" for u in duplicate_images), DUPLICATE_IMAGES_FILE)
+    out.write_json(sizes, SIZES_FILE)
+    out.write_json(manifest, MANIFEST_FILE)
