@@ -168,13 +168,48 @@ def test_killed_job_resumes_inside_its_shard_and_writes_what_an_uninterrupted_ru
         assert (killed / name).read_bytes() == (whole / name).read_bytes()
 
 
+def test_sidecar_temporaries_stay_out_of_the_sidecar_folder_and_a_finished_run_removes_its_own(
+    shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sidecar writer killed mid-write (no cleanup runs) leaves its temporary in <out>/_tmp/, never beside
+    the sidecars that a sync publishes; the run that started it removes it when it ends."""
+    from pipeline.data.prep import writer
+
+    out = tmp_path / "out"
+    real_add, real_remove, died = writer.TarBuilder.add, os.remove, []
+
+    def dying_add(self: writer.TarBuilder, key: str, members: dict[str, bytes]) -> None:
+        if not died:
+            died.append(self._tar.fileobj.name)  # the temporary it was writing
+            assert not list(out.glob("*.tmp-*")) and Path(died[0]).parent == out / "_tmp"
+            raise RuntimeError("killed")
+        real_add(self, key, members)
+
+    def remove(path: str) -> None:
+        if died and path == died[0] and len(died) == 1:
+            died.append("no cleanup")  # a killed process runs no finally: its temporary stays
+            return
+        real_remove(path)
+
+    monkeypatch.setattr(writer.TarBuilder, "add", dying_add)
+    monkeypatch.setattr(os, "remove", remove)
+    with pytest.raises(RuntimeError, match="killed"):
+        main(common_args(shards, out))
+    assert died[1:] == ["no cleanup"]
+    assert not list(out.rglob("*.tmp-*")) and not (out / "_tmp").exists()
+    monkeypatch.undo()
+    assert main(common_args(shards, out)) == 0
+    assert sorted(p.name for p in out.glob("*.tar")) == ["000000.tar", "000001.tar"]
+    assert not list(out.rglob("*.tmp-*")) and not (out / "_tmp").exists()
+
+
 def test_merge_mode_rewrites_shards_in_place_keeping_other_members_byte_for_byte(
     shards: Path, tmp_path: Path
 ) -> None:
     original = {p.name: read_tar(p) for p in shards.glob("*.tar")}
     progress = tmp_path / "progress"
     assert main(common_args(shards, progress, "--output.mode=merge", "--output.on_existing=append")) == 0
-    assert not list(shards.glob("*.tmp-*"))
+    assert not list(shards.rglob("*.tmp-*")) and not (shards / "_tmp").exists()
     for name, samples in original.items():
         merged = read_tar(shards / name)
         assert [k for k, _ in merged] == [k for k, _ in samples]

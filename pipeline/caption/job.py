@@ -10,7 +10,8 @@ Outputs (``output.mode``):
   holding, for every sample of the input in the same order and under the same key (the uid),
   ``<key>.syn.json`` = ``{"syn_text": [...]}`` (empty for bad images; plus ``syn_clip_scores`` when the quality
   filter is on). A loader joins the two by key (or by position).
-- ``merge``: the input shard itself is rewritten (temporary file, then one rename / upload) with
+- ``merge``: the input shard itself is rewritten (temporary file in ``<its folder>/_tmp/``, then one rename;
+  one upload for object stores) with
   ``<key>.syn.json`` set (``output.on_existing``: replace, append to, or keep existing captions); other
   members are copied byte for byte.
 
@@ -37,6 +38,7 @@ import os
 import queue
 import threading
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -54,7 +56,7 @@ from pipeline.data import schema
 from pipeline.data.loader import expand_shards
 from pipeline.data.prep.executors import task_from_env, task_range
 from pipeline.data.prep.safe_tar import DEFAULT_MAX_MEMBER_BYTES, iter_tar_samples
-from pipeline.data.prep.writer import open_shard
+from pipeline.data.prep.writer import open_shard, remove_stale_temp_files, write_json
 
 MARKER_SUFFIX = ".caption.json"
 PARTIAL_SUFFIX = ".caption.partial.jsonl"
@@ -389,8 +391,10 @@ class ShardCaptioner:
         cfg: CaptionJobConfig,
         captioner: Captioner | None = None,
         on_batch: Callable[[ShardUnit, int], None] | None = None,
+        owner: str = "",
     ) -> None:
         self.cfg = cfg
+        self.owner = owner  # the run's tag for its temporaries (written in <output folder>/_tmp/)
         if cfg.execution.torch_threads:
             torch.set_num_threads(cfg.execution.torch_threads)
         self.captioner = captioner if captioner is not None else build_captioner(cfg.captioner)
@@ -524,7 +528,7 @@ class ShardCaptioner:
         )
         captioned_now = stats["captioned"] - min(resumed, stats["captioned"])
         stats["images_per_s"] = round(captioned_now / max(stats["seconds"], 1e-9), 3)
-        io.write_json(unit.marker_url, stats)
+        write_json(unit.marker_url, stats, owner=self.owner)
         partial.remove()
         return stats
 
@@ -550,7 +554,7 @@ class ShardCaptioner:
         bad: Counter[str] = Counter()
         captioned = num_captions = samples = 0
         fs, path = io.filesystem(unit.url)
-        with fs.open(path, "rb") as f, open_shard(unit.output_url) as out:
+        with fs.open(path, "rb") as f, open_shard(unit.output_url, owner=self.owner) as out:
             for key, members in iter_tar_samples(f, cfg.input.max_member_bytes):
                 samples += 1
                 rec = records.get(key)
@@ -610,11 +614,12 @@ def _with_scores(meta: bytes | None, key: str, scores: list[Any]) -> bytes:
 class _WorkerFactory:
     """Picklable ``() -> ShardCaptioner`` for Ray actors (each actor builds its own captioner)."""
 
-    def __init__(self, cfg: CaptionJobConfig) -> None:
+    def __init__(self, cfg: CaptionJobConfig, owner: str = "") -> None:
         self.cfg = cfg
+        self.owner = owner
 
     def __call__(self) -> ShardCaptioner:
-        return ShardCaptioner(self.cfg)
+        return ShardCaptioner(self.cfg, owner=self.owner)
 
 
 def run_job(
@@ -623,8 +628,34 @@ def run_job(
     on_batch: Callable[[ShardUnit, int], None] | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Caption this task's shards that are not done; returns a summary (shards, samples, bad, timings)."""
+    """Caption this task's shards that are not done; returns a summary (shards, samples, bad, timings).
+
+    Sidecars, merged shards and markers are written through ``<their folder>/_tmp/`` (never beside the final
+    names); when the run ends, however it ends, its own leftover temporaries are removed (a killed worker's),
+    and other runs' once they are an hour old.
+    """
     plan = make_plan(cfg)
+    owner = uuid.uuid4().hex[:12]
+    try:
+        return _run_plan(cfg, plan, captioner, on_batch, log, owner)
+    finally:
+        folders = {_folder(u.output_url) for u in plan.todo} | {_folder(u.marker_url) for u in plan.todo}
+        for folder in sorted(folders):
+            remove_stale_temp_files(folder, owner=owner)
+
+
+def _folder(url: str) -> str:
+    return url.rstrip("/").rsplit("/", 1)[0] if "/" in url else "."
+
+
+def _run_plan(
+    cfg: CaptionJobConfig,
+    plan: CaptionPlan,
+    captioner: Captioner | None,
+    on_batch: Callable[[ShardUnit, int], None] | None,
+    log: Callable[[str], None],
+    owner: str,
+) -> dict[str, Any]:
     log(
         f"caption: task {plan.task_index}/{plan.num_tasks}: {len(plan.todo)} shards to do, "
         f"{len(plan.done)} done"
@@ -636,7 +667,7 @@ def run_job(
 
         ex = cfg.execution
         results = ray_backend.map_actor_pool(
-            _WorkerFactory(cfg),
+            _WorkerFactory(cfg, owner),
             plan.todo,
             min_actors=ex.ray_min_actors,
             max_actors=ex.ray_max_actors,
@@ -644,7 +675,7 @@ def run_job(
             num_cpus_per_actor=ex.ray_cpus_per_actor,
         )
     elif plan.todo:
-        worker = ShardCaptioner(cfg, captioner=captioner, on_batch=on_batch)
+        worker = ShardCaptioner(cfg, captioner=captioner, on_batch=on_batch, owner=owner)
         try:
             for unit in plan.todo:
                 stats = worker(unit)
