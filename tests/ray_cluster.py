@@ -7,6 +7,7 @@ kill the process group of our own head instead).
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -27,10 +28,18 @@ class RayCluster:
     address: str  # GCS address, for ray.init(address=...)
     dashboard_url: str  # for `ray job submit --address ...`
     temp_dir: str
+    token_path: str = ""  # with token authentication: the file holding the cluster's token
 
-    def env(self) -> dict[str, str]:
-        env = dict(os.environ)
+    def env(self, with_token: bool = True) -> dict[str, str]:
+        """Environment for a client of this cluster (RAY_ADDRESS; the token's mode and file when it has one)."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH_")}
         env["RAY_ADDRESS"] = self.dashboard_url
+        if self.token_path:
+            env["RAY_AUTH_MODE"] = "token"
+            if with_token:
+                env["RAY_AUTH_TOKEN_PATH"] = self.token_path
+        else:
+            env["RAY_AUTH_MODE"] = "disabled"
         return env
 
 
@@ -39,9 +48,21 @@ def ray_executable() -> str:
 
 
 @contextmanager
-def local_ray_cluster(num_cpus: int = 2, object_store_bytes: int = 300_000_000) -> Iterator[RayCluster]:
+def local_ray_cluster(
+    num_cpus: int = 2, object_store_bytes: int = 300_000_000, token_auth: bool = False
+) -> Iterator[RayCluster]:
+    """``token_auth``: start it as slurm/ray_cluster.sbatch does (RAY_AUTH_MODE=token, a random token in a
+    mode-600 file named by RAY_AUTH_TOKEN_PATH); otherwise without authentication."""
     # Ray's socket paths must stay short: use a short temp dir under /tmp.
     temp_dir = tempfile.mkdtemp(prefix="rayt", dir="/tmp")
+    token_path = ""
+    auth = {"RAY_AUTH_MODE": "disabled"}
+    if token_auth:
+        token_path = os.path.join(temp_dir, "auth_token")
+        fd = os.open(token_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+        auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": token_path}
     # The client server's port stays above Ray's worker port range (10002-19999), starting at a spread offset.
     start = 20000 + free_port() % 10000
     gcs_port, dash_port, client_port = free_port(), free_port(), free_port(start, 30000)
@@ -62,12 +83,8 @@ def local_ray_cluster(num_cpus: int = 2, object_store_bytes: int = 300_000_000) 
     ]
     # Jobs submitted to this cluster run `python` from the head's PATH: make it this venv's.
     bin_dir = str(Path(sys.executable).parent)
-    env = dict(
-        os.environ,
-        RAY_USAGE_STATS_ENABLED="0",
-        RAY_AUTH_MODE="disabled",
-        PATH=bin_dir + os.pathsep + os.environ.get("PATH", ""),
-    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH_")}
+    env.update(auth, RAY_USAGE_STATS_ENABLED="0", PATH=bin_dir + os.pathsep + os.environ.get("PATH", ""))
     log = open(os.path.join(temp_dir, "ray-start.log"), "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     dashboard = f"http://127.0.0.1:{dash_port}"
@@ -79,13 +96,16 @@ def local_ray_cluster(num_cpus: int = 2, object_store_bytes: int = 300_000_000) 
                     f"ray start exited early: {Path(temp_dir, 'ray-start.log').read_text()[-2000:]}"
                 )
             try:
-                urllib.request.urlopen(f"{dashboard}/api/version", timeout=2).read()
+                request = urllib.request.Request(f"{dashboard}/api/version")
+                if token_path:
+                    request.add_header("Authorization", f"Bearer {Path(token_path).read_text()}")
+                urllib.request.urlopen(request, timeout=2).read()
                 break
             except OSError:
                 if time.time() > deadline:
                     raise RuntimeError("ray dashboard did not come up in 90 s") from None
                 time.sleep(1)
-        yield RayCluster(address=f"127.0.0.1:{gcs_port}", dashboard_url=dashboard, temp_dir=temp_dir)
+        yield RayCluster(f"127.0.0.1:{gcs_port}", dashboard, temp_dir, token_path)
     finally:
         try:
             os.killpg(proc.pid, signal.SIGTERM)

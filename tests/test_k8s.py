@@ -377,6 +377,33 @@ def test_submitted_caption_rayjob_runs_the_job_module_with_gpus_on_the_workers_o
     assert _gpus(spec["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]) == 0
 
 
+def _check_ray_auth(docs: list[dict[str, Any]]) -> int:
+    """Every RayJob's cluster has token authentication on, and no token or RAY_AUTH_* value in a manifest."""
+    checked = 0
+    for doc in docs:
+        if doc["kind"] != "RayJob":
+            continue
+        cluster = doc["spec"]["rayClusterSpec"]
+        assert cluster["authOptions"] == {"mode": "token"}, doc["metadata"]["name"]
+        assert tuple(map(int, cluster["rayVersion"].split(".")[:2])) >= (2, 52)  # Ray's token auth
+        for _, template in pod_templates(doc):
+            for c in template["spec"]["containers"]:
+                assert not any(e["name"].startswith("RAY_AUTH") for e in c.get("env", [])), c["name"]
+        checked += 1
+    return checked
+
+
+def test_ray_clusters_on_kubernetes_require_ray_token_authentication(tmp_path):
+    checked = sum(_check_ray_auth(build(d)) for d in kustomize_dirs(REPO / "k8s"))
+    assert checked == 6  # caption and sweep: base, cpu and gpu overlays
+    cfg = load_config(LaunchConfig, None, [f"--run_dir={tmp_path / 'run'}"], base=LaunchConfig())
+    config = tmp_path / "sweep.toml"
+    config.write_text(Path(REPO / "jobs" / "configs" / "sweep_debug.toml").read_text())
+    plan = make_plan(SubmitRequest("k8s", "sweep", str(config), launch=cfg, workdir=str(tmp_path)))
+    docs = [d for d in yaml.safe_load_all(render_k8s(plan)) if d]
+    assert _check_ray_auth(docs) == 1 and all_errors(docs, crd_schemas()) == []
+
+
 def test_a_local_run_dir_does_not_leak_into_the_pods_config(tmp_path):
     docs = _submit_docs(tmp_path, "smoke", "--k8s.replicas=2")
     config = next(d for d in docs if d["metadata"]["name"].startswith("clip-job-config"))["data"]["job.toml"]

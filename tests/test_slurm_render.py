@@ -204,6 +204,50 @@ def test_ray_cluster_script_starts_head_and_workers_then_submits_the_driver(tmp_
     assert "-- python -m pipeline.cluster.smoke --config job.toml" in upload and "--working-dir=" in upload
 
 
+def test_ray_cluster_on_slurm_uses_token_auth_and_keeps_its_dashboard_on_the_head_node(tmp_path):
+    plan = plan_for(tmp_path, "sweep", "--module=pipeline.cluster.smoke", "--slurm.nodes=2")
+    script = script_of(plan)
+    assert_valid_bash(script, tmp_path)
+    head = next(line for line in script.splitlines() if "start --head" in line)
+    head += script.split(head, 1)[1].split("&\n", 1)[0]
+    assert "--dashboard-host=127.0.0.1" in head and "0.0.0.0" not in script
+    assert 'DASHBOARD="http://127.0.0.1:8265"' in script  # the batch script runs on the head
+    assert "export RAY_AUTH_MODE=token" in script
+    token_file = plan.record_dir / "ray_auth_token"
+    assert f"export RAY_AUTH_TOKEN_PATH={token_file}" in script
+
+    # the token block as the job runs it: a fresh random token in a file only the user can read, not in the
+    # log, removed when the job ends
+    block = script[script.index("export RAY_AUTH_MODE=") : script.index("\nfi\n") + 4]
+    token_file.parent.mkdir(parents=True)
+    seen = tmp_path / "seen"
+    check = f'cp "$RAY_AUTH_TOKEN_PATH" {seen}; stat -c %a "$RAY_AUTH_TOKEN_PATH" >&2'
+    run = ["bash", "-c", f'set -euo pipefail; log() {{ echo "$*"; }}; {block}\n{check}']
+    env = {"PATH": "/usr/bin:/bin", "SLURM_JOB_ID": "7"}
+    done = subprocess.run(run, env=env, capture_output=True, text=True, check=True)
+    token = seen.read_text()
+    assert len(token) == 64 and int(token, 16) and token not in done.stdout and token not in script
+    assert done.stderr.strip() == "600" and not token_file.exists()
+    subprocess.run(run, env=env, check=True)
+    assert seen.read_text() != token  # each job start makes its own
+    # a token the user brings is used as it is: nothing is written
+    keep = f"log() {{ :; }}; {block}\ntest ! -e {token_file}"
+    subprocess.run(["bash", "-c", keep], env={**env, "RAY_AUTH_TOKEN": "x"}, check=True)
+    subprocess.run(["bash", "-c", keep], env={**env, "RAY_AUTH_TOKEN_PATH": "/run/user/token"}, check=True)
+
+    off = script_of(
+        plan_for(
+            tmp_path,
+            "sweep",
+            "--module=pipeline.cluster.smoke",
+            "--ray.token_auth=false",
+            "--ray.dashboard_host=0.0.0.0",
+        )
+    )
+    assert "export RAY_AUTH_MODE=disabled" in off and "--dashboard-host=0.0.0.0" in off
+    assert 'DASHBOARD="http://$HEAD_IP:8265"' in off
+
+
 def test_dry_run_prints_script_and_config_and_writes_nothing(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     run_dir = tmp_path / "run"

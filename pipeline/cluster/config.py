@@ -198,11 +198,25 @@ class RayConfig:
     """Ray on SLURM: GCS port of the head node."""
     dashboard_port: int = 8265
     """Ray on SLURM: dashboard / job-submission port of the head node."""
+    dashboard_host: str = "127.0.0.1"
+    """Ray on SLURM: interface the head's dashboard / job API listens on. 127.0.0.1 = the head node only (the
+    batch script runs there and submits the driver; from elsewhere use an SSH tunnel, docs/cluster-jobs.md);
+    "0.0.0.0" = every interface (then keep token_auth on: anyone who reaches the port could run code)."""
+    token_auth: bool = True
+    """Ray on SLURM: Ray's token authentication (RAY_AUTH_MODE=token, Ray >= 2.52). The token is
+    $RAY_AUTH_TOKEN / $RAY_AUTH_TOKEN_PATH when the job starts with one, else a random one the job writes to
+    <submission>/ray_auth_token (mode 600, removed when the job ends); never in the script, config or log."""
     start_timeout_s: int = 300
     """Ray on SLURM: seconds to wait for the head and every worker to join."""
     start_args: list[str] = field(default_factory=list)
     """Ray on SLURM: extra `ray start` options for every node, e.g. ["--ray-client-server-port=20001",
     "--dashboard-agent-listen-port=52366"] where another Ray runs on the same nodes."""
+
+    def __post_init__(self) -> None:
+        if not self.dashboard_host or not all(c.isalnum() or c in ".:-" for c in self.dashboard_host):
+            raise ValueError(
+                f"ray.dashboard_host must be an address like 127.0.0.1, got {self.dashboard_host!r}"
+            )
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,9 @@ from pipeline.cluster.config import REQUEUE_EXIT_CODE, JobSpec, LaunchConfig
 from pipeline.cluster.render import exports, join_command, quote, render
 
 TEMPLATES = {"array": "array.sbatch", "distributed": "pretrain.sbatch", "ray": "ray_cluster.sbatch"}
+RAY_TOKEN_FILE = "ray_auth_token"
+"""Ray on SLURM: the file in the submission folder where the job writes its cluster's token (mode 600)."""
+LOOPBACK = ("127.0.0.1", "localhost")
 
 
 @dataclass(frozen=True)
@@ -147,6 +150,11 @@ def render_script(
             ray=quote(ray_jobs.ray_executable(launch, python)),
             head_port=r.head_port,
             dashboard_port=r.dashboard_port,
+            dashboard_host=quote(r.dashboard_host),
+            # where the batch script (on the head) reaches the dashboard: loopback, or the head's address
+            dashboard_address="127.0.0.1" if r.dashboard_host in LOOPBACK else "$HEAD_IP",
+            auth_mode="token" if r.token_auth else "disabled",
+            token_file=quote(paths.code_dir / RAY_TOKEN_FILE),
             start_timeout_s=r.start_timeout_s,
             cpus_per_node=cpus,
             gpus_per_node=s.gpus_per_node,
