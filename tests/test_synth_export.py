@@ -9,6 +9,7 @@ import csv
 import hashlib
 import io
 import json
+import subprocess
 import tarfile
 import urllib.request
 from pathlib import Path
@@ -29,6 +30,7 @@ from pipeline.data.synth_export import (
     serve_directory,
     with_base_url,
 )
+from pipeline.tools import img2dataset_executable
 
 WORLD = sw.WorldConfig(image_size=64, seed=5)
 CFG_KW = dict(
@@ -299,24 +301,26 @@ def test_cli_bad_value_exits_2_with_one_line_naming_the_key(arg, key, capsys):
 
 
 def _img2dataset_download(parquet: str, output: str) -> None:
-    from img2dataset import download
-
-    download(
-        url_list=parquet,
-        input_format="parquet",
-        url_col="url",
-        caption_col="text",
-        save_additional_columns=["uid"],
-        output_format="webdataset",
-        output_folder=output,
-        processes_count=1,
-        thread_count=4,
-        image_size=64,
-        resize_mode="no",
-        number_sample_per_shard=1000,
-        timeout=10,
-        enable_wandb=False,
-    )
+    """The plain img2dataset command (its own env, see pipeline/tools.py), as a user runs it."""
+    cmd = [
+        str(img2dataset_executable()),
+        f"--url_list={parquet}",
+        "--input_format=parquet",
+        "--url_col=url",
+        "--caption_col=text",
+        "--save_additional_columns=['uid']",
+        "--output_format=webdataset",
+        f"--output_folder={output}",
+        "--processes_count=1",
+        "--thread_count=4",
+        "--image_size=64",
+        "--resize_mode=no",
+        "--number_sample_per_shard=1000",
+        "--timeout=10",
+        "--enable_wandb=False",
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 @pytest.mark.slow
