@@ -4,7 +4,10 @@
 
 One run goes through a SIGUSR1 (it must checkpoint and exit 124 within one step), a restart, a SIGKILL of
 both ranks after a periodic checkpoint, and a second restart; its loss curve from every resume point on and
-its final and EMA weights must equal those of an uninterrupted run with the same config.
+its final and EMA weights must equal those of an uninterrupted run with the same config. Patch dropout (0.5)
+is on, so every step draws from the torch RNG and a resume that lost or shifted the RNG stream would show in
+the losses; the final checkpoints' per-rank RNG states (python, numpy, torch) must equal too, which needs
+every generator seeded from the run seed. Each resume verifies the DeepSpeed files against sha256.json.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import torch
 from trainer_fixtures import Ranks, make_world_data, run_pretrain, wait_for
 
 from pipeline.run_dir import RunDir
-from pipeline.train.checkpoint import latest_step, saved_steps
+from pipeline.train.checkpoint import latest_step, read_rank_state, saved_steps
 
 pytestmark = pytest.mark.slow
 
@@ -28,7 +31,8 @@ def args_for(shards: str, run_dir) -> list[str]:
         "--config=jobs/configs/debug.toml", "--global_batch=32", "--data.micro_batch=8", f"--steps={STEPS}",
         "--optim.lr=3e-3", "--optim.warmup_steps=3", "--ema.decay=0.8", "--log.interval=1",
         "--log.progress=false", "--checkpoint.interval=4", "--checkpoint.keep_last=2", "--data.num_workers=1",
-        "--engine.zero_stage=2", "--engine.precision=fp32", f"--data.shards={shards}", f"--run_dir={run_dir}",
+        "--engine.zero_stage=2", "--engine.precision=fp32", "--model.patch_dropout=0.5", f"--data.shards={shards}",
+        f"--run_dir={run_dir}",
     ]  # fmt: skip
 
 
@@ -38,6 +42,15 @@ def logged_steps(run: RunDir) -> list[int]:
 
 def weights(run: RunDir, kind: str) -> dict[str, torch.Tensor]:
     return torch.load(run.path / "export" / kind / "open_clip_pytorch_model.bin", weights_only=True)
+
+
+def same(a, b) -> bool:
+    """Equal RNG states: tensors elementwise, tuples / lists itemwise, anything else with ==."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, (tuple, list)):
+        return isinstance(b, (tuple, list)) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    return a == b
 
 
 def test_preempted_and_killed_run_resumes_to_the_uninterrupted_loss_curve_and_weights(tmp_path):
@@ -78,6 +91,9 @@ def test_preempted_and_killed_run_resumes_to_the_uninterrupted_loss_curve_and_we
         ref, new = weights(reference, kind), weights(run, kind)
         for name in ref:
             torch.testing.assert_close(new[name], ref[name], rtol=0, atol=1e-6, msg=f"{kind} {name}")
+    for rank in (0, 1):  # the random streams continue as if never interrupted, and equal across runs
+        ref_rng, new_rng = (read_rank_state(r.checkpoints, STEPS, rank)["rng"] for r in (reference, run))
+        assert new_rng.keys() == ref_rng.keys() and all(same(new_rng[k], ref_rng[k]) for k in ref_rng), rank
     resumed = [
         line
         for line in (tmp_path / "logs-3" / "rank0.out").read_text().splitlines()

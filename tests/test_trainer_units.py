@@ -330,3 +330,36 @@ def test_bf16_at_zero_stage_0_is_refused_naming_zero_stage():
         EngineConfig(zero_stage=0, precision="bf16")
     EngineConfig(zero_stage=0, precision="fp32")
     EngineConfig(zero_stage=0, precision="bf16", deepspeed={"data_types": {"grad_accum_dtype": "bf16"}})
+
+
+def test_patch_dropout_reaches_the_vision_tower_only_in_training_and_stays_out_of_exports(tmp_path):
+    with pytest.raises(ValueError, match="patch_dropout: must be in"):
+        ModelConfig(name="debug", patch_dropout=1.0)
+    cfg = ModelConfig(name="debug", patch_dropout=0.5)
+    model, preprocess, tokenizer = build_clip(cfg)
+    assert model.visual.patch_dropout.prob == 0.5
+    images = torch.randn(2, 3, 64, 64)
+    model.train()
+    torch.manual_seed(0)
+    a = model.encode_image(images)
+    torch.manual_seed(1)
+    assert not torch.allclose(a, model.encode_image(images))  # different tokens dropped
+    torch.manual_seed(0)
+    assert torch.equal(a, model.encode_image(images))  # the same RNG state drops the same tokens
+    model.eval()
+    assert torch.equal(model.encode_image(images), model.encode_image(images))
+    export_open_clip(model.state_dict(), cfg, preprocess, tmp_path / "export")
+    exported = json.loads((tmp_path / "export" / "debug.json").read_text())
+    assert exported["vision_cfg"].get("patch_dropout", 0.0) == 0.0
+
+
+def test_seed_rngs_gives_every_generator_the_same_stream_per_seed_and_rank():
+    def draws():
+        return random.random(), float(np.random.rand()), float(torch.rand(1))
+
+    checkpoint.seed_rngs(5, rank=1)
+    first = draws()
+    checkpoint.seed_rngs(5, rank=1)
+    assert draws() == first
+    checkpoint.seed_rngs(5, rank=0)
+    assert all(a != b for a, b in zip(draws(), first))

@@ -35,6 +35,11 @@ class ModelConfig:
     """Text context length in tokens; 0 keeps the architecture's own."""
     grad_checkpointing: bool = False
     """Recompute transformer activations in backward (less memory, ~30% more compute)."""
+    patch_dropout: float = 0.0
+    """Fraction of image patch tokens dropped at random in training (FLIP, arXiv 2212.00794; open_clip's
+    ``vision_cfg.patch_dropout``): 0.5 embeds half the tokens, roughly halving the image tower's cost. 0 = off;
+    never applied in evaluation, and exports leave it out of the model config (fine-tuning sees all tokens).
+    The masks draw from the torch RNG, which checkpoints save and restore, and gradient caching replays."""
     seed: int = 0
     """Seed of the random initialisation (the same on every rank, so replicas start equal)."""
 
@@ -45,10 +50,12 @@ class ModelConfig:
             raise ValueError(f"image_size: must be >= 0, got {self.image_size}")
         if self.context_length < 0:
             raise ValueError(f"context_length: must be >= 0, got {self.context_length}")
+        if not 0.0 <= self.patch_dropout < 1.0:
+            raise ValueError(f"patch_dropout: must be in [0, 1), got {self.patch_dropout}")
 
 
 def open_clip_config(cfg: ModelConfig) -> dict[str, Any]:
-    """The open_clip ``model_cfg`` dict this config builds (image size / context length applied)."""
+    """The open_clip ``model_cfg`` dict this config builds (image size / context length / patch dropout applied)."""
     model_cfg = open_clip.get_model_config(cfg.name)
     if model_cfg is None:  # pragma: no cover - ModelConfig validated the name
         raise ValueError(f"name: unknown architecture {cfg.name!r}")
@@ -56,6 +63,8 @@ def open_clip_config(cfg: ModelConfig) -> dict[str, Any]:
         model_cfg["vision_cfg"]["image_size"] = cfg.image_size
     if cfg.context_length:
         model_cfg["text_cfg"]["context_length"] = cfg.context_length
+    if cfg.patch_dropout:
+        model_cfg["vision_cfg"]["patch_dropout"] = cfg.patch_dropout
     return model_cfg
 
 
@@ -72,6 +81,7 @@ def build_clip(cfg: ModelConfig) -> tuple[torch.nn.Module, dict[str, Any], Any]:
             pretrained=pretrained,
             force_image_size=cfg.image_size or None,
             force_context_length=cfg.context_length or None,
+            force_patch_dropout=cfg.patch_dropout or None,
             output_dict=True,
             # A 1-element logit scale: DeepSpeed's parameter broadcast cannot handle 0-dim tensors.
             # open_clip's checkpoint loader reshapes between the two forms.

@@ -63,6 +63,14 @@ class CheckpointConfig:
 # ------------------------------------------------------------------------------------------------ RNG
 
 
+def seed_rngs(seed: int, rank: int) -> None:
+    """Seed Python's ``random``, numpy's global generator and torch's with ``seed + rank``, so that two runs
+    with the same seed draw the same streams on every rank (and ranks draw different ones)."""
+    random.seed(seed + rank)
+    np.random.seed((seed + rank) % 2**32)
+    torch.manual_seed(seed + rank)
+
+
 def rng_state() -> dict[str, Any]:
     """Every RNG a training step can draw from, in a form ``torch.load(weights_only=True)`` reads."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()

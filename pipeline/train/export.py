@@ -22,6 +22,7 @@ config is the architecture that was trained.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -65,7 +66,7 @@ def export_open_clip(
     visual = {k[len("visual.") :]: v for k, v in weights.items() if k.startswith("visual.")}
     _save(visual, out / VISUAL_FILE)
     name = export_name(cfg)
-    model_cfg = open_clip_config(cfg)
+    model_cfg = open_clip_config(dataclasses.replace(cfg, patch_dropout=0.0))  # a training-time regulariser
     pre = {k: list(v) if isinstance(v, tuple) else v for k, v in preprocess.items()}
     io.write_json(str(out / f"{name}.json"), model_cfg)
     io.write_json(str(out / "open_clip_config.json"), {"model_cfg": model_cfg, "preprocess_cfg": pre})

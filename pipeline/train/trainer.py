@@ -167,7 +167,7 @@ class Trainer:
         self.log = self.run.logger("pretrain")
         if cfg.log.tensorboard:
             self.run.enable_tensorboard()
-        torch.manual_seed(cfg.data.seed + self.rank)
+        checkpoint.seed_rngs(cfg.data.seed, self.rank)  # python, numpy, torch; saved and restored per rank
         model, self.preprocess, self.tokenizer = build_clip(cfg.model)
         num_texts = 2 if cfg.loss.w_syn > 0 else 1
         self.flops_per_sample = train_flops_per_sample(
@@ -235,7 +235,8 @@ class Trainer:
         """This rank's ``accumulation`` micro-batches and the seconds spent waiting for them."""
         start = time.perf_counter()
         try:
-            micro = [next(batches) for _ in range(self.accumulation)]
+            with torch.random.fork_rng(devices=[]):  # loading never draws from the training RNG streams
+                micro = [next(batches) for _ in range(self.accumulation)]
         except StopIteration:
             raise RuntimeError(
                 "the data loader ended; training needs an endless stream (data.epochs unset)"
