@@ -20,7 +20,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from pipeline.cluster.config import JOBS, LaunchConfig
+from jobs.registry import JOBS, submittable
+from pipeline.cluster.config import LaunchConfig
 from pipeline.cluster.snapshot import JobConfigError
 from pipeline.cluster.submit import SubmitRequest, describe, make_plan, submit
 from pipeline.config import ConfigError, help_text, load_config, to_toml
@@ -29,14 +30,18 @@ LAUNCH_PREFIX = "--launch."
 
 
 def _parser() -> argparse.ArgumentParser:
+    jobs = submittable()
+    width = max(len(n) for n in jobs)
+    listing = "\n".join(f"  {n:<{width}}  {s.doc}   (python -m {s.module})" for n, s in jobs.items())
     parser = argparse.ArgumentParser(
         prog="python -m jobs.submit",
         description=__doc__,
-        epilog="launch keys (in --launch FILE, or as --launch.key=value):\n" + help_text(LaunchConfig),
+        epilog=f"jobs (jobs/registry.py):\n{listing}\n\n"
+        "launch keys (in --launch FILE, or as --launch.key=value):\n" + help_text(LaunchConfig),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--target", required=True, choices=["slurm", "k8s", "ray"], help="where to run")
-    parser.add_argument("--job", required=True, choices=sorted(JOBS), help="which job")
+    parser.add_argument("--job", required=True, choices=list(jobs), help="which job (listed below)")
     parser.add_argument("--config", help="the job's TOML config (its own keys; default: the job's defaults)")
     parser.add_argument("--launch", dest="launch_file", metavar="FILE", help="TOML launch config")
     parser.add_argument("--dry-run", action="store_true", help="print what would be submitted; write nothing")
@@ -63,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         target=args.target, job=args.job, config=args.config, job_overrides=job_overrides, launch=launch
     )
     try:
-        plan = make_plan(request)
+        plan = make_plan(request, JOBS)
     except (JobConfigError, ValueError) as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")
     if args.dry_run:

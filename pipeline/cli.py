@@ -7,6 +7,7 @@ lists every key with its type, default and doc; a bad key or value exits with a 
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import TypeVar
@@ -75,3 +76,32 @@ def add_array_task_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="array tasks in all (default: SLURM_ARRAY_TASK_COUNT, or 1)",
     )
+
+
+def job_main(
+    prog: str, *, user_errors: tuple[type[Exception], ...] = (ConfigError,)
+) -> Callable[[Callable[[Sequence[str] | None], int]], Callable[[Sequence[str] | None], int]]:
+    """Decorate a job's ``main(argv)``: a user error is one line ``<prog>: error: <message>`` on stderr and
+    exit code 2 (what :func:`parse_config` does for a bad key or value); anything else keeps its traceback.
+
+        @job_main("python -m jobs.pipeline")
+        def main(argv: Sequence[str] | None = None) -> int: ...
+
+    ``user_errors`` is ConfigError by default: a ValueError naming the key (and file) to change. Jobs whose
+    config is validated again after parsing (``dataclasses.replace`` re-runs ``__post_init__``, whose
+    ValueErrors name the field) pass ``(ValueError,)``; long jobs should not, or a ValueError from a bug deep
+    in training would be reported as a config error without its traceback.
+    """
+
+    def wrap(main: Callable[[Sequence[str] | None], int]) -> Callable[[Sequence[str] | None], int]:
+        @functools.wraps(main)
+        def run(argv: Sequence[str] | None = None) -> int:
+            try:
+                return main(argv)
+            except user_errors as e:
+                print(f"{prog}: error: {e}", file=sys.stderr)
+                return 2
+
+        return run
+
+    return wrap

@@ -1,18 +1,23 @@
-"""Run directory, environment-to-rank mapping, atomic writes and the ``clipp`` umbrella command."""
+"""Run directory, environment-to-rank mapping, atomic writes, the job registry and the ``clipp`` command."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
+from jobs.clipp import main as clipp_main
+from jobs.registry import JOBS, markdown_table
+from jobs.submit import main as submit_main
 from pipeline import io
 from pipeline.dist import world_info_from_env
-from pipeline.main import main as clipp_main
 from pipeline.run_dir import RunDir
 
 
@@ -74,10 +79,48 @@ def test_atomic_write_leaves_the_old_file_when_the_writer_fails(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]
 
 
-def test_clipp_help_lists_the_jobs(capsys):
+def _listed_jobs(help_text: str, heading: str) -> dict[str, str]:
+    """job name -> module from a help text's job listing (`  name  doc   (python -m module)` lines)."""
+    section = help_text.split(heading, 1)[1].split("\n\n", 1)[0]
+    rows = [re.fullmatch(r"  (\S+)\s+.*\(python -m (\S+)\)", line) for line in section.splitlines()[1:]]
+    assert all(rows), section
+    return {m.group(1): m.group(2) for m in rows}
+
+
+def test_clipp_and_submit_list_their_jobs_from_the_one_registry(capsys):
     assert clipp_main(["--help"]) == 0
-    out = capsys.readouterr().out
-    assert "usage: clipp" in out
+    clipp = _listed_jobs(capsys.readouterr().out, "jobs:")
+    with pytest.raises(SystemExit) as e:
+        submit_main(["--help"])
+    assert e.value.code == 0
+    submit = _listed_jobs(capsys.readouterr().out, "jobs (jobs/registry.py):")
+    assert clipp == {name: spec.module for name, spec in JOBS.items()}  # every job is importable here
+    assert submit == {name: spec.module for name, spec in JOBS.items() if spec.submittable}
+    assert set(submit) == {"shard", "caption", "pretrain", "sweep", "smoke"}
+    assert submit.items() <= clipp.items()  # one name per job, whichever command it is run by
+
+
+def test_every_job_entry_point_has_a_main_and_the_library_has_none():
+    for spec in JOBS.values():
+        assert callable(importlib.import_module(spec.module).main), spec.module
+    library = Path(__file__).resolve().parents[1] / "pipeline"
+    mains = [str(p) for p in library.rglob("*.py") if re.search(r"^def main\(", p.read_text(), re.M)]
+    assert mains == [], "entry points belong in jobs/ or data_prep/, not in the library"
+
+
+def test_readme_jobs_table_is_the_registry():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    begin, end = "<!-- jobs table: python -m jobs.registry -->\n", "<!-- end jobs table -->"
+    assert begin in readme and end in readme
+    table = readme.split(begin, 1)[1].split(end, 1)[0]
+    assert table == markdown_table(), "README's jobs table is stale: paste `python -m jobs.registry` into it"
+
+
+def test_cluster_docs_name_every_submittable_job_with_its_module():
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "cluster-jobs.md").read_text()
+    for name, spec in JOBS.items():
+        if spec.submittable:
+            assert f"| `{name}` | `{spec.module}` |" in docs, name
 
 
 def test_clipp_rejects_an_unknown_job(capsys):

@@ -20,6 +20,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from jobs.registry import JOBS
 from pipeline.cluster import k8s
 from pipeline.cluster.config import LaunchConfig
 from pipeline.cluster.submit import SubmitRequest, make_plan, render_k8s
@@ -276,7 +277,9 @@ def _env_of(docs: list[dict[str, Any]]) -> dict[str, str]:
 
 def _submit_docs(tmp_path: Path, job: str, *launch: str) -> list[dict[str, Any]]:
     cfg = load_config(LaunchConfig, None, [f"--run_dir={tmp_path / 'run'}", *launch], base=LaunchConfig())
-    plan = make_plan(SubmitRequest(target="k8s", job=job, config=None, launch=cfg, workdir=str(tmp_path)))
+    plan = make_plan(
+        SubmitRequest(target="k8s", job=job, config=None, launch=cfg, workdir=str(tmp_path)), JOBS
+    )
     assert not plan.record_dir.exists()  # planning writes nothing
     return [d for d in yaml.safe_load_all(render_k8s(plan)) if d]
 
@@ -304,7 +307,7 @@ def test_submitted_pretraining_keeps_pods_gpus_and_processes_per_node_consistent
         assert _gpus(c) == 2 and c["resources"]["requests"]["cpu"] == "12"
         assert c["image"] == "registry.example.com/clip:v7"
     env = _env_of(docs)
-    assert env["CLIP_MODULE"] == "pipeline.cluster.smoke"
+    assert env["CLIP_MODULE"] == "jobs.smoke"
     assert env["NCCL_SOCKET_IFNAME"] == "eth0" and env["OMP_NUM_THREADS"] == "12"
     config = next(d for d in docs if d["metadata"]["name"].startswith("clip-job-config"))
     assert "steps = 20" in config["data"]["job.toml"]  # the resolved config, not the placeholder
@@ -339,7 +342,7 @@ def test_submitted_shard_job_runs_one_indexed_pod_per_slice(tmp_path):
         base=LaunchConfig(),
     )
     plan = make_plan(
-        SubmitRequest(target="k8s", job="shard", config=str(config), launch=cfg, workdir=str(tmp_path))
+        SubmitRequest(target="k8s", job="shard", config=str(config), launch=cfg, workdir=str(tmp_path)), JOBS
     )
     docs = [d for d in yaml.safe_load_all(render_k8s(plan)) if d]
     assert all_errors(docs, None) == []
@@ -365,7 +368,8 @@ def test_submitted_caption_rayjob_runs_the_job_module_with_gpus_on_the_workers_o
         base=LaunchConfig(),
     )
     plan = make_plan(
-        SubmitRequest(target="k8s", job="caption", config=str(config), launch=cfg, workdir=str(tmp_path))
+        SubmitRequest(target="k8s", job="caption", config=str(config), launch=cfg, workdir=str(tmp_path)),
+        JOBS,
     )
     docs = [d for d in yaml.safe_load_all(render_k8s(plan)) if d]
     assert all_errors(docs, crd_schemas()) == []
@@ -399,7 +403,7 @@ def test_ray_clusters_on_kubernetes_require_ray_token_authentication(tmp_path):
     cfg = load_config(LaunchConfig, None, [f"--run_dir={tmp_path / 'run'}"], base=LaunchConfig())
     config = tmp_path / "sweep.toml"
     config.write_text(Path(REPO / "jobs" / "configs" / "sweep_debug.toml").read_text())
-    plan = make_plan(SubmitRequest("k8s", "sweep", str(config), launch=cfg, workdir=str(tmp_path)))
+    plan = make_plan(SubmitRequest("k8s", "sweep", str(config), launch=cfg, workdir=str(tmp_path)), JOBS)
     docs = [d for d in yaml.safe_load_all(render_k8s(plan)) if d]
     assert _check_ray_auth(docs) == 1 and all_errors(docs, crd_schemas()) == []
 

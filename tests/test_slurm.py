@@ -20,6 +20,7 @@ import pytest
 from ports import free_port
 from slurm_cluster import SlurmCluster, find_binary, missing_binaries, slurm_cluster
 
+from jobs.registry import JOBS
 from pipeline.cluster.config import LaunchConfig
 from pipeline.cluster.submit import Plan, SubmitRequest, make_plan, submit
 from pipeline.config import load_config
@@ -45,7 +46,7 @@ def submit_job(
     launch: tuple[str, ...] = (),
 ) -> tuple[Plan, str]:
     launch_cfg = load_config(LaunchConfig, None, list(launch), base=LaunchConfig())
-    plan = make_plan(SubmitRequest("slurm", job, config, overrides, launch_cfg, workdir=str(workdir)))
+    plan = make_plan(SubmitRequest("slurm", job, config, overrides, launch_cfg, workdir=str(workdir)), JOBS)
     record = submit(plan, env=cluster.env)
     return plan, record["job_id"]
 
@@ -263,7 +264,7 @@ def test_ray_cluster_job_starts_ray_on_its_allocation_and_runs_the_driver_from_t
         tmp_path,
         overrides=("--steps=3", "--step_seconds=0", "--run_dir=driver"),
         launch=(
-            "--module=pipeline.cluster.smoke",
+            "--module=jobs.smoke",
             f"--run_dir={tmp_path / 'ray'}",
             "--slurm.cpus_per_task=2",
             f"--ray.head_port={ports[0]}",

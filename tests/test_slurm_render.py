@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from jobs.registry import JOBS
 from jobs.submit import main
-from pipeline.cluster.config import JOBS, REQUEUE_EXIT_CODE, LaunchConfig
+from pipeline.cluster.config import REQUEUE_EXIT_CODE, LaunchConfig
 from pipeline.cluster.render import render
 from pipeline.cluster.snapshot import JobConfigError
 from pipeline.cluster.submit import SubmitRequest, make_plan, write
@@ -32,7 +33,7 @@ def plan_for(
     overrides: tuple[str, ...] = (),
 ):
     cfg = load_config(LaunchConfig, None, [f"--run_dir={tmp_path / 'run'}", *launch], base=LaunchConfig())
-    return make_plan(SubmitRequest(target, job, config, overrides, cfg, workdir=str(tmp_path)))
+    return make_plan(SubmitRequest(target, job, config, overrides, cfg, workdir=str(tmp_path)), JOBS)
 
 
 def script_of(plan) -> str:
@@ -132,7 +133,7 @@ def test_pretraining_defaults_give_each_gpu_its_loader_workers_and_the_whole_nod
 def test_array_tasks_share_nodes_by_default_and_ray_clusters_take_whole_nodes(tmp_path):
     shard = sbatch_options(script_of(plan_for(tmp_path, "shard", config=shard_config(tmp_path))))
     assert "--cpus-per-task=1" in shard and not any(o.startswith("--mem") for o in shard)
-    ray = sbatch_options(script_of(plan_for(tmp_path, "sweep", "--module=pipeline.cluster.smoke")))
+    ray = sbatch_options(script_of(plan_for(tmp_path, "sweep", "--module=jobs.smoke")))
     assert "--mem=0" in ray
 
 
@@ -176,7 +177,7 @@ def test_ray_cluster_script_starts_head_and_workers_then_submits_the_driver(tmp_
     plan = plan_for(
         tmp_path,
         "sweep",
-        "--module=pipeline.cluster.smoke",
+        "--module=jobs.smoke",
         "--slurm.nodes=3",
         "--slurm.gpus_per_node=4",
         "--slurm.cpus_per_task=32",
@@ -198,14 +199,14 @@ def test_ray_cluster_script_starts_head_and_workers_then_submits_the_driver(tmp_
         "--",
         "bash",
         "-c",
-        f"cd {tmp_path} && exec python -m pipeline.cluster.smoke --config {plan.record_dir / 'job.toml'}",
+        f"cd {tmp_path} && exec python -m jobs.smoke --config {plan.record_dir / 'job.toml'}",
     ]
-    upload = script_of(plan_for(tmp_path, "sweep", "--module=pipeline.cluster.smoke", "--ray.upload=true"))
-    assert "-- python -m pipeline.cluster.smoke --config job.toml" in upload and "--working-dir=" in upload
+    upload = script_of(plan_for(tmp_path, "sweep", "--module=jobs.smoke", "--ray.upload=true"))
+    assert "-- python -m jobs.smoke --config job.toml" in upload and "--working-dir=" in upload
 
 
 def test_ray_cluster_on_slurm_uses_token_auth_and_keeps_its_dashboard_on_the_head_node(tmp_path):
-    plan = plan_for(tmp_path, "sweep", "--module=pipeline.cluster.smoke", "--slurm.nodes=2")
+    plan = plan_for(tmp_path, "sweep", "--module=jobs.smoke", "--slurm.nodes=2")
     script = script_of(plan)
     assert_valid_bash(script, tmp_path)
     head = next(line for line in script.splitlines() if "start --head" in line)
@@ -239,7 +240,7 @@ def test_ray_cluster_on_slurm_uses_token_auth_and_keeps_its_dashboard_on_the_hea
         plan_for(
             tmp_path,
             "sweep",
-            "--module=pipeline.cluster.smoke",
+            "--module=jobs.smoke",
             "--ray.token_auth=false",
             "--ray.dashboard_host=0.0.0.0",
         )
@@ -276,9 +277,7 @@ def test_submission_folder_holds_the_code_snapshot_and_resolved_configs(tmp_path
     write(plan)
     rec = plan.record_dir
     assert rec.parent == plan.run_dir / "submit" and (plan.run_dir / "logs").is_dir()
-    assert (rec / "pipeline" / "cluster" / "smoke.py").read_bytes() == (
-        REPO / "pipeline" / "cluster" / "smoke.py"
-    ).read_bytes()
+    assert (rec / "jobs" / "smoke.py").read_bytes() == (REPO / "jobs" / "smoke.py").read_bytes()
     assert (rec / "jobs" / "submit.py").exists() and (rec / "slurm" / "pretrain.sbatch").exists()
     assert (rec / "k8s" / "base" / "pretrain" / "pytorchjob.yaml").exists()
     assert (
@@ -311,7 +310,7 @@ def test_ray_target_submits_the_snapshot_as_working_dir_and_refuses_pretraining(
     plan = plan_for(
         tmp_path,
         "sweep",
-        "--module=pipeline.cluster.smoke",
+        "--module=jobs.smoke",
         "--ray.address=http://head:8265",
         "--ray.no_wait=true",
         "--env.extra.FOO=bar",
@@ -320,7 +319,7 @@ def test_ray_target_submits_the_snapshot_as_working_dir_and_refuses_pretraining(
     cmd = plan.command
     assert cmd[1:3] == ["job", "submit"] and "--address=http://head:8265" in cmd and "--no-wait" in cmd
     assert f"--working-dir={plan.record_dir}" in cmd
-    assert cmd[cmd.index("--") :] == ["--", "python", "-m", "pipeline.cluster.smoke", "--config", "job.toml"]
+    assert cmd[cmd.index("--") :] == ["--", "python", "-m", "jobs.smoke", "--config", "job.toml"]
     assert '"FOO": "bar"' in next(c for c in cmd if c.startswith("--runtime-env-json="))
     with pytest.raises(ValueError, match="target"):
         plan_for(tmp_path, "pretrain", target="ray")
@@ -334,7 +333,7 @@ def test_template_renderer_refuses_missing_values():
 
 
 def test_ray_target_without_upload_runs_the_snapshot_in_place_from_the_working_directory(tmp_path):
-    plan = plan_for(tmp_path, "sweep", "--module=pipeline.cluster.smoke", "--ray.upload=false", target="ray")
+    plan = plan_for(tmp_path, "sweep", "--module=jobs.smoke", "--ray.upload=false", target="ray")
     cmd = plan.command
     assert not any(c.startswith("--working-dir") for c in cmd)
     driver = cmd[cmd.index("--") + 1 :]
@@ -346,7 +345,7 @@ def test_ray_target_without_upload_runs_the_snapshot_in_place_from_the_working_d
         "exec",
         "python",
         "-m",
-        "pipeline.cluster.smoke",
+        "jobs.smoke",
         "--config",
         str(plan.record_dir / "job.toml"),
     ]

@@ -31,7 +31,7 @@ def test_ray_job_runs_the_snapshot_in_place_with_relative_paths_from_the_submit_
                 "ray",
                 "--job",
                 "sweep",
-                "--launch.module=pipeline.cluster.smoke",
+                "--launch.module=jobs.smoke",
                 "--steps=2",
                 "--step_seconds=0",
                 "--run_dir=out",

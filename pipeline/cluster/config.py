@@ -1,4 +1,4 @@
-"""Launch config (where and how a job runs) and the registry of submittable jobs.
+"""Launch config (where and how a job runs) and the job spec type (the table of jobs is jobs/registry.py).
 
 The job's own config (what it computes) stays the job's: ``jobs.submit`` resolves it with the job's module.
 This file describes the cluster side only. Load path, as everywhere: defaults < ``--launch FILE`` (TOML)
@@ -227,7 +227,7 @@ class LaunchConfig:
     name: str = ""
     """Job name on the cluster; empty = clip-<job>."""
     module: str = ""
-    """Python module to run instead of the job's own (e.g. pipeline.cluster.smoke to test a cluster)."""
+    """Python module to run instead of the job's own (e.g. jobs.smoke to test a cluster)."""
     env: EnvConfig = field(default_factory=EnvConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     k8s: K8sConfig = field(default_factory=K8sConfig)
@@ -238,15 +238,24 @@ class LaunchConfig:
             raise ValueError(f"name: only letters, digits, '-', '_' and '.' are allowed, got {self.name!r}")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class JobSpec:
-    """How one job maps onto each target."""
+    """One job: its entry point, what it does, and how it maps onto each cluster target.
+
+    The table of every job is ``jobs/registry.py`` (read by ``clipp``, ``python -m jobs.submit`` and the docs
+    check); this library only takes specs as arguments, so it never imports the jobs.
+    """
 
     module: str
     """The job's entry point (`python -m <module> --config FILE`)."""
-    slurm_kind: Literal["array", "distributed", "ray"]
-    """SLURM shape: an array of independent tasks, one srun step across nodes, or a Ray cluster."""
-    k8s_base: str
+    doc: str
+    """One line: what the job does (`clipp --help`, the README's jobs table)."""
+    docs: str = ""
+    """The docs page about it, relative to docs/ (e.g. "training.md")."""
+    slurm_kind: Literal["array", "distributed", "ray"] | None = None
+    """SLURM shape: an array of independent tasks, one srun step across nodes, or a Ray cluster. None = the
+    job is not submitted to clusters (jobs.submit does not offer it)."""
+    k8s_base: str = ""
     """Folder under k8s/base (and k8s/overlays/<overlay>/) holding the job's manifests."""
     run_dir_keys: tuple[str, ...] = ()
     """Dotted keys of the job's config that may name its run directory (first one present wins)."""
@@ -258,19 +267,13 @@ class JobSpec:
     ray_ok: bool = True
     """Whether `ray job submit` makes sense for this job (its driver uses Ray, or it is one process)."""
 
+    def __post_init__(self) -> None:
+        if (self.slurm_kind is None) != (not self.k8s_base):
+            raise ValueError(
+                f"{self.module}: slurm_kind and k8s_base are set together (submittable) or not at all"
+            )
 
-JOBS: dict[str, JobSpec] = {
-    "shard": JobSpec("data_prep.shard", "array", "shard"),
-    "caption": JobSpec("data_prep.caption", "array", "caption", gpus_per_array_task=1),
-    "pretrain": JobSpec(
-        "jobs.pretrain",
-        "distributed",
-        "pretrain",
-        run_dir_keys=("run_dir",),
-        ray_ok=False,
-        loader_workers_key="data.num_workers",
-    ),
-    "sweep": JobSpec("jobs.finetune_sweep", "ray", "sweep"),
-    "smoke": JobSpec("pipeline.cluster.smoke", "distributed", "pretrain", run_dir_keys=("run_dir",)),
-}
-"""Submittable jobs. `smoke` is a tiny distributed job (rank check, all-reduce, preemption) for new clusters."""
+    @property
+    def submittable(self) -> bool:
+        """Whether ``python -m jobs.submit`` can send it to SLURM / Kubernetes / Ray."""
+        return self.slurm_kind is not None

@@ -1,7 +1,7 @@
 """Plan, record and submit one job to SLURM, Kubernetes or Ray (the library behind ``python -m jobs.submit``).
 
     plan = make_plan(SubmitRequest(target="slurm", job="pretrain", config="jobs/configs/debug.toml",
-                                   job_overrides=(), launch=LaunchConfig()))
+                                   job_overrides=(), launch=LaunchConfig()), jobs.registry.JOBS)
     print(describe(plan))          # what --dry-run prints
     record = submit(plan)          # snapshot + resolved config written first, then sbatch / kubectl / ray
 
@@ -20,13 +20,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pipeline import io
 from pipeline.cluster import k8s, ray_jobs, slurm
-from pipeline.cluster.config import JOBS, JobSpec, LaunchConfig, Target
+from pipeline.cluster.config import JobSpec, LaunchConfig, Target
 from pipeline.cluster.render import join_command
 from pipeline.cluster.snapshot import lookup, resolve_job_config, snapshot_code
 from pipeline.config import to_toml
@@ -86,11 +87,15 @@ def _python(launch: LaunchConfig) -> str:
     return launch.slurm.python or sys.executable
 
 
-def make_plan(request: SubmitRequest) -> Plan:
-    """Resolve the job's config, pick the run directory and render what would be submitted (no side effects)."""
-    if request.job not in JOBS:
-        raise ValueError(f"job: unknown job {request.job!r}; known: {', '.join(sorted(JOBS))}")
-    spec = JOBS[request.job]
+def make_plan(request: SubmitRequest, jobs: Mapping[str, JobSpec]) -> Plan:
+    """Resolve the job's config, pick the run directory and render what would be submitted (no side effects).
+
+    ``jobs`` is the table of jobs (``jobs.registry.JOBS``); ``request.job`` names one with a cluster shape.
+    """
+    known = sorted(name for name, spec in jobs.items() if spec.submittable)
+    if request.job not in known:
+        raise ValueError(f"job: unknown job {request.job!r} for clusters; known: {', '.join(known)}")
+    spec = jobs[request.job]
     launch = request.launch
     if request.target == "ray" and not spec.ray_ok and not launch.module:
         raise ValueError(

@@ -1,6 +1,6 @@
 """A tiny distributed job for checking a cluster before spending GPU hours on it.
 
-    python -m pipeline.cluster.smoke --run_dir=runs/smoke --steps=20
+    python -m jobs.smoke --run_dir=runs/smoke --steps=20
     python -m jobs.submit --target slurm --job smoke --config my_smoke.toml --launch.slurm.nodes=2
 
 It behaves like the trainer where the cluster is concerned, and nothing else: reads rank and world from the
@@ -21,7 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline import io
-from pipeline.cli import parse_config
+from pipeline.cli import job_main, parse_config
+
+PROG = "python -m jobs.smoke"
 
 
 @dataclass(frozen=True)
@@ -108,8 +110,9 @@ def run(cfg: SmokeConfig) -> int:
     return exit_code
 
 
+@job_main(PROG)
 def main(argv: Sequence[str] | None = None) -> int:
-    cfg, _ = parse_config(SmokeConfig, argv, prog="python -m pipeline.cluster.smoke", description=__doc__)
+    cfg, _ = parse_config(SmokeConfig, argv, prog=PROG, description=__doc__)
     return run(cfg)
 
 
