@@ -170,13 +170,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=1, help="loader workers per process")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument(
-        "--zero-stage", type=int, default=0, help="our ZeRO stage (0 = plain data parallel, as DDP)"
+        "--zero-stage",
+        type=int,
+        default=None,
+        help="our ZeRO stage (default: 0 = plain data parallel, as DDP, for fp32; 1 for bf16, whose fp32 "
+        "gradient accumulation needs a ZeRO optimizer)",
     )
     parser.add_argument("--log-every", type=int, default=5, help="steps per log interval")
     parser.add_argument("--skip", type=int, default=2, help="warm-up log intervals left out")
     parser.add_argument("--out", default="runs/bench_trainer", help="work folder (shards are reused)")
     parser.add_argument("--verbose", action="store_true", help="show the trainers' output")
     args = parser.parse_args(argv)
+    if args.zero_stage is None:
+        args.zero_stage = 1 if args.precision == "bf16" else 0
     if args.batch % args.procs:
         parser.error("--batch must be a multiple of --procs")
     if not 0 < args.short_steps < args.steps:
