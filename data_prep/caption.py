@@ -21,8 +21,7 @@ import sys
 from pipeline.caption.captioners import ARCH_DEBUG, CaptionerConfig
 from pipeline.caption.decode import DecodeConfig
 from pipeline.caption.job import CaptionExecutionConfig, CaptionJobConfig, make_plan, run_job
-from pipeline.cli import add_array_task_args, parse_config
-from pipeline.config import ConfigError
+from pipeline.cli import add_array_task_args, job_main, parse_config
 
 PROG = "python -m data_prep.caption"
 
@@ -43,6 +42,7 @@ def _extra_args(parser: argparse.ArgumentParser) -> None:
     add_array_task_args(parser)
 
 
+@job_main(PROG, user_errors=(ValueError,))
 def main(argv: list[str] | None = None) -> int:
     cfg, args = parse_config(
         CaptionJobConfig,
@@ -59,15 +59,11 @@ def main(argv: list[str] | None = None) -> int:
         ex = dataclasses.replace(ex, task_index=args.task_index)
     if args.num_tasks is not None:
         ex = dataclasses.replace(ex, num_tasks=args.num_tasks)
-    try:
-        cfg = dataclasses.replace(cfg, execution=ex)
-        if args.dry_run:
-            print(make_plan(cfg).describe(cfg))
-            return 0
-        summary = run_job(cfg)
-    except (ConfigError, ValueError) as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
+    cfg = dataclasses.replace(cfg, execution=ex)
+    if args.dry_run:
+        print(make_plan(cfg).describe(cfg))
+        return 0
+    summary = run_job(cfg)
     print(json.dumps(summary, sort_keys=True))
     return 0
 

@@ -15,8 +15,7 @@ import argparse
 import dataclasses
 import sys
 
-from pipeline.cli import add_array_task_args, parse_config
-from pipeline.config import ConfigError
+from pipeline.cli import add_array_task_args, job_main, parse_config
 from pipeline.data.prep.executors import task_from_env
 from pipeline.data.prep.job import STAGES, ShardJobConfig, ShardJobError, run
 
@@ -34,6 +33,7 @@ def _extra_args(parser: argparse.ArgumentParser) -> None:
     add_array_task_args(parser)
 
 
+@job_main("python -m data_prep.shard", user_errors=(ValueError,))
 def main(argv: list[str] | None = None) -> int:
     cfg, args = parse_config(
         ShardJobConfig,
@@ -47,9 +47,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         task_index, num_tasks = task_from_env(args.task_index, args.num_tasks)
         run(cfg, stage=args.stage, task_index=task_index, num_tasks=num_tasks)
-    except (ConfigError, ValueError) as e:
-        print(f"python -m data_prep.shard: error: {e}", file=sys.stderr)
-        return 2
     except ShardJobError as e:
         print(f"python -m data_prep.shard: {e}", file=sys.stderr)
         return 1

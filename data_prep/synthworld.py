@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from pipeline.cli import parse_config
+from pipeline.cli import job_main, parse_config
 from pipeline.data import synthworld as sw
 from pipeline.data.synth_export import ExportConfig, export
 
@@ -36,6 +36,7 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
+@job_main("python -m data_prep.synthworld")
 def main(argv: Sequence[str] | None = None) -> int:
     cfg, _ = parse_config(
         ExportConfig,

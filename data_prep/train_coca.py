@@ -15,8 +15,7 @@ import json
 import sys
 
 from pipeline.caption.train_coca import TrainCocaConfig, train_coca
-from pipeline.cli import parse_config
-from pipeline.config import ConfigError
+from pipeline.cli import job_main, parse_config
 
 PROG = "python -m data_prep.train_coca"
 
@@ -28,23 +27,20 @@ def _extra_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+@job_main(PROG, user_errors=(ValueError,))
 def main(argv: list[str] | None = None) -> int:
     cfg, args = parse_config(
         TrainCocaConfig, argv, prog=PROG, description=__doc__.split("\n\n")[0], extra_args=_extra_args
     )
-    try:
-        if args.loop_dir:
-            from pipeline.caption.loop import LoopConfig, close_the_loop
+    if args.loop_dir:
+        from pipeline.caption.loop import LoopConfig, close_the_loop
 
-            report = close_the_loop(dataclasses.replace(LoopConfig(), train=cfg), args.loop_dir)
-            print(json.dumps({k: report[k] for k in ("generated", "noisy")}, sort_keys=True))
-            return 0
-        if not args.out:
-            raise ValueError("--out: name the checkpoint file to write")
-        summary = train_coca(cfg, args.out)
-    except (ConfigError, ValueError) as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
+        report = close_the_loop(dataclasses.replace(LoopConfig(), train=cfg), args.loop_dir)
+        print(json.dumps({k: report[k] for k in ("generated", "noisy")}, sort_keys=True))
+        return 0
+    if not args.out:
+        raise ValueError("--out: name the checkpoint file to write")
+    summary = train_coca(cfg, args.out)
     print(json.dumps(summary, sort_keys=True))
     return 0
 

@@ -16,12 +16,13 @@ import argparse
 import json
 import sys
 
-from pipeline.cli import parse_config
+from pipeline.cli import job_main, parse_config
 from pipeline.dist import PreemptionFlag
 from pipeline.finetune.common import Preempted
 from pipeline.finetune.stages import STAGES, load_stage
 
 
+@job_main("python -m jobs.finetune")
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     pre = argparse.ArgumentParser(prog="python -m jobs.finetune", add_help=False)

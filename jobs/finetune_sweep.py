@@ -19,8 +19,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from pipeline.cli import parse_config
-from pipeline.config import ConfigError
+from pipeline.cli import job_main, parse_config
 from pipeline.finetune.sweep import (
     SweepConfig,
     best_markdown,
@@ -57,22 +56,19 @@ def run(cfg: SweepConfig, results_only: bool = False) -> list[dict]:
     return write_results(cfg, trials, errors)
 
 
+@job_main("python -m jobs.finetune_sweep")
 def main(argv: Sequence[str] | None = None) -> int:
     cfg, args = parse_config(
         SweepConfig, argv, prog="python -m jobs.finetune_sweep", description=__doc__.split("\n")[0],
         extra_args=_extra_args,
     )  # fmt: skip
-    try:
-        cfg = resolve_paths(cfg)
-        if args.dry_run:
-            for trial in expand_trials(cfg):
-                state = "complete" if trial_done(trial) else "pending"
-                print(f"{state:9} {trial.name}  ->  {trial.storage_dir}")
-            return 0
-        rows = run(cfg, results_only=args.results_only)
-    except ConfigError as e:
-        print(f"python -m jobs.finetune_sweep: error: {e}", file=sys.stderr)
-        return 2
+    cfg = resolve_paths(cfg)
+    if args.dry_run:
+        for trial in expand_trials(cfg):
+            state = "complete" if trial_done(trial) else "pending"
+            print(f"{state:9} {trial.name}  ->  {trial.storage_dir}")
+        return 0
+    rows = run(cfg, results_only=args.results_only)
     print(best_markdown(rows), flush=True)
     return 0 if all(r["status"] == "complete" for r in rows) else 1
 

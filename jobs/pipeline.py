@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pipeline import io
-from pipeline.cli import parse_config
+from pipeline.cli import job_main, parse_config
 from pipeline.config import ConfigError, load_config
 from pipeline.finetune.sweep import IN_RAY_JOB_ENV, SweepConfig, resolve_paths
 
@@ -229,20 +229,17 @@ def run(cfg: PipelineConfig) -> int:
     return 0 if complete and len(found) == len(points) else 1
 
 
+@job_main("python -m jobs.pipeline")
 def main(argv: Sequence[str] | None = None) -> int:
     cfg, _ = parse_config(
         PipelineConfig, argv, prog="python -m jobs.pipeline", description=__doc__.split("\n")[0]
     )
-    try:
-        if io.is_local(cfg.storage) and not os.path.isabs(cfg.storage):
-            if os.environ.get(IN_RAY_JOB_ENV):
-                raise ConfigError(f"storage: {cfg.storage!r} is relative; under `ray job submit` give an absolute "
-                                  "path on shared storage or an s3:// URL")  # fmt: skip
-            cfg = dataclasses.replace(cfg, storage=os.path.abspath(cfg.storage))
-        return run(cfg)
-    except ConfigError as e:
-        print(f"python -m jobs.pipeline: error: {e}", file=sys.stderr)
-        return 2
+    if io.is_local(cfg.storage) and not os.path.isabs(cfg.storage):
+        if os.environ.get(IN_RAY_JOB_ENV):
+            raise ConfigError(f"storage: {cfg.storage!r} is relative; under `ray job submit` give an absolute "
+                              "path on shared storage or an s3:// URL")  # fmt: skip
+        cfg = dataclasses.replace(cfg, storage=os.path.abspath(cfg.storage))
+    return run(cfg)
 
 
 if __name__ == "__main__":

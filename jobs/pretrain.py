@@ -25,8 +25,8 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file (the deepspeed launcher does that): make `pipeline` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.cli import parse_config  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
+from pipeline.cli import job_main, parse_config  # noqa: E402
+from pipeline.config import ConfigError, load_config  # noqa: E402
 from pipeline.train.trainer import TrainConfig  # noqa: E402
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -43,6 +43,7 @@ def _extra_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--print-ds-config", action="store_true", help="print the DeepSpeed config and exit")
 
 
+@job_main("python -m jobs.pretrain")
 def main(argv: Sequence[str] | None = None) -> int:
     cfg, args = parse_config(
         TrainConfig, argv, prog="python -m jobs.pretrain", description=__doc__.split("\n")[0],
@@ -64,8 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:  # before any model is built: a missing shards folder is one line, not five empty epochs
         resolve_shards(cfg.data)
     except ShardSpecError as e:
-        print(f"python -m jobs.pretrain: error: data.{e}", file=sys.stderr)
-        return 2
+        raise ConfigError(f"data.{e}") from None
     from pipeline.train.trainer import Trainer
 
     trainer = Trainer(cfg)

@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.cli import parse_config
+from pipeline.cli import job_main, parse_config
 
 
 @dataclass(frozen=True)
@@ -189,6 +189,7 @@ def _headline(d: dict, keys: Sequence[str]) -> str:
     return ", ".join(parts)
 
 
+@job_main("python -m jobs.quickstart")
 def main(argv: Sequence[str] | None = None) -> int:
     cfg, _ = parse_config(
         QuickstartConfig,

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pipeline import io
-from pipeline.cli import parse_config
+from pipeline.cli import job_main, parse_config
 from pipeline.config import load_config
 from pipeline.report.toy import ReproduceConfig
 
@@ -38,6 +38,7 @@ def cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
+@job_main("python -m jobs.reproduce")
 def main(argv: Sequence[str] | None = None) -> int:
     started = time.time()
     command = "python -m jobs.reproduce " + " ".join(

@@ -26,7 +26,7 @@ import sys
 from collections.abc import Sequence
 
 from pipeline import io
-from pipeline.cli import parse_config
+from pipeline.cli import job_main, parse_config
 from pipeline.report.scaling import (
     ScalingConfig,
     plan_points,
@@ -51,6 +51,7 @@ def _extra_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--points-json", default="", help="jobs.pipeline's points.json: collect its runs too")
 
 
+@job_main("python -m jobs.scaling_report")
 def main(argv: Sequence[str] | None = None) -> int:
     cfg, args = parse_config(
         ScalingConfig, argv, prog="python -m jobs.scaling_report", description=__doc__.split("\n\n")[0],

@@ -21,8 +21,8 @@ import sys
 from collections.abc import Sequence
 
 from jobs.registry import JOBS, submittable
+from pipeline.cli import job_main
 from pipeline.cluster.config import LaunchConfig
-from pipeline.cluster.snapshot import JobConfigError
 from pipeline.cluster.submit import SubmitRequest, describe, make_plan, submit
 from pipeline.config import ConfigError, help_text, load_config, to_toml
 
@@ -49,6 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+@job_main("python -m jobs.submit", user_errors=(ValueError,))
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args, rest = parser.parse_known_args(list(sys.argv[1:] if argv is None else argv))
@@ -60,17 +61,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         launch = load_config(LaunchConfig, args.launch_file, launch_overrides, base=LaunchConfig())
     except ConfigError as e:
-        parser.exit(2, f"{parser.prog}: error: launch config: {e}\n")
+        raise ConfigError(f"launch config: {e}") from None
     if args.print_launch_config:
         print(to_toml(launch), end="")
         return 0
     request = SubmitRequest(
         target=args.target, job=args.job, config=args.config, job_overrides=job_overrides, launch=launch
     )
-    try:
-        plan = make_plan(request, JOBS)
-    except (JobConfigError, ValueError) as e:
-        parser.exit(2, f"{parser.prog}: error: {e}\n")
+    plan = make_plan(request, JOBS)  # a JobConfigError / ValueError: one line from job_main, exit 2
     if args.dry_run:
         print(describe(plan), end="")
         return 0
