@@ -97,7 +97,7 @@ def _env() -> dict[str, str]:
 def run_ours(args: argparse.Namespace, shards: str, out: Path, port: int) -> list[float]:
     micro = args.batch // args.procs
     cmd = _torchrun(args.procs, port, [
-        "-m", "jobs.pretrain", "--config=jobs/configs/debug.toml", f"--run_dir={out}", f"--data.shards={shards}",
+        "-m", "jobs.pretrain", "--preset=debug", f"--run_dir={out}", f"--data.shards={shards}",
         f"--steps={args.steps}", f"--global_batch={args.batch}", f"--data.micro_batch={micro}",
         f"--data.num_workers={args.workers}", "--loss.w_syn=0", f"--engine.zero_stage={args.zero_stage}",
         f"--engine.precision={args.precision}", f"--log.interval={args.log_every}", "--log.progress=false",

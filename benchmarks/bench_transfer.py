@@ -30,7 +30,7 @@ import webdataset as wds
 
 from pipeline.data import synthworld as sw
 from pipeline.data.synth_export import pretraining_sample
-from pipeline.finetune.common import TrainConfig
+from pipeline.finetune.common import FinetuneTrainConfig
 from pipeline.finetune.datasets import DataConfig
 from pipeline.finetune.stages import load_stage
 
@@ -67,7 +67,7 @@ def pretrain(
     if world.group_size > 1:  # hard-negative groups stay together in a batch
         extra = [f"--data.group_size={world.group_size}", *extra]
     args = [
-        sys.executable, "-m", "jobs.pretrain", "--config=jobs/configs/debug.toml", f"--steps={steps}",
+        sys.executable, "-m", "jobs.pretrain", "--preset=debug", f"--steps={steps}",
         f"--data.shards={shards}", f"--run_dir={out / 'pretrain'}", "--log.progress=false",
         "--checkpoint.interval=100", "--engine.zero_stage=0", *extra,
     ]  # fmt: skip
@@ -79,14 +79,14 @@ def pretrain(
 def stage_config(
     stage: str, checkpoint: str, args: argparse.Namespace, seed: int, backbone_lr_mult: float
 ) -> Any:
-    cfg = load_stage(stage).presets()["debug"]()
+    cfg = load_stage(stage).STAGE_CONFIG()
     world = WORLDS[args.world](seed=0, image_size=64)
     return dataclasses.replace(
         cfg,
         backbone=dataclasses.replace(cfg.backbone, checkpoint=checkpoint, seed=seed),
         optim=dataclasses.replace(cfg.optim, backbone_lr_mult=backbone_lr_mult),
         data=DataConfig(num_train=args.num_train, num_val=args.num_val, world=world),
-        train=TrainConfig(
+        train=FinetuneTrainConfig(
             steps=args.steps, batch_size=args.batch_size, eval_batch_size=32, log_every=25, seed=seed
         ),
     )

@@ -18,20 +18,10 @@ import dataclasses
 import json
 import sys
 
-from pipeline.caption.captioners import ARCH_DEBUG, CaptionerConfig
-from pipeline.caption.decode import DecodeConfig
-from pipeline.caption.job import CaptionExecutionConfig, CaptionJobConfig, make_plan, run_job
+from pipeline.caption.job import CaptionJobConfig, make_plan, run_job
 from pipeline.cli import add_array_task_args, job_main, parse_config
 
 PROG = "python -m data_prep.caption"
-
-
-def _debug() -> CaptionJobConfig:
-    """Tiny random CoCa on CPU: for smoke tests of the plumbing (captions are gibberish)."""
-    return CaptionJobConfig(
-        captioner=CaptionerConfig(arch=ARCH_DEBUG, device="cpu", decode=DecodeConfig(max_len=16)),
-        execution=CaptionExecutionConfig(batch_size=16, decode_threads=2),
-    )
 
 
 def _extra_args(parser: argparse.ArgumentParser) -> None:
@@ -49,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         argv,
         prog=PROG,
         description=__doc__.split("\n\n")[0],
-        presets={"debug": _debug},
+        job="caption",
         extra_args=_extra_args,
     )
     ex = cfg.execution

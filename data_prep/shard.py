@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         ShardJobConfig,
         argv,
         prog="python -m data_prep.shard",
+        job="shard",
         description=__doc__.split("\n\n")[0],
         extra_args=_extra_args,
     )

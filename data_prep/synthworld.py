@@ -14,14 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from pipeline.cli import job_main, parse_config
-from pipeline.data import synthworld as sw
 from pipeline.data.synth_export import ExportConfig, export
-
-PRESETS = {
-    "default": ExportConfig,
-    "shape_necessary": lambda: ExportConfig(world=sw.shape_necessary_config()),
-    "debug": lambda: ExportConfig(num_samples=64, num_finetune=16, num_val=16, num_syn_captions=2),
-}
 
 
 def format_summary(summary: dict) -> str:
@@ -43,8 +36,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv,
         prog="python -m data_prep.synthworld",
         description=__doc__.split("\n\n")[0],
-        presets=PRESETS,
-        default_preset="default",
+        job="synthworld",
     )
     print(format_summary(export(cfg)))
     return 0

@@ -30,7 +30,12 @@ def _extra_args(parser: argparse.ArgumentParser) -> None:
 @job_main(PROG, user_errors=(ValueError,))
 def main(argv: list[str] | None = None) -> int:
     cfg, args = parse_config(
-        TrainCocaConfig, argv, prog=PROG, description=__doc__.split("\n\n")[0], extra_args=_extra_args
+        TrainCocaConfig,
+        argv,
+        prog=PROG,
+        description=__doc__.split("\n\n")[0],
+        job="train_coca",
+        extra_args=_extra_args,
     )
     if args.loop_dir:
         from pipeline.caption.loop import LoopConfig, close_the_loop

@@ -1,7 +1,7 @@
 """``clipp``: one command over every job. ``clipp --help`` lists them; ``clipp <job> --help`` documents one.
 
     clipp synthworld --out runs/world        # == python -m data_prep.synthworld ...
-    clipp pretrain --config jobs/configs/debug.toml
+    clipp pretrain --preset debug
 
 The jobs are the table in jobs/registry.py; modules are imported only when their job runs.
 """

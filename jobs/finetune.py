@@ -1,6 +1,6 @@
 """Fine-tune a pretrained image tower on one downstream task and evaluate it.
 
-    python -m jobs.finetune --stage segmentation --config jobs/configs/finetune_segmentation.toml \
+    python -m jobs.finetune --stage segmentation --preset synthetic \
         --backbone.checkpoint=runs/pretrain/export/open_clip.pt --run_dir=runs/ft/seg
     python -m jobs.finetune --stage depth --preset nyuv2 --data.root=/data/nyu --run_dir=runs/ft/nyu
     python -m jobs.finetune --stage classification --help          # every config key of that stage
@@ -43,8 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         argv,
         prog=f"python -m jobs.finetune --stage {known.stage}",
         description=(stage.__doc__ or "").strip().splitlines()[0],
-        presets=stage.presets(),
-        default_preset="debug",
+        job=f"finetune/{known.stage}",
         extra_args=extra,
     )
     try:

@@ -1,10 +1,10 @@
 """Ray Tune sweeps over fine-tuning stages; each trial is a Ray Train TorchTrainer.
 
     ray job submit --address http://HEAD:8265 --working-dir . -- \
-        python -m jobs.finetune_sweep --config jobs/configs/sweep_debug.toml \
+        python -m jobs.finetune_sweep --config jobs/configs/sweep/debug.toml \
         --storage=/shared/sweeps --sweep.segmentation.lr=[5e-4,2e-4]
-    python -m jobs.finetune_sweep --config jobs/configs/sweep_debug.toml --dry-run    # list the trials
-    python -m jobs.finetune_sweep --config jobs/configs/sweep_debug.toml --results-only
+    python -m jobs.finetune_sweep --config jobs/configs/sweep/debug.toml --dry-run    # list the trials
+    python -m jobs.finetune_sweep --config jobs/configs/sweep/debug.toml --results-only
 
 Without ``ray job submit`` it connects to ``RAY_ADDRESS`` or starts a local Ray. Running the same command
 again restores the sweep: finished trials are not rerun, interrupted ones resume from their checkpoints.
@@ -60,7 +60,7 @@ def run(cfg: SweepConfig, results_only: bool = False) -> list[dict]:
 def main(argv: Sequence[str] | None = None) -> int:
     cfg, args = parse_config(
         SweepConfig, argv, prog="python -m jobs.finetune_sweep", description=__doc__.split("\n")[0],
-        extra_args=_extra_args,
+        job="sweep", extra_args=_extra_args,
     )  # fmt: skip
     cfg = resolve_paths(cfg)
     if args.dry_run:

@@ -1,10 +1,10 @@
 """The pretrain -> fine-tune -> report DAG: every selected stage's sweep for each pretrained checkpoint, then
 the report, skipping what is done.
 
-    python -m jobs.pipeline --config jobs/configs/pipeline_debug.toml \
+    python -m jobs.pipeline --config jobs/configs/pipeline/debug.toml \
         --runs=[runs/web-1k,runs/web-4k] --storage=$PWD/runs/pipelines
     ray job submit --address http://HEAD:8265 --working-dir . -- python -m jobs.pipeline \
-        --config jobs/configs/pipeline_debug.toml --storage=/shared/pipelines --points.web_1k=/shared/runs/web-1k
+        --config jobs/configs/pipeline/debug.toml --storage=/shared/pipelines --points.web_1k=/shared/runs/web-1k
 
 Inputs are finished pretraining run directories (their ``export/<final|ema>/visual.pt``, written by
 ``jobs.pretrain``) or checkpoint files, one per data-scale point. Steps:
@@ -43,7 +43,7 @@ from pipeline.finetune.sweep import IN_RAY_JOB_ENV, SweepConfig, resolve_paths
 
 
 @dataclass(frozen=True)
-class ReportConfig:
+class PipelineReportConfig:
     module: str = ""
     """Report job run after the sweeps (its ``main(argv)`` is called with ``args``), e.g. ``jobs.scaling_report``;
     "" (or a module that is not importable) writes the built-in table (report.md / report.csv) instead."""
@@ -63,11 +63,11 @@ class PipelineConfig:
     """label -> pretraining run directory, export folder or checkpoint file (added to ``runs``)."""
     export: Literal["final", "ema"] = "final"
     """Which exported weights of a pretraining run to fine-tune."""
-    sweep_config: str = "jobs/configs/sweep_debug.toml"
+    sweep_config: str = "jobs/configs/sweep/debug.toml"
     """The sweep (stages, base configs, search space, resources) run for every point."""
     sweep_overrides: tuple[str, ...] = ()
     """Dotted overrides for that sweep config, e.g. ``["sweep.all.lr=[1e-3]", "stages=['depth']"]``."""
-    report: ReportConfig = field(default_factory=ReportConfig)
+    report: PipelineReportConfig = field(default_factory=PipelineReportConfig)
     """The report step."""
 
     def __post_init__(self) -> None:
@@ -232,7 +232,11 @@ def run(cfg: PipelineConfig) -> int:
 @job_main("python -m jobs.pipeline")
 def main(argv: Sequence[str] | None = None) -> int:
     cfg, _ = parse_config(
-        PipelineConfig, argv, prog="python -m jobs.pipeline", description=__doc__.split("\n")[0]
+        PipelineConfig,
+        argv,
+        prog="python -m jobs.pipeline",
+        description=__doc__.split("\n")[0],
+        job="pipeline",
     )
     if io.is_local(cfg.storage) and not os.path.isabs(cfg.storage):
         if os.environ.get(IN_RAY_JOB_ENV):

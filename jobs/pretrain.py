@@ -1,13 +1,13 @@
-"""CLIP pretraining with DeepSpeed ZeRO: ``python -m jobs.pretrain --config jobs/configs/<name>.toml [--a.b=c]``.
+"""CLIP pretraining with DeepSpeed ZeRO: ``python -m jobs.pretrain --preset <name> [--config FILE] [--a.b=c]``.
 
 The same command runs under every launcher (ranks come from the environment, see ``pipeline.dist``):
 
-    python -m jobs.pretrain --config jobs/configs/debug.toml --data.shards=data/shards
-    torchrun --nproc_per_node 8 -m jobs.pretrain --config jobs/configs/vit_b16.toml
-    deepspeed --num_gpus 8 jobs/pretrain.py --config jobs/configs/vit_b16.toml      # passes --local_rank=N
-    srun python -m jobs.pretrain --config jobs/configs/vit_b16.toml                 # SLURM_PROCID etc.
+    python -m jobs.pretrain --preset debug --data.shards=data/shards
+    torchrun --nproc_per_node 8 -m jobs.pretrain --preset vit_b16
+    deepspeed --num_gpus 8 jobs/pretrain.py --preset vit_b16      # passes --local_rank=N
+    srun python -m jobs.pretrain --preset vit_b16                 # SLURM_PROCID etc.
 
-Presets: ``--preset debug`` / ``--preset vit_b16`` (the TOML files of the same names). ``--print-config``
+Presets: ``--preset debug`` / ``--preset vit_b16`` (jobs/configs/pretrain/<name>.toml). ``--print-config``
 prints the resolved config; ``--print-ds-config`` the DeepSpeed config it builds. Exit code 0 when done,
 124 when a SIGUSR1 / SIGTERM made it checkpoint and stop (slurm/ scripts requeue on 124), 2 with a one-line
 error for a bad config value or a shard spec that names no shard (``data.shards`` / ``data.syn_shards``).
@@ -26,14 +26,8 @@ if __package__ in (None, ""):  # run as a file (the deepspeed launcher does that
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.cli import job_main, parse_config  # noqa: E402
-from pipeline.config import ConfigError, load_config  # noqa: E402
+from pipeline.config import ConfigError  # noqa: E402
 from pipeline.train.trainer import TrainConfig  # noqa: E402
-
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-PRESETS = {
-    name: (lambda name=name: load_config(TrainConfig, CONFIG_DIR / f"{name}.toml"))
-    for name in ("debug", "vit_b16")
-}
 
 
 def _extra_args(parser: argparse.ArgumentParser) -> None:
@@ -47,7 +41,7 @@ def _extra_args(parser: argparse.ArgumentParser) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     cfg, args = parse_config(
         TrainConfig, argv, prog="python -m jobs.pretrain", description=__doc__.split("\n")[0],
-        presets=PRESETS, extra_args=_extra_args,
+        job="pretrain", extra_args=_extra_args,
     )  # fmt: skip
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))

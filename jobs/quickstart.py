@@ -129,7 +129,7 @@ def run(cfg: QuickstartConfig) -> dict:
         f"4/5 pretrain: DeepSpeed CLIP (debug model) on web + CoCa captions\n    {source}",
         lambda: pretrain.main(
             [
-                "--config=jobs/configs/debug.toml",
+                "--preset=debug",
                 f"--data.shards={shards}",
                 f"--data.syn_shards={syn}",
                 f"--run_dir={pre}",
@@ -145,8 +145,8 @@ def run(cfg: QuickstartConfig) -> dict:
                 [
                     "--stage",
                     stage,
-                    "--config",
-                    f"jobs/configs/finetune_{stage}.toml",
+                    "--preset",
+                    "synthetic",
                     f"--backbone.checkpoint={pre}/export/ema",
                     f"--run_dir={out}/finetune/{stage}",
                     f"--train.steps={cfg.finetune_steps}",
@@ -195,6 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         QuickstartConfig,
         argv,
         prog="python -m jobs.quickstart",
+        job="quickstart",
         description=__doc__.split("\n\n")[0],
     )
     start = time.time()

@@ -1,7 +1,7 @@
 """Toy reproduction of the paper's claim, one command: do quality (synthetic) captions give better transfer to
 dense prediction and better data efficiency than noisy web captions? On the synthetic world, CPU-sized.
 
-    python -m jobs.reproduce                                   # jobs/configs/reproduce.toml -> runs/reproduce
+    python -m jobs.reproduce                                   # --preset toy (jobs/configs/reproduce/toy.toml) -> runs/reproduce
     python -m jobs.reproduce --out=/tmp/repro --study.grid.seeds=[0,1]
     python -m jobs.reproduce --data.subset_sizes=[256,1024] --study.pretrain.overrides='["--steps=100"]'
 
@@ -26,10 +26,7 @@ from pathlib import Path
 
 from pipeline import io
 from pipeline.cli import job_main, parse_config
-from pipeline.config import load_config
 from pipeline.report.toy import ReproduceConfig
-
-CONFIG = Path(__file__).resolve().parent / "configs" / "reproduce.toml"
 
 
 def cpu_seconds() -> float:
@@ -46,7 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     cfg, _ = parse_config(
         ReproduceConfig, argv, prog="python -m jobs.reproduce", description=__doc__.split("\n\n")[0],
-        presets={"toy": lambda: load_config(ReproduceConfig, CONFIG)}, default_preset="toy",
+        job="reproduce", default_preset="toy",
     )  # fmt: skip
     import dataclasses
 

@@ -1,9 +1,9 @@
 """Data-scaling study: pretrain a grid of (model size x caption source x subset size x seed), fine-tune every
 finished point, and write a report with fitted curves, comparisons, FLOPs and attention distances.
 
-    python -m jobs.scaling_report --config jobs/configs/scaling_debug.toml --pretrain.shards=<shards>
-    python -m jobs.scaling_report --config jobs/configs/scaling_vit_b16.toml --dry-run      # points + commands
-    python -m jobs.scaling_report --config jobs/configs/scaling_vit_b16.toml --report-only  # no launches
+    python -m jobs.scaling_report --config jobs/configs/scaling_report/debug.toml --pretrain.shards=<shards>
+    python -m jobs.scaling_report --config jobs/configs/scaling_report/vit_b16.toml --dry-run      # points + commands
+    python -m jobs.scaling_report --config jobs/configs/scaling_report/vit_b16.toml --report-only  # no launches
     python -m jobs.scaling_report --report-only --no-grid --root=<dag root> --points-json=<dag root>/points.json
 
 The last form reports on runs made elsewhere (e.g. by ``jobs.pipeline``, whose ``report.module`` may name
@@ -55,7 +55,7 @@ def _extra_args(parser: argparse.ArgumentParser) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     cfg, args = parse_config(
         ScalingConfig, argv, prog="python -m jobs.scaling_report", description=__doc__.split("\n\n")[0],
-        extra_args=_extra_args,
+        job="scaling_report", extra_args=_extra_args,
     )  # fmt: skip
     if args.points_json:
         points_file = io.read_json(args.points_json)

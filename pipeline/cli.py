@@ -1,7 +1,9 @@
-"""Shared command-line handling for every job: ``--config FILE``, ``--preset NAME``, dotted overrides.
+"""Shared command-line handling for every job: ``--preset NAME``, ``--config FILE``, dotted overrides.
 
-Each job's ``main(argv=None)`` calls :func:`parse_config` with its config class and presets; ``--help``
-lists every key with its type, default and doc; a bad key or value exits with a one-line error naming it.
+Each job's ``main(argv=None)`` calls :func:`parse_config` with its config class and its job name; the
+presets are the files in ``jobs/configs/<job>/``. Layers: code defaults < ``--preset`` < ``--config`` <
+``--a.b=c`` (see ``pipeline.config``). ``--help`` lists every key with its type, default and doc, and the
+shipped presets; a bad key or value exits with a one-line error naming it.
 """
 
 from __future__ import annotations
@@ -9,10 +11,18 @@ from __future__ import annotations
 import argparse
 import functools
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import TypeVar
 
-from pipeline.config import ConfigError, help_text, load_config, to_toml
+from pipeline.config import (
+    PRESET_ROOT,
+    ConfigError,
+    help_text,
+    load_config,
+    preset_names,
+    preset_summary,
+    to_toml,
+)
 
 T = TypeVar("T")
 
@@ -23,26 +33,38 @@ def parse_config(
     *,
     prog: str,
     description: str,
-    presets: Mapping[str, Callable[[], T]] | None = None,
+    job: str | None = None,
     default_preset: str | None = None,
     extra_args: Callable[[argparse.ArgumentParser], None] | None = None,
 ) -> tuple[T, argparse.Namespace]:
-    """Parse ``argv`` into a resolved config of type ``cls`` plus the job's extra (non-config) flags."""
-    presets = dict(presets or {})
+    """Parse ``argv`` into a resolved config of type ``cls`` plus the job's extra (non-config) flags.
+
+    ``job`` names the preset folder ``jobs/configs/<job>/`` (e.g. ``pretrain``, ``finetune/depth``); without
+    it the job has no ``--preset`` flag. ``default_preset`` is loaded when ``--preset`` is not given.
+    """
+    presets = preset_names(job) if job is not None else []
     epilog = "config keys (set in the TOML file or as --key=value):\n" + help_text(cls)
+    if job is not None:
+        width = max((len(n) for n in presets), default=0)
+        lines = [f"  {n:<{width}}  {preset_summary(job, n)}".rstrip() for n in presets]
+        where = PRESET_ROOT.relative_to(PRESET_ROOT.parents[1]) / job
+        epilog += (
+            f"\n\npresets (--preset NAME: {where}/NAME.toml, only the keys that differ from the defaults):\n"
+        )
+        epilog += "\n".join(lines) if lines else "  (none shipped)"
     parser = argparse.ArgumentParser(
         prog=prog,
         description=description,
         epilog=epilog,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--config", help="TOML file with config values (overrides the preset)")
-    if presets:
+    parser.add_argument("--config", help="TOML file with config values (on top of the preset)")
+    if job is not None:
         parser.add_argument(
             "--preset",
-            choices=sorted(presets),
+            choices=presets,
             default=default_preset,
-            help=f"named starting point (default: {default_preset})",
+            help=f"named recipe from jobs/configs/{job}/ (default: {default_preset or 'the code defaults'})",
         )
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     if extra_args is not None:
@@ -51,9 +73,9 @@ def parse_config(
     bad = [r for r in rest if not (r.startswith("--") and "=" in r)]
     if bad:
         parser.error(f"unrecognised argument {bad[0]!r} (config overrides look like --section.field=value)")
-    base = presets[args.preset]() if presets and args.preset else None
+    preset = getattr(args, "preset", None)
     try:
-        cfg = load_config(cls, args.config, rest, base=base)
+        cfg = load_config(cls, args.config, rest, job=job, preset=preset)
     except ConfigError as e:
         parser.exit(2, f"{prog}: error: {e}\n")
     if args.print_config:

@@ -1,10 +1,16 @@
 """Config system: frozen dataclasses, TOML files and dotted command-line overrides.
 
-One load path for every job: code defaults < named preset < TOML file < ``--section.field=value``.
-Each component owns a small frozen dataclass beside its code; run configs compose them. Unknown keys
-and badly typed values raise :class:`ConfigError` naming the key (and the file it came from).
+One load path for every job, each layer changing only the keys it names:
 
-    cfg = load_config(PretrainConfig, path="jobs/configs/debug.toml", overrides=["--optim.lr=3e-4"])
+    code defaults < preset (jobs/configs/<job>/<preset>.toml) < --config FILE < --section.field=value
+
+A preset is a named recipe shipped with the code, so it holds only the keys that differ from the code
+defaults (tests/test_presets.py enforces that); ``--config`` is the user's own file (or a run directory's
+resolved ``config.toml``) and goes on top of it, and command-line overrides win over both. Each component
+owns a small frozen dataclass beside its code; run configs compose them. Unknown keys and badly typed
+values raise :class:`ConfigError` naming the key (and the file it came from).
+
+    cfg = load_config(TrainConfig, job="pretrain", preset="debug", overrides=["--optim.lr=3e-4"])
     print(to_toml(cfg))
 """
 
@@ -20,6 +26,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+
+PRESET_ROOT = Path(__file__).resolve().parents[1] / "jobs" / "configs"
+"""Preset files: ``PRESET_ROOT / <job> / <preset>.toml`` (``<job>`` is e.g. ``pretrain`` or ``finetune/depth``)."""
 
 
 class ConfigError(ValueError):
@@ -133,21 +142,41 @@ def _parse_literal(text: str) -> Any:
         return text
 
 
-def _build(cls: type[T], data: Mapping[str, Any], prefix: str, source: str | None) -> T:
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
+
+
+def _build(cls: type[T], data: Mapping[str, Any], prefix: str, source: str | None, base: Any = None) -> T:
+    """``cls`` from ``data``; keys it does not name keep their value in ``base`` (or the field default).
+
+    A table for a nested config changes only the keys it names: ``--optim.lr=1e-4`` keeps the rest of the
+    ``optim`` default, including values a ``default_factory`` set (e.g. a stage's ``layer_decay``).
+    """
     hints = _type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     for key in data:
-        if key not in names:
+        if key not in fields:
             full = f"{prefix}.{key}" if prefix else key
             raise ConfigError(
-                f"unknown key {full!r}{_describe(source)}; valid keys here: {', '.join(sorted(names))}"
+                f"unknown key {full!r}{_describe(source)}; valid keys here: {', '.join(sorted(fields))}"
             )
     kwargs = {}
     for key, value in data.items():
         full = f"{prefix}.{key}" if prefix else key
-        kwargs[key] = _coerce(value, hints[key], full, source)
+        tp = hints[key]
+        nested = getattr(base, key) if base is not None else None
+        if dataclasses.is_dataclass(tp) and isinstance(value, Mapping):
+            nested = nested if base is not None else _field_default(fields[key])
+            if isinstance(nested, tp):
+                kwargs[key] = _build(tp, value, full, source, nested)
+                continue
+        kwargs[key] = _coerce(value, tp, full, source)
     try:
-        return cls(**kwargs)
+        return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
     except ConfigError:
         raise
     except ValueError as e:
@@ -210,32 +239,73 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
     return tree
 
 
+def preset_names(job: str) -> list[str]:
+    """The presets shipped for ``job``: the ``*.toml`` file names in ``jobs/configs/<job>/``."""
+    return sorted(p.stem for p in (PRESET_ROOT / job).glob("*.toml"))
+
+
+def preset_path(job: str, name: str) -> Path:
+    """The file of preset ``name`` of ``job``; a ConfigError lists the shipped ones when it does not exist."""
+    path = PRESET_ROOT / job / f"{name}.toml"
+    if not path.is_file():
+        names = ", ".join(preset_names(job)) or "none"
+        raise ConfigError(
+            f"preset: {job} has no preset {name!r} (shipped: {names}; files in {PRESET_ROOT / job})"
+        )
+    return path
+
+
+def preset_summary(job: str, name: str) -> str:
+    """The first comment line of a preset file (what the recipe is), for ``--help``."""
+    for line in preset_path(job, name).read_text().splitlines():
+        if line.startswith("#"):
+            return line.lstrip("#").strip()
+        if line.strip():
+            break
+    return ""
+
+
+def _read_toml(path: str | Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+
+
 def load_config(
     cls: type[T],
     path: str | Path | None = None,
     overrides: Sequence[str] = (),
     base: T | None = None,
+    *,
+    job: str | None = None,
+    preset: str | None = None,
 ) -> T:
-    """Build ``cls`` from ``base`` (or defaults) < TOML file at ``path`` < dotted ``overrides``."""
+    """Build ``cls`` from code defaults (or ``base``) < preset file < TOML file at ``path`` < ``overrides``.
+
+    ``preset`` names ``jobs/configs/<job>/<preset>.toml``. Each layer's keys are checked on their own, so an
+    error names the file (or "command line") that holds the bad key.
+    """
     data: dict[str, Any] = _strip_none(to_dict(base)) if base is not None else {}
-    source = None
+    layers: list[tuple[dict[str, Any], str]] = []
+    if preset is not None:
+        if job is None:
+            raise ConfigError(f"preset: {preset!r} given without the job it belongs to")
+        file = preset_path(job, preset)
+        layers.append((_read_toml(file), str(file)))
     if path is not None:
-        source = str(path)
-        try:
-            with open(path, "rb") as f:
-                file_data = tomllib.load(f)
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{path}: not valid TOML: {e}") from None
-        _build(cls, file_data, "", source)  # validate keys against the file's own name first
-        data = _merge(data, file_data)
+        layers.append((_read_toml(path), str(path)))
     if overrides:
-        over = parse_overrides(overrides)
-        _build(cls, _merge(data, over), "", "command line")
-        data = _merge(data, over)
-        source = "command line" if source is None else f"{source} + command line"
-    return _build(cls, data, "", source)
+        layers.append((parse_overrides(overrides), "command line"))
+    sources = []
+    for layer, source in layers:
+        _build(cls, _merge(data, layer), "", source)  # an error here belongs to this layer
+        data = _merge(data, layer)
+        sources.append(source)
+    return _build(cls, data, "", " + ".join(sources) or None)
 
 
 def _toml_value(value: Any) -> str:

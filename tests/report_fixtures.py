@@ -60,7 +60,7 @@ def write_pretrain_run(path: Path, source: str, subset_uids: Path | None, seed: 
 
     w_real, w_syn = SOURCES[source]
     cfg = load_config(
-        TrainConfig, ROOT / "jobs/configs/debug.toml",
+        TrainConfig, ROOT / "jobs/configs/pretrain/debug.toml",
         [f"--run_dir={path}", f"--steps={steps}", f"--loss.w_real={w_real}", f"--loss.w_syn={w_syn}",
          f"--data.subset_uids={subset_uids or ''}", f"--data.seed={seed}"],
     )  # fmt: skip
@@ -93,7 +93,7 @@ def write_finetune_run(path: Path, stage: str, checkpoint: str, value: float, lr
     from pipeline.finetune.stages import load_stage
 
     module = load_stage(stage)
-    cfg = module.presets()["debug"]()
+    cfg = module.STAGE_CONFIG()
     cfg = dataclasses.replace(
         cfg,
         backbone=dataclasses.replace(cfg.backbone, checkpoint=checkpoint),

@@ -1,4 +1,4 @@
-"""A toy fine-tuning stage with the real stage contract (``STAGE_CONFIG``, ``presets``, ``run_stage``) for
+"""A toy fine-tuning stage with the real stage contract (``STAGE_CONFIG``, ``run_stage``) for
 testing the sweep machinery in seconds: no torch, a "loss" that depends on lr, a checkpoint per step.
 
 Sweep it with ``stages = ["sweep_toy_stage"]`` when tests/ is on sys.path (any importable module with the
@@ -51,10 +51,6 @@ class ToyConfig:
 
 
 STAGE_CONFIG = ToyConfig
-
-
-def presets() -> dict[str, Any]:
-    return {"debug": ToyConfig}
 
 
 def run_stage(cfg: ToyConfig, run_dir: str | Path, preemption: Any = None) -> dict[str, Any]:

@@ -84,12 +84,64 @@ def test_optional_field_accepts_none_and_a_value():
     assert load_config(RunConfig, None, ["--data.subset=s.txt"]).data.subset == "s.txt"
 
 
-def test_preset_is_the_base_that_file_and_overrides_change(tmp_path):
-    presets = {"small": lambda: RunConfig(steps=3, optim=OptimConfig(lr=5.0))}
-    cfg, _ = parse_config(
-        RunConfig, ["--preset", "small", "--steps=4"], prog="t", description="", presets=presets
+@pytest.fixture
+def preset_root(tmp_path, monkeypatch):
+    """A jobs/configs/ of our own with one job, ``toy``, and its preset ``small``."""
+    import pipeline.cli
+    import pipeline.config
+
+    root = tmp_path / "jobs" / "configs"
+    (root / "toy").mkdir(parents=True)
+    (root / "toy" / "small.toml").write_text(
+        "# A small run.\nsteps = 3\n[optim]\nlr = 5.0\nwarmup_steps = 7\n"
     )
-    assert cfg.steps == 4 and cfg.optim.lr == 5.0
+    monkeypatch.setattr(pipeline.config, "PRESET_ROOT", root)
+    monkeypatch.setattr(pipeline.cli, "PRESET_ROOT", root)
+    return root
+
+
+def test_layers_are_defaults_then_preset_then_file_then_overrides(preset_root, tmp_path):
+    path = tmp_path / "mine.toml"
+    path.write_text("steps = 4\n[optim]\nwarmup_steps = 9\n")
+    cfg, _ = parse_config(
+        RunConfig,
+        ["--preset", "small", "--config", str(path), "--optim.warmup_steps=11"],
+        prog="t",
+        description="",
+        job="toy",
+    )
+    assert cfg.steps == 4 and cfg.optim.lr == 5.0 and cfg.optim.warmup_steps == 11
+    assert cfg.optim.betas == (0.9, 0.95) and cfg.name == "run"
+    assert load_config(RunConfig, job="toy", preset="small") == RunConfig(
+        steps=3, optim=OptimConfig(lr=5.0, warmup_steps=7)
+    )
+
+
+def test_unknown_preset_and_bad_preset_key_name_the_file(preset_root, capsys):
+    with pytest.raises(ConfigError, match="no preset 'big'.*small"):
+        load_config(RunConfig, job="toy", preset="big")
+    (preset_root / "toy" / "bad.toml").write_text("[optim]\nlearning_rate = 1.0\n")
+    with pytest.raises(ConfigError, match=r"optim\.learning_rate.*bad\.toml"):
+        load_config(RunConfig, job="toy", preset="bad")
+    with pytest.raises(SystemExit) as e:
+        parse_config(RunConfig, ["--preset", "big"], prog="t", description="", job="toy")
+    assert e.value.code == 2 and "small" in capsys.readouterr().err
+
+
+def test_help_lists_the_presets_with_their_first_comment_line(preset_root, capsys):
+    with pytest.raises(SystemExit):
+        parse_config(RunConfig, ["--help"], prog="t", description="", job="toy")
+    out = capsys.readouterr().out
+    assert "presets (--preset NAME: jobs/configs/toy/NAME.toml" in out
+    assert "small  A small run." in out
+
+
+def test_nested_table_keeps_the_defaults_a_default_factory_set():
+    @dataclass(frozen=True)
+    class Stage:
+        optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=0.5, warmup_steps=3))
+
+    assert load_config(Stage, None, ["--optim.lr=0.25"]).optim == OptimConfig(lr=0.25, warmup_steps=3)
 
 
 def test_cli_help_lists_every_key_with_its_doc(capsys):

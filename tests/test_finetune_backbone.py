@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from pipeline.finetune.common import (
-    OptimConfig,
+    FinetuneOptimConfig,
     ScheduleConfig,
     StepBatchSampler,
     count_training_flops,
@@ -106,7 +106,7 @@ def test_layer_ids_and_layer_wise_lr_decay():
     model = nn.Module()
     model.backbone = backbone
     model.head = nn.Linear(4, 2)
-    groups = param_groups(model, OptimConfig(lr=1.0, layer_decay=0.5, backbone_lr_mult=0.1))
+    groups = param_groups(model, FinetuneOptimConfig(lr=1.0, layer_decay=0.5, backbone_lr_mult=0.1))
     by_id = {}
     for g in groups:
         by_id.setdefault(g["layer_id"], set()).add(round(g["lr_scale"], 12))

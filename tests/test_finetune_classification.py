@@ -14,7 +14,7 @@ from pipeline.finetune.classification import (
     run_stage,
     soft_targets,
 )
-from pipeline.finetune.common import OptimConfig, Preempted, TrainConfig
+from pipeline.finetune.common import FinetuneOptimConfig, FinetuneTrainConfig, Preempted
 from pipeline.finetune.datasets import DataConfig
 from pipeline.model.backbone import BackboneConfig
 
@@ -24,8 +24,8 @@ def config(checkpoint: str, classifier: ClassifierConfig, **train) -> Classifica
         backbone=BackboneConfig(checkpoint=checkpoint, drop_path_rate=0.1),
         classifier=classifier,
         data=DataConfig(num_train=16, num_val=8),
-        optim=OptimConfig(lr=1e-3, layer_decay=0.75),
-        train=TrainConfig(**{"steps": 6, "batch_size": 4, "log_every": 1, **train}),
+        optim=FinetuneOptimConfig(lr=1e-3, layer_decay=0.75),
+        train=FinetuneTrainConfig(**{"steps": 6, "batch_size": 4, "log_every": 1, **train}),
     )
 
 

@@ -121,18 +121,19 @@ def test_finetune_job_runs_depth_on_nyuv2_folders_and_resumes_after_preemption(e
     assert "[head]" in (tmp_path / "run" / "config.toml").read_text()
 
 
-def test_every_stage_config_file_and_preset_loads():
-    from pathlib import Path
-
-    from pipeline.config import load_config
+def test_every_stage_preset_loads():
+    from pipeline.config import load_config, preset_names
     from pipeline.finetune.stages import STAGES, load_stage
 
-    configs = Path(__file__).resolve().parents[1] / "jobs" / "configs"
     for stage in STAGES:
         module = load_stage(stage)
-        presets = module.presets()
-        assert "debug" in presets
-        for factory in presets.values():
-            assert isinstance(factory(), module.STAGE_CONFIG)
-        cfg = load_config(module.STAGE_CONFIG, configs / f"finetune_{stage}.toml")
+        names = preset_names(f"finetune/{stage}")
+        assert "debug" in names and "synthetic" in names
+        for name in names:
+            cfg = load_config(module.STAGE_CONFIG, job=f"finetune/{stage}", preset=name)
+            assert isinstance(cfg, module.STAGE_CONFIG)
+        assert (
+            load_config(module.STAGE_CONFIG, job=f"finetune/{stage}", preset="debug") == module.STAGE_CONFIG()
+        )
+        cfg = load_config(module.STAGE_CONFIG, job=f"finetune/{stage}", preset="synthetic")
         assert cfg.data.source == "synthetic" and cfg.backbone.model == "debug"

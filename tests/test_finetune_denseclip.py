@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.finetune.common import OptimConfig, TrainConfig, build_optimizer
+from pipeline.finetune.common import FinetuneOptimConfig, FinetuneTrainConfig, build_optimizer
 from pipeline.finetune.datasets import DataConfig
 from pipeline.finetune.denseclip import (
     DenseCLIPConfig,
@@ -23,7 +23,7 @@ def test_denseclip_stage_trains_context_and_image_encoder_but_not_the_text_tower
         backbone=BackboneConfig(checkpoint=debug_checkpoint),
         head=DenseCLIPHeadConfig(n_ctx=2, channels=16, context_width=16),
         data=DataConfig(num_train=8, num_val=4),
-        train=TrainConfig(steps=4, batch_size=4, eval_batch_size=4, log_every=1),
+        train=FinetuneTrainConfig(steps=4, batch_size=4, eval_batch_size=4, log_every=1),
     )
     summary = run_stage(cfg, tmp_path / "run")
     assert 0 <= summary["metrics"]["mIoU"] <= 100 and summary["primary_metric"] == "mIoU"
@@ -46,7 +46,7 @@ def test_image_encoder_learns_at_a_tenth_and_gamma_starts_at_1e_4(debug_checkpoi
         num_classes=2,
     )
     assert torch.allclose(model.gamma, torch.full_like(model.gamma, 1e-4))
-    opt = build_optimizer(model, OptimConfig(lr=1.0, backbone_lr_mult=0.1))
+    opt = build_optimizer(model, FinetuneOptimConfig(lr=1.0, backbone_lr_mult=0.1))
     scale = {id(p): g["lr_scale"] for g in opt.param_groups for p in g["params"]}
     assert scale[id(model.backbone.visual.conv1.weight)] == pytest.approx(0.1)
     assert scale[id(model.ctx)] == pytest.approx(1.0)

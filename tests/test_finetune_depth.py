@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.finetune.common import TrainConfig, eval_batches, latest_checkpoint
+from pipeline.finetune.common import FinetuneTrainConfig, eval_batches, latest_checkpoint
 from pipeline.finetune.datasets import DataConfig, build_datasets, collate
 from pipeline.finetune.depth import DepthConfig, DepthHeadConfig, DepthModel, run_stage
 from pipeline.finetune.metrics import DepthMetrics
@@ -17,7 +17,7 @@ def test_depth_stage_reports_nyuv2_metrics_of_its_final_weights(tmp_path, debug_
         backbone=BackboneConfig(checkpoint=debug_checkpoint, drop_path_rate=0.1),
         head=DepthHeadConfig(channels=16),
         data=DataConfig(num_train=12, num_val=6),
-        train=TrainConfig(steps=8, batch_size=4, eval_batch_size=6, log_every=1),
+        train=FinetuneTrainConfig(steps=8, batch_size=4, eval_batch_size=6, log_every=1),
     )
     summary = run_stage(cfg, tmp_path / "run")
     m = summary["metrics"]

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.finetune.common import TrainConfig, eval_batches
+from pipeline.finetune.common import FinetuneTrainConfig, eval_batches
 from pipeline.finetune.datasets import DataConfig, build_datasets, collate
 from pipeline.finetune.detection import DetectionConfig, DetHeadConfig, evaluate_detection, run_stage
 from pipeline.model.backbone import BackboneConfig
@@ -26,7 +26,7 @@ def test_mask_rcnn_stage_trains_and_reports_coco_box_and_mask_map(tmp_path, debu
             detections_per_img=10,
         ),
         data=DataConfig(num_train=8, num_val=4),
-        train=TrainConfig(steps=4, batch_size=2, eval_batch_size=4, log_every=1),
+        train=FinetuneTrainConfig(steps=4, batch_size=2, eval_batch_size=4, log_every=1),
     )
     summary = run_stage(cfg, tmp_path / "run")
     for key in ("bbox_AP", "bbox_AP50", "segm_AP", "segm_AP50"):

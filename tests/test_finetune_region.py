@@ -6,7 +6,7 @@ import dataclasses
 
 import torch
 
-from pipeline.finetune.common import TrainConfig, eval_batches
+from pipeline.finetune.common import FinetuneTrainConfig, eval_batches
 from pipeline.finetune.datasets import DataConfig, build_datasets, collate
 from pipeline.finetune.region import (
     BOX,
@@ -27,7 +27,7 @@ def config(checkpoint: str, **region) -> RegionConfig:
         backbone=BackboneConfig(checkpoint=checkpoint),
         region=RegionLossConfig(**region),
         data=DataConfig(num_train=8, num_val=6),
-        train=TrainConfig(steps=4, batch_size=4, eval_batch_size=6, log_every=1),
+        train=FinetuneTrainConfig(steps=4, batch_size=4, eval_batch_size=6, log_every=1),
     )
 
 

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from pipeline.finetune.common import Preempted, TrainConfig, eval_batches, latest_checkpoint
+from pipeline.finetune.common import FinetuneTrainConfig, Preempted, eval_batches, latest_checkpoint
 from pipeline.finetune.datasets import DataConfig, build_datasets, collate
 from pipeline.finetune.metrics import ConfusionMatrix
 from pipeline.finetune.segmentation import SegHeadConfig, SegmentationConfig, SegmentationModel, run_stage
@@ -19,7 +19,9 @@ def small_config(checkpoint: str, kind: str = "upernet", **train) -> Segmentatio
         backbone=BackboneConfig(checkpoint=checkpoint, drop_path_rate=0.1),
         head=SegHeadConfig(kind=kind, channels=16),
         data=DataConfig(num_train=12, num_val=6),
-        train=TrainConfig(**{"steps": 6, "batch_size": 4, "eval_batch_size": 6, "log_every": 1, **train}),
+        train=FinetuneTrainConfig(
+            **{"steps": 6, "batch_size": 4, "eval_batch_size": 6, "log_every": 1, **train}
+        ),
     )
 
 
@@ -81,11 +83,11 @@ def test_semantic_fpn_stage_lowers_its_training_loss(tmp_path, debug_checkpoint)
 def test_a_zero_backbone_lr_freezes_the_encoder_so_it_gets_no_gradients_and_stays_unchanged(
     tmp_path, debug_checkpoint
 ):
-    from pipeline.finetune.common import OptimConfig
+    from pipeline.finetune.common import FinetuneOptimConfig
 
     cfg = small_config(debug_checkpoint, steps=3)
     cfg = SegmentationConfig(
-        **{**cfg.__dict__, "optim": OptimConfig(backbone_lr_mult=0.0, grad_clip_norm=1.0)}
+        **{**cfg.__dict__, "optim": FinetuneOptimConfig(backbone_lr_mult=0.0, grad_clip_norm=1.0)}
     )
     summary = run_stage(cfg, tmp_path / "run")
     state = torch.load(latest_checkpoint(tmp_path / "run"), map_location="cpu", weights_only=True)["model"]

@@ -402,7 +402,7 @@ def test_ray_clusters_on_kubernetes_require_ray_token_authentication(tmp_path):
     assert checked == 6  # caption and sweep: base, cpu and gpu overlays
     cfg = load_config(LaunchConfig, None, [f"--run_dir={tmp_path / 'run'}"], base=LaunchConfig())
     config = tmp_path / "sweep.toml"
-    config.write_text(Path(REPO / "jobs" / "configs" / "sweep_debug.toml").read_text())
+    config.write_text(Path(REPO / "jobs" / "configs" / "sweep" / "debug.toml").read_text())
     plan = make_plan(SubmitRequest("k8s", "sweep", str(config), launch=cfg, workdir=str(tmp_path)), JOBS)
     docs = [d for d in yaml.safe_load_all(render_k8s(plan)) if d]
     assert _check_ray_auth(docs) == 1 and all_errors(docs, crd_schemas()) == []

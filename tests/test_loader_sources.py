@@ -268,7 +268,7 @@ def test_pretrain_on_a_missing_shards_folder_exits_2_with_one_line_naming_it(tmp
     from jobs.pretrain import main
 
     missing = tmp_path / "no_such_folder"
-    debug = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "debug.toml"
+    debug = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "pretrain" / "debug.toml"
     code = main([f"--config={debug}", f"--data.shards={missing}", f"--run_dir={tmp_path / 'run'}"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1

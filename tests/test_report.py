@@ -513,7 +513,7 @@ def test_the_shipped_toy_config_loads_and_its_pretraining_overrides_are_trainer_
     from pipeline.train.trainer import TrainConfig
 
     root = Path(__file__).resolve().parents[1]
-    cfg = load_config(ReproduceConfig, root / "jobs" / "configs" / "reproduce.toml")
+    cfg = load_config(ReproduceConfig, root / "jobs" / "configs" / "reproduce" / "toy.toml")
     assert max(cfg.data.subset_sizes) <= cfg.data.pool_size
     assert list(cfg.study.grid.caption_sources) == ["web", "web+syn"]
     overrides = list(cfg.study.pretrain.overrides)

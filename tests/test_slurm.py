@@ -218,7 +218,7 @@ def test_pretraining_checkpoints_requeues_and_continues_its_loss_curve_after_pre
     shards = array_shards[0]
     launch = ("--slurm.tasks_per_node=2", "--slurm.cpus_per_task=1")
     overrides = (f"--data.shards={shards}", *PRETRAIN_OVERRIDES)
-    config = str(REPO / "jobs" / "configs" / "debug.toml")
+    config = str(REPO / "jobs" / "configs" / "pretrain" / "debug.toml")
 
     def submit_run(name: str) -> tuple[Plan, str]:
         run_launch = (*launch, f"--run_dir={tmp_path / name}")

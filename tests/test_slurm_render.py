@@ -109,7 +109,7 @@ def test_multi_node_gpu_pretraining_script_runs_one_task_per_gpu_and_requeues_on
 
 
 def test_pretraining_defaults_give_each_gpu_its_loader_workers_and_the_whole_nodes_memory(tmp_path):
-    vit = str(REPO / "jobs" / "configs" / "vit_b16.toml")  # data.num_workers = 8
+    vit = str(REPO / "jobs" / "configs" / "pretrain" / "vit_b16.toml")  # data.num_workers = 8
     script = script_of(
         plan_for(tmp_path, "pretrain", "--slurm.nodes=2", "--slurm.gpus_per_node=8", config=vit)
     )

@@ -61,7 +61,7 @@ def _submit(cluster: RayCluster, submission_id: str, storage: Path) -> None:
     out = _ray(
         "job", "submit", f"--address={cluster.dashboard_url}", "--working-dir=.", f"--submission-id={submission_id}",
         "--no-wait", f"--runtime-env-json={json.dumps({'env_vars': JOB_ENV})}", "--",
-        "python", "-m", "jobs.finetune_sweep", "--config", "jobs/configs/sweep_debug.toml", f"--storage={storage}",
+        "python", "-m", "jobs.finetune_sweep", "--config", "jobs/configs/sweep/debug.toml", f"--storage={storage}",
         f"--failure.fault_injection={FAULTY}@3", "--resources.max_concurrent=2", "--resources.cpus_per_worker=0.5",
     )  # fmt: skip
     assert out.returncode == 0, out.stdout + out.stderr

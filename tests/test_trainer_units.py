@@ -66,7 +66,7 @@ def test_config_errors_name_the_field_to_change():
 
 
 def test_vit_b16_preset_is_the_seed_recipe():
-    cfg = load_config(TrainConfig, "jobs/configs/vit_b16.toml")
+    cfg = load_config(TrainConfig, "jobs/configs/pretrain/vit_b16.toml")
     assert (cfg.model.name, cfg.data.image_size, cfg.data.context_length) == ("ViT-B-16", 224, 77)
     assert (cfg.global_batch, cfg.steps, cfg.optim.warmup_steps) == (65_536, 200_000, 2_000)
     assert (cfg.optim.beta1, cfg.optim.beta2, cfg.optim.lr, cfg.optim.min_lr) == (0.9, 0.95, 1e-3, 1e-6)
@@ -80,11 +80,11 @@ def test_vit_b16_preset_is_the_seed_recipe():
 
 def test_debug_preset_loads_with_shards_from_the_command_line():
     cfg = load_config(
-        TrainConfig, "jobs/configs/debug.toml", ["--data.shards=x/{0..3}.tar", "--engine.zero_stage=3"]
+        TrainConfig, "jobs/configs/pretrain/debug.toml", ["--data.shards=x/{0..3}.tar", "--engine.zero_stage=3"]
     )
     assert cfg.model.name == "debug" and cfg.engine.zero_stage == 3 and cfg.data.shards == "x/{0..3}.tar"
     with pytest.raises(ConfigError, match="engine: zero_stage"):
-        load_config(TrainConfig, "jobs/configs/debug.toml", ["--engine.zero_stage=4"])
+        load_config(TrainConfig, "jobs/configs/pretrain/debug.toml", ["--engine.zero_stage=4"])
 
 
 def test_no_weight_decay_on_biases_norms_logit_scale_and_embeddings(debug_model):
@@ -313,7 +313,7 @@ def test_pretrain_cli_accepts_the_deepspeed_launchers_local_rank_and_prints_the_
 def test_bf16_deepspeed_config_accumulates_and_reduces_gradients_in_fp32(stage):
     from pipeline.train.engine import EngineConfig, deepspeed_config
 
-    recipe = load_config(TrainConfig, "jobs/configs/vit_b16.toml")
+    recipe = load_config(TrainConfig, "jobs/configs/pretrain/vit_b16.toml")
     assert recipe.engine.precision == "bf16"
     for engine in (dataclasses.replace(recipe.engine, zero_stage=stage), EngineConfig(zero_stage=stage)):
         ds = deepspeed_config(engine, recipe.optim, micro_batch=256, accumulation_steps=32, world_size=8)

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow
 
 STEPS = 12
 COMMON = [
-    "--config=jobs/configs/debug.toml", "--global_batch=32", "--data.micro_batch=8", f"--steps={STEPS}",
+    "--preset=debug", "--global_batch=32", "--data.micro_batch=8", f"--steps={STEPS}",
     "--optim.lr=3e-3", "--optim.warmup_steps=3", "--ema.decay=0.8", "--log.interval=1", "--log.progress=false",
     "--checkpoint.interval=0", "--data.num_workers=0", "--engine.precision=fp32",
 ]  # fmt: skip
@@ -96,7 +96,7 @@ def test_zero_shot_accuracy_on_the_held_out_split_rises_well_above_chance(tmp_pa
     data = make_world_data(tmp_path / "world", num_shards=4, per_shard=128, num_val=200, world=world)
     run_dir = tmp_path / "run"
     args = [
-        "--config=jobs/configs/debug.toml", "--global_batch=64", "--data.micro_batch=32", "--steps=80",
+        "--preset=debug", "--global_batch=64", "--data.micro_batch=32", "--steps=80",
         "--optim.lr=3e-3", "--optim.warmup_steps=10", "--ema.decay=0.9", "--log.interval=10",
         "--log.progress=false", "--checkpoint.interval=0", "--data.num_workers=0", "--engine.zero_stage=2",
         f"--data.shards={data.shards}", f"--run_dir={run_dir}", f"--eval.zero_shot={data.zero_shot}",

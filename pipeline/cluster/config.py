@@ -4,7 +4,7 @@ The job's own config (what it computes) stays the job's: ``jobs.submit`` resolve
 This file describes the cluster side only. Load path, as everywhere: defaults < ``--launch FILE`` (TOML)
 < ``--launch.section.field=value`` overrides, e.g.
 
-    python -m jobs.submit --target slurm --job pretrain --config jobs/configs/debug.toml \
+    python -m jobs.submit --target slurm --job pretrain --config jobs/configs/pretrain/debug.toml \
         --launch slurm/configs/example.toml --launch.slurm.nodes=4 --dry-run
 """
 

@@ -1,6 +1,6 @@
 """Plan, record and submit one job to SLURM, Kubernetes or Ray (the library behind ``python -m jobs.submit``).
 
-    plan = make_plan(SubmitRequest(target="slurm", job="pretrain", config="jobs/configs/debug.toml",
+    plan = make_plan(SubmitRequest(target="slurm", job="pretrain", config="jobs/configs/pretrain/debug.toml",
                                    job_overrides=(), launch=LaunchConfig()), jobs.registry.JOBS)
     print(describe(plan))          # what --dry-run prints
     record = submit(plan)          # snapshot + resolved config written first, then sbatch / kubectl / ray

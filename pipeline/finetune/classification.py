@@ -25,7 +25,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.finetune.common import OptimConfig, ScheduleConfig, StageSpec, TrainConfig, fit, seed_everything
+from pipeline.finetune.common import (
+    FinetuneOptimConfig,
+    FinetuneTrainConfig,
+    ScheduleConfig,
+    StageSpec,
+    fit,
+    seed_everything,
+)
 from pipeline.finetune.datasets import DataConfig, build_datasets, collate
 from pipeline.finetune.metrics import topk_accuracy
 from pipeline.model.backbone import BackboneConfig, ViTBackbone, build_backbone
@@ -68,11 +75,11 @@ class ClassificationConfig:
     """Fine-tune vs linear probe, label smoothing, mixup / CutMix, EMA."""
     data: DataConfig = field(default_factory=DataConfig)
     """Samples (synthetic world by default; ``source = "imagefolder"`` for ImageNet-style folders)."""
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, layer_decay=0.65))
+    optim: FinetuneOptimConfig = field(default_factory=lambda: FinetuneOptimConfig(lr=1e-3, layer_decay=0.65))
     """AdamW and layer-wise lr decay."""
     schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(name="cosine", warmup_steps=5))
     """Learning-rate schedule."""
-    train: TrainConfig = field(default_factory=TrainConfig)
+    train: FinetuneTrainConfig = field(default_factory=FinetuneTrainConfig)
     """Steps, batch size, logging, checkpoints, seed."""
 
 
@@ -173,60 +180,3 @@ def run_stage(cfg: ClassificationConfig, run_dir: str | Path, preemption: Any = 
 
 
 STAGE_CONFIG = ClassificationConfig
-
-
-def presets() -> dict[str, Any]:
-    """``debug``, ``linear_probe`` (debug size) and the ImageNet-1k recipes (documented in docs/finetune.md)."""
-
-    def imagenet_data() -> DataConfig:
-        return DataConfig(source="imagefolder", root="data/imagenet", image_size=224, num_train=0, num_val=0)
-
-    def imagenet_finetune() -> ClassificationConfig:
-        return ClassificationConfig(
-            backbone=BackboneConfig(model="ViT-B-16", drop_path_rate=0.1),
-            classifier=ClassifierConfig(
-                label_smoothing=0.1, mixup_alpha=0.8, cutmix_alpha=1.0, ema_decay=0.9999
-            ),
-            data=imagenet_data(),
-            optim=OptimConfig(lr=2e-3, weight_decay=0.05, layer_decay=0.65, beta2=0.999),
-            schedule=ScheduleConfig(name="cosine", warmup_steps=5 * 1251, min_lr_ratio=1e-3),
-            train=TrainConfig(
-                steps=100 * 1251,
-                batch_size=1024,
-                eval_batch_size=256,
-                eval_every=5 * 1251,
-                checkpoint_every=1251,
-                log_every=50,
-            ),
-        )
-
-    def imagenet_linear_probe() -> ClassificationConfig:
-        return ClassificationConfig(
-            backbone=BackboneConfig(model="ViT-B-16"),
-            classifier=ClassifierConfig(mode="linear_probe", label_smoothing=0.0),
-            data=imagenet_data(),
-            optim=OptimConfig(lr=1e-3, weight_decay=0.0),
-            schedule=ScheduleConfig(name="cosine", warmup_steps=10 * 78),
-            train=TrainConfig(
-                steps=90 * 78,
-                batch_size=16384,
-                eval_batch_size=256,
-                eval_every=10 * 78,
-                checkpoint_every=78,
-                log_every=10,
-            ),
-        )
-
-    def debug_probe() -> ClassificationConfig:
-        return ClassificationConfig(
-            backbone=BackboneConfig(),
-            classifier=ClassifierConfig(mode="linear_probe", label_smoothing=0.0),
-            optim=OptimConfig(lr=1e-2, weight_decay=0.0),
-        )
-
-    return {
-        "debug": ClassificationConfig,
-        "linear_probe": debug_probe,
-        "imagenet_finetune": imagenet_finetune,
-        "imagenet_linear_probe": imagenet_linear_probe,
-    }

@@ -54,7 +54,7 @@ from pipeline.run_dir import RunDir
 
 
 @dataclass(frozen=True)
-class OptimConfig:
+class FinetuneOptimConfig:
     lr: float = 1e-4
     """Peak learning rate (after warmup) of the head / top of the network."""
     weight_decay: float = 0.05
@@ -111,7 +111,7 @@ class ScheduleConfig:
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class FinetuneTrainConfig:
     steps: int = 40
     """Optimizer steps of fine-tuning."""
     batch_size: int = 8
@@ -192,7 +192,7 @@ def find_backbone(model: nn.Module) -> tuple[str, ViTBackbone] | None:
     return found[0] if found else None
 
 
-def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict[str, Any]]:
+def param_groups(model: nn.Module, cfg: FinetuneOptimConfig) -> list[dict[str, Any]]:
     """AdamW groups keyed by (lr scale, weight decay); each group carries ``lr_scale`` and ``layer_id``."""
     skip = no_decay_names(model)
     found = find_backbone(model)
@@ -220,7 +220,7 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict[str, Any]]:
     return [g for g in groups.values() if g["lr_scale"] > 0]
 
 
-def freeze_zero_lr(model: nn.Module, cfg: OptimConfig) -> int:
+def freeze_zero_lr(model: nn.Module, cfg: FinetuneOptimConfig) -> int:
     """With ``backbone_lr_mult = 0`` (a frozen encoder) turn the image encoder's gradients off, so it costs no
     weight-gradient work and its (never applied) gradients stay out of gradient clipping. Returns the number
     of parameter tensors frozen."""
@@ -233,7 +233,7 @@ def freeze_zero_lr(model: nn.Module, cfg: OptimConfig) -> int:
     return len(params)
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, cfg: FinetuneOptimConfig) -> torch.optim.AdamW:
     groups = param_groups(model, cfg)
     if not groups:
         raise ValueError("the model has no trainable parameters")
@@ -456,7 +456,7 @@ def fit(spec: StageSpec, cfg: Any, run_dir: str | Path, preemption: Any = None) 
     done = rd.read_summary()
     if done is not None and done.get("status") == "complete":
         return done
-    tcfg: TrainConfig = cfg.train
+    tcfg: FinetuneTrainConfig = cfg.train
     log = rd.logger(f"finetune.{spec.name}")
     rd.write_config(cfg)
     device = resolve_device(tcfg.device)

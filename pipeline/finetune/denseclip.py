@@ -28,7 +28,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.finetune.common import OptimConfig, ScheduleConfig, StageSpec, TrainConfig, fit, seed_everything
+from pipeline.finetune.common import (
+    FinetuneOptimConfig,
+    FinetuneTrainConfig,
+    ScheduleConfig,
+    StageSpec,
+    fit,
+    seed_everything,
+)
 from pipeline.finetune.datasets import IGNORE_INDEX, DataConfig, build_datasets, collate, upsample_logits
 from pipeline.finetune.segmentation import evaluate_segmentation
 from pipeline.finetune.text import TextTower, build_tokenizer
@@ -70,15 +77,15 @@ class DenseCLIPConfig:
     """Prompt context, context decoder, segmentation decoder, losses."""
     data: DataConfig = field(default_factory=DataConfig)
     """Samples (synthetic world by default; ``source = "ade20k"`` for ADE20K folders)."""
-    optim: OptimConfig = field(
-        default_factory=lambda: OptimConfig(lr=1e-3, weight_decay=1e-4, backbone_lr_mult=0.1)
+    optim: FinetuneOptimConfig = field(
+        default_factory=lambda: FinetuneOptimConfig(lr=1e-3, weight_decay=1e-4, backbone_lr_mult=0.1)
     )
     """AdamW; the image encoder at ``backbone_lr_mult`` x lr (DenseCLIP: 0.1)."""
     schedule: ScheduleConfig = field(
         default_factory=lambda: ScheduleConfig(name="poly", warmup_steps=5, poly_power=0.9)
     )
     """Learning-rate schedule."""
-    train: TrainConfig = field(default_factory=TrainConfig)
+    train: FinetuneTrainConfig = field(default_factory=FinetuneTrainConfig)
     """Steps, batch size, logging, checkpoints, seed."""
 
 
@@ -222,32 +229,3 @@ def run_stage(cfg: DenseCLIPConfig, run_dir: str | Path, preemption: Any = None)
 
 
 STAGE_CONFIG = DenseCLIPConfig
-
-
-def presets() -> dict[str, Any]:
-    """``debug`` and ``ade20k`` (DenseCLIP's ViT-B Semantic FPN recipe; see docs/finetune.md)."""
-
-    def ade20k() -> DenseCLIPConfig:
-        return DenseCLIPConfig(
-            backbone=BackboneConfig(
-                model="ViT-B-16", image_size=640, drop_path_rate=0.1, out_indices=(3, 5, 7, 11)
-            ),
-            head=DenseCLIPHeadConfig(
-                n_ctx=8, decoder="semfpn", channels=256, context_layers=3, context_width=256
-            ),
-            data=DataConfig(
-                source="ade20k", root="data/ADEChallengeData2016", image_size=640, num_train=0, num_val=0
-            ),
-            optim=OptimConfig(lr=1e-4, weight_decay=1e-4, backbone_lr_mult=0.1),
-            schedule=ScheduleConfig(name="poly", warmup_steps=1500, poly_power=0.9, min_lr_ratio=1e-2),
-            train=TrainConfig(
-                steps=80_000,
-                batch_size=16,
-                eval_batch_size=8,
-                eval_every=8000,
-                checkpoint_every=4000,
-                log_every=50,
-            ),
-        )
-
-    return {"debug": DenseCLIPConfig, "ade20k": ade20k}

@@ -21,7 +21,14 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from pipeline.finetune.common import OptimConfig, ScheduleConfig, StageSpec, TrainConfig, fit, seed_everything
+from pipeline.finetune.common import (
+    FinetuneOptimConfig,
+    FinetuneTrainConfig,
+    ScheduleConfig,
+    StageSpec,
+    fit,
+    seed_everything,
+)
 from pipeline.finetune.datasets import DataConfig, build_datasets, collate
 from pipeline.finetune.metrics import DepthMetrics
 from pipeline.model.backbone import BackboneConfig, ViTBackbone, build_backbone
@@ -56,13 +63,13 @@ class DepthConfig:
     """Depth head, loss and evaluation conventions."""
     data: DataConfig = field(default_factory=DataConfig)
     """Samples (synthetic world by default; ``source = "nyuv2"`` for NYUv2 folders)."""
-    optim: OptimConfig = field(
-        default_factory=lambda: OptimConfig(lr=1e-3, weight_decay=0.05, layer_decay=0.9)
+    optim: FinetuneOptimConfig = field(
+        default_factory=lambda: FinetuneOptimConfig(lr=1e-3, weight_decay=0.05, layer_decay=0.9)
     )
     """AdamW and layer-wise lr decay."""
     schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(name="linear", warmup_steps=5))
     """Learning-rate schedule."""
-    train: TrainConfig = field(default_factory=TrainConfig)
+    train: FinetuneTrainConfig = field(default_factory=FinetuneTrainConfig)
     """Steps, batch size, logging, checkpoints, seed."""
 
 
@@ -116,36 +123,3 @@ def run_stage(cfg: DepthConfig, run_dir: str | Path, preemption: Any = None) -> 
 
 
 STAGE_CONFIG = DepthConfig
-
-
-def presets() -> dict[str, Any]:
-    """``debug`` (CPU / CI) and ``nyuv2`` (the recipe documented in docs/finetune.md)."""
-
-    def nyuv2() -> DepthConfig:
-        return DepthConfig(
-            backbone=BackboneConfig(model="ViT-B-16", image_size=480, drop_path_rate=0.1),
-            head=DepthHeadConfig(
-                channels=32, num_deconv=3, min_depth=1e-3, max_depth=10.0, eval_crop="eigen"
-            ),
-            data=DataConfig(
-                source="nyuv2",
-                root="data/nyu",
-                train_split="train",
-                val_split="test",
-                image_size=480,
-                num_train=0,
-                num_val=0,
-            ),
-            optim=OptimConfig(lr=3e-4, weight_decay=0.05, layer_decay=0.9),
-            schedule=ScheduleConfig(name="linear", warmup_steps=1000, min_lr_ratio=0.0),
-            train=TrainConfig(
-                steps=25 * 24231 // 24,
-                batch_size=24,
-                eval_batch_size=8,
-                eval_every=2500,
-                checkpoint_every=2500,
-                log_every=50,
-            ),
-        )
-
-    return {"debug": DepthConfig, "nyuv2": nyuv2}

@@ -28,7 +28,14 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredic
 from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops import MultiScaleRoIAlign
 
-from pipeline.finetune.common import OptimConfig, ScheduleConfig, StageSpec, TrainConfig, fit, seed_everything
+from pipeline.finetune.common import (
+    FinetuneOptimConfig,
+    FinetuneTrainConfig,
+    ScheduleConfig,
+    StageSpec,
+    fit,
+    seed_everything,
+)
 from pipeline.finetune.datasets import DataConfig, build_datasets, collate
 from pipeline.finetune.metrics import coco_evaluate, mask_to_rle
 from pipeline.model.backbone import BackboneConfig, ViTBackbone, build_backbone
@@ -71,13 +78,13 @@ class DetectionConfig:
     """Pyramid, RPN and RoI heads."""
     data: DataConfig = field(default_factory=DataConfig)
     """Samples (synthetic world by default; ``source = "coco"`` for COCO json + images)."""
-    optim: OptimConfig = field(
-        default_factory=lambda: OptimConfig(lr=1e-3, weight_decay=0.1, layer_decay=0.7)
+    optim: FinetuneOptimConfig = field(
+        default_factory=lambda: FinetuneOptimConfig(lr=1e-3, weight_decay=0.1, layer_decay=0.7)
     )
     """AdamW and layer-wise lr decay."""
     schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(name="step", warmup_steps=5))
     """Learning-rate schedule (ViTDet: step decay x0.1 at 89% and 96% of training)."""
-    train: TrainConfig = field(default_factory=TrainConfig)
+    train: FinetuneTrainConfig = field(default_factory=FinetuneTrainConfig)
     """Steps, batch size, logging, checkpoints, seed."""
 
 
@@ -204,44 +211,3 @@ def run_stage(cfg: DetectionConfig, run_dir: str | Path, preemption: Any = None)
 
 
 STAGE_CONFIG = DetectionConfig
-
-
-def presets() -> dict[str, Any]:
-    """``debug`` and ``coco_vitdet`` (ViTDet-B Mask R-CNN 100-epoch recipe; see docs/finetune.md)."""
-
-    def coco_vitdet() -> DetectionConfig:
-        steps = 184_375
-        return DetectionConfig(
-            backbone=BackboneConfig(model="ViT-B-16", image_size=1024, drop_path_rate=0.1),
-            head=DetHeadConfig(
-                fpn_channels=256,
-                box_head_dim=1024,
-                mask_head_channels=256,
-                anchor_sizes=(32, 64, 128, 256, 512),
-                rpn_batch_size_per_image=256,
-                box_batch_size_per_image=512,
-                detections_per_img=100,
-                score_thresh=0.05,
-            ),
-            data=DataConfig(
-                source="coco",
-                root="data/coco",
-                train_split="train2017",
-                val_split="val2017",
-                image_size=1024,
-                num_train=0,
-                num_val=0,
-            ),
-            optim=OptimConfig(lr=1e-4, weight_decay=0.1, layer_decay=0.7, beta2=0.999),
-            schedule=ScheduleConfig(name="step", warmup_steps=250, milestones=(163_889, 177_546), gamma=0.1),
-            train=TrainConfig(
-                steps=steps,
-                batch_size=64,
-                eval_batch_size=8,
-                eval_every=18_438,
-                checkpoint_every=5000,
-                log_every=20,
-            ),
-        )
-
-    return {"debug": DetectionConfig, "coco_vitdet": coco_vitdet}

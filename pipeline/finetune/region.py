@@ -38,7 +38,14 @@ from torch import nn
 from torchvision.ops import roi_align
 
 from pipeline.data.synthworld import zero_shot_prompts
-from pipeline.finetune.common import OptimConfig, ScheduleConfig, StageSpec, TrainConfig, fit, seed_everything
+from pipeline.finetune.common import (
+    FinetuneOptimConfig,
+    FinetuneTrainConfig,
+    ScheduleConfig,
+    StageSpec,
+    fit,
+    seed_everything,
+)
 from pipeline.finetune.datasets import DataConfig, build_datasets, collate
 from pipeline.finetune.metrics import mean_class_topk_accuracy
 from pipeline.finetune.text import build_tokenizer, class_text_embeddings
@@ -83,11 +90,11 @@ class RegionConfig:
     """Losses, teacher and region denoising."""
     data: DataConfig = field(default_factory=DataConfig)
     """Samples (synthetic world by default; ``source = "coco"`` reads COCO panoptic)."""
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, weight_decay=0.1))
+    optim: FinetuneOptimConfig = field(default_factory=lambda: FinetuneOptimConfig(lr=1e-4, weight_decay=0.1))
     """AdamW (CLIPSelf: lr 1e-5 at batch 32 x 8, wd 0.1)."""
     schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(name="cosine", warmup_steps=5))
     """Learning-rate schedule."""
-    train: TrainConfig = field(default_factory=TrainConfig)
+    train: FinetuneTrainConfig = field(default_factory=FinetuneTrainConfig)
     """Steps, batch size, logging, checkpoints, seed."""
 
 
@@ -316,34 +323,3 @@ def run_stage(cfg: RegionConfig, run_dir: str | Path, preemption: Any = None) ->
 
 
 STAGE_CONFIG = RegionConfig
-
-
-def presets() -> dict[str, Any]:
-    """``debug`` and ``coco_panoptic`` (CLIPSelf-style recipe on COCO panoptic; see docs/finetune.md)."""
-
-    def coco_panoptic() -> RegionConfig:
-        return RegionConfig(
-            backbone=BackboneConfig(model="ViT-B-16", image_size=1024),
-            region=RegionLossConfig(confidence_threshold=0.3, max_regions_per_kind=6, roi_size=7),
-            data=DataConfig(
-                source="coco",
-                root="data/coco",
-                train_split="train2017",
-                val_split="val2017",
-                image_size=1024,
-                num_train=0,
-                num_val=0,
-            ),
-            optim=OptimConfig(lr=1e-5, weight_decay=0.1, beta2=0.98),
-            schedule=ScheduleConfig(name="cosine", warmup_steps=1000),
-            train=TrainConfig(
-                steps=6 * 118_287 // 256,
-                batch_size=256,
-                eval_batch_size=16,
-                eval_every=462,
-                checkpoint_every=462,
-                log_every=20,
-            ),
-        )
-
-    return {"debug": RegionConfig, "coco_panoptic": coco_panoptic}

@@ -20,7 +20,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.finetune.common import OptimConfig, ScheduleConfig, StageSpec, TrainConfig, fit, seed_everything
+from pipeline.finetune.common import (
+    FinetuneOptimConfig,
+    FinetuneTrainConfig,
+    ScheduleConfig,
+    StageSpec,
+    fit,
+    seed_everything,
+)
 from pipeline.finetune.datasets import IGNORE_INDEX, DataConfig, build_datasets, collate, upsample_logits
 from pipeline.finetune.metrics import ConfusionMatrix
 from pipeline.model.backbone import BackboneConfig, ViTBackbone, build_backbone
@@ -49,11 +56,11 @@ class SegmentationConfig:
     """Decoder."""
     data: DataConfig = field(default_factory=DataConfig)
     """Samples (synthetic world by default; ``source = "ade20k"`` for ADE20K folders)."""
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, layer_decay=0.65))
+    optim: FinetuneOptimConfig = field(default_factory=lambda: FinetuneOptimConfig(lr=1e-3, layer_decay=0.65))
     """AdamW and layer-wise lr decay."""
     schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(name="poly", warmup_steps=5))
     """Learning-rate schedule."""
-    train: TrainConfig = field(default_factory=TrainConfig)
+    train: FinetuneTrainConfig = field(default_factory=FinetuneTrainConfig)
     """Steps, batch size, logging, checkpoints, seed."""
 
 
@@ -113,34 +120,3 @@ def run_stage(cfg: SegmentationConfig, run_dir: str | Path, preemption: Any = No
 
 
 STAGE_CONFIG = SegmentationConfig
-
-
-def presets() -> dict[str, Any]:
-    """Named starting points: ``debug`` (CPU / CI) and the ADE20K recipes (see docs/finetune.md)."""
-
-    def ade20k(kind: str) -> SegmentationConfig:
-        return SegmentationConfig(
-            backbone=BackboneConfig(
-                model="ViT-B-16", image_size=512, drop_path_rate=0.1, out_indices=(3, 5, 7, 11)
-            ),
-            head=SegHeadConfig(kind=kind, channels=512 if kind == "upernet" else 256),
-            data=DataConfig(
-                source="ade20k", root="data/ADEChallengeData2016", image_size=512, num_train=0, num_val=0
-            ),
-            optim=OptimConfig(lr=1e-4, weight_decay=0.05, layer_decay=0.65),
-            schedule=ScheduleConfig(name="poly", warmup_steps=1500, poly_power=1.0),
-            train=TrainConfig(
-                steps=160_000,
-                batch_size=16,
-                eval_batch_size=8,
-                eval_every=16_000,
-                checkpoint_every=4000,
-                log_every=50,
-            ),
-        )
-
-    return {
-        "debug": SegmentationConfig,
-        "ade20k_upernet": lambda: ade20k("upernet"),
-        "ade20k_semfpn": lambda: ade20k("semfpn"),
-    }

@@ -1,7 +1,8 @@
 """The fine-tuning stages by name: ``load_stage("segmentation")`` -> its module.
 
-Each stage module has ``STAGE_CONFIG`` (its frozen config class), ``presets()`` (name -> config factory,
-always including ``debug``) and ``run_stage(cfg, run_dir, preemption=None) -> summary dict``. Modules are
+Each stage module has ``STAGE_CONFIG`` (its frozen config class, whose defaults are the debug size) and
+``run_stage(cfg, run_dir, preemption=None) -> summary dict``; its presets are the TOML files in
+``jobs/configs/finetune/<stage>/`` (``--preset NAME``, see ``pipeline.config``). Modules are
 imported on demand, so listing stages costs nothing (a Ray Tune driver can use this too).
 """
 

@@ -3,7 +3,7 @@
 ``jobs.finetune_sweep`` hands the trials made here to :mod:`pipeline.ray_backend` (Ray Tune + Ray Train);
 everything in this module is plain Python and testable without Ray:
 
-    cfg = load_config(SweepConfig, "jobs/configs/sweep_debug.toml", ["--sweep.segmentation.lr=[5e-4,2e-4]"])
+    cfg = load_config(SweepConfig, "jobs/configs/sweep/debug.toml", ["--sweep.segmentation.lr=[5e-4,2e-4]"])
     trials = expand_trials(cfg)                    # deterministic names, resolved stage configs
     summary = run_trial(trials[0])                 # what each Ray Train worker calls (idempotent, resumable)
     table = write_results(cfg, trials)             # results.parquet / .csv / .md + best.json in the sweep dir
@@ -153,8 +153,9 @@ class SweepConfig:
     checkpoints: dict[str, Any] = field(default_factory=dict)
     """label -> checkpoint: run the whole sweep once per checkpoint (e.g. one per data-scale point)."""
     base: dict[str, Any] = field(default_factory=dict)
-    """Per-stage base config: ``[base.<stage>]`` (or ``[base.all]``) with optional ``preset`` (default
-    "debug") and ``config`` (a stage TOML file), and any stage keys (``train.steps = 40``)."""
+    """Per-stage base config: ``[base.<stage>]`` (or ``[base.all]``) with optional ``preset`` (a file in
+    jobs/configs/finetune/<stage>/; default: the stage's code defaults, its debug size), ``config`` (a stage
+    TOML file on top of it) and any stage keys (``train.steps = 40``)."""
     sweep: dict[str, Any] = field(default_factory=dict)
     """Search space per stage: ``[sweep.<stage>]`` / ``[sweep.all]``, e.g. ``lr = [5e-4, 2e-4]`` (see the
     module docstring for distributions and shorthands)."""
@@ -334,18 +335,18 @@ def _override(key: str, value: Any) -> str:
 
 
 def stage_config(stage: str, base: Mapping[str, Any], values: Mapping[str, Any]) -> Any:
-    """The stage's config: preset < base config file < base keys < ``values`` (dotted keys)."""
+    """The stage's config: code defaults < preset (jobs/configs/finetune/<stage>/<preset>.toml) < base config
+    file < base keys < ``values`` (dotted keys)."""
     module = load_stage_module(stage)
     base = dict(base)
-    preset_name = str(base.pop("preset", "debug"))
-    presets = module.presets()
-    if preset_name not in presets:
-        raise ConfigError(f"base.{stage}.preset: {preset_name!r} is not one of {sorted(presets)}")
+    preset = str(base.pop("preset", "")) or None
     config_file = str(base.pop("config", "")) or None
     fixed = flatten_space(base)
     overrides = [_override(k, v) for k, v in {**fixed, **values}.items()]
     try:
-        return load_config(module.STAGE_CONFIG, config_file, overrides, base=presets[preset_name]())
+        return load_config(
+            module.STAGE_CONFIG, config_file, overrides, job=f"finetune/{stage}", preset=preset
+        )
     except ConfigError as e:
         raise ConfigError(f"stage {stage}: {e}") from None
 

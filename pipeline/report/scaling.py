@@ -1,7 +1,7 @@
 """The scaling grid: (model size x caption source x subset size x seed) pretraining points, their launches,
 and the fine-tuning of each finished point. ``jobs.scaling_report`` is the command line over this module.
 
-    cfg = load_config(ScalingConfig, "jobs/configs/scaling_debug.toml")
+    cfg = load_config(ScalingConfig, "jobs/configs/scaling_report/debug.toml")
     cfg = resolve_paths(cfg)
     points = plan_points(cfg)                         # every grid point, with its run directory
     launches = run_pretraining(cfg, points)           # finished points (summary.json) are skipped
@@ -84,7 +84,7 @@ class GridConfig:
 
 @dataclass(frozen=True)
 class PretrainGridConfig:
-    config: str = "jobs/configs/debug.toml"
+    config: str = "jobs/configs/pretrain/debug.toml"
     """Base pretraining config (TOML of jobs.pretrain) every point starts from."""
     shards: str = ""
     """Pretraining shards (data.shards of every point); "" keeps the base config's."""
