@@ -1,7 +1,7 @@
 """Tiny synthetic-world data for the trainer tests: training shards, a zero-shot folder, retrieval shards.
 
 Shards follow ``pipeline/data/schema.py`` (jpg, txt = the noisy web caption, syn.json = synthetic captions,
-json = metadata) and are written with ``webdataset.TarWriter``. The held-out split is the world's ``val``
+json = metadata) and are written with :class:`pipeline.data.tar.TarBuilder`. The held-out split is the world's ``val``
 split: an ImageNet-style folder of PNGs named by the main object's shape, and shards whose ``txt`` is the
 precise caption. Also a launcher that starts ``jobs.pretrain`` as N rank processes, as srun does.
 """
@@ -16,12 +16,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import webdataset as wds
 from PIL import Image
 from ports import free_port
 
 from pipeline.data import synthworld as sw
 from pipeline.data.synth_export import pretraining_sample
+from pipeline.data.tar import TarBuilder
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCH_EXTENSIONS_DIR = os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / ".venv" / "torch_extensions"))
@@ -56,7 +56,7 @@ def write_shards(out: Path, world: sw.WorldConfig, split: str, num_shards: int, 
     out.mkdir(parents=True, exist_ok=True)
     index = 0
     for s in range(num_shards):
-        with wds.TarWriter(str(out / f"{s:05d}.tar")) as tw:
+        with TarBuilder.open(out / f"{s:05d}.tar") as tw:
             for _ in range(per_shard):
                 scene = sw.make_scene(world, index, split)
                 caption = scene.precise_caption if precise_txt else scene.noisy_caption

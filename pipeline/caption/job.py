@@ -55,12 +55,12 @@ from pipeline.config import to_dict
 from pipeline.data import schema
 from pipeline.data.loader import expand_shards
 from pipeline.data.prep.executors import task_from_env, task_range
-from pipeline.data.prep.safe_tar import DEFAULT_MAX_MEMBER_BYTES, iter_tar_samples
-from pipeline.data.prep.writer import open_shard, remove_stale_temp_files, write_json
+from pipeline.data.prep.writer import write_json
+from pipeline.data.tar import DEFAULT_MAX_MEMBER_BYTES, iter_tar_samples, open_shard, remove_stale_temp_files
 
 MARKER_SUFFIX = ".caption.json"
 PARTIAL_SUFFIX = ".caption.partial.jsonl"
-SCORES_FIELD = "syn_clip_scores"
+SCORES_FIELD = schema.SYN_SCORES_FIELD
 
 
 @dataclass(frozen=True)
@@ -570,19 +570,16 @@ class ShardCaptioner:
                 if rec is not None and not rec.get("bad"):
                     captioned += 1
                     num_captions += len(rec.get("syn_text", []))
-                payload: dict[str, Any] = {"syn_text": texts}
-                if scores is not None:
-                    payload[SCORES_FIELD] = scores
-                syn_bytes = json.dumps(payload, ensure_ascii=False).encode("utf-8")
+                syn_bytes = schema.encode_syn(texts, scores)
                 if cfg.output.mode == "sidecar":
-                    out.add(key, {schema.SYN_KEY: syn_bytes})
+                    out.write({schema.KEY: key, schema.SYN_KEY: syn_bytes})
                     continue
-                members = dict(members)
+                sample: dict[str, Any] = {schema.KEY: key, **members}  # other members kept byte for byte
                 if rec is not None and not rec.get("bad"):
-                    members[schema.SYN_KEY] = syn_bytes
+                    sample[schema.SYN_KEY] = syn_bytes
                     if scores is not None:
-                        members[schema.META_KEY] = _with_scores(members.get(schema.META_KEY), key, scores)
-                out.add(key, members)
+                        sample[schema.META_KEY] = _with_scores(members.get(schema.META_KEY), key, scores)
+                out.write(sample)
         if samples != counts["samples"]:
             raise RuntimeError(
                 f"{unit.url}: read {counts['samples']} samples, then {samples}: shard changed?"

@@ -9,8 +9,8 @@
 Shards are tar files of the schema in :mod:`pipeline.data.schema`, named by brace patterns, ``::``-joined
 lists of patterns, globs, a folder, or a list file (``.txt``), on local disk or any fsspec URL (``s3://``; the
 endpoint comes from ``S3_ENDPOINT_URL``); a spec naming no shard raises :class:`ShardSpecError` naming the
-path. Tars are read by a small streaming reader of our own (no webdataset pipeline, so no ``KeyError:
-'fname'`` at shard ends): only regular members, keys and extensions by the rule data prep shares
+path. Tars are read by the streaming reader of :mod:`pipeline.data.tar` (no webdataset pipeline, so no
+``KeyError: 'fname'`` at shard ends): only regular members, keys and extensions by the rule data prep shares
 (:func:`pipeline.data.schema.member_key`; unsafe names such as ``../x.jpg`` are skipped and counted), members
 over ``max_member_bytes`` dropped unread.
 
@@ -67,14 +67,12 @@ Everything below is a pure function of (config, rank, world size, number of work
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 import logging
 import os
 import random
 import time
-import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -85,6 +83,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline import io as pio
 from pipeline.data import schema
+from pipeline.data.tar import CORRUPT_ERRORS, TarFormatError, decompressed, iter_tar  # noqa: F401
 from pipeline.data.tokenizer import get_tokenizer, tokenize
 from pipeline.data.transforms import CLIP_MEAN, CLIP_STD, BadImage, eval_image, normalize_batch, train_image
 
@@ -377,125 +376,6 @@ def duplicate_image_uids(urls: Sequence[str]) -> UidSubset | None:
 _ERROR = "__error__"
 
 
-class TarFormatError(ValueError):
-    """The bytes are not a (complete) tar archive."""
-
-
-_BLOCK = 512
-_MAX_HEADER_BYTES = 1 << 20  # pax / GNU long-name headers larger than this are treated as corruption
-_REGULAR = (b"0", b"\x00", b"7")
-
-
-def _read_exact(f: Any, n: int) -> bytes:
-    data = f.read(n)
-    if len(data) != n:
-        raise TarFormatError(f"unexpected end of data ({len(data)} of {n} bytes)")
-    return data
-
-
-def _skip(f: Any, n: int) -> None:
-    if n <= 0:
-        return
-    if getattr(f, "seekable", lambda: False)():
-        f.seek(n, 1)
-        return
-    while n > 0:
-        chunk = f.read(min(n, 1 << 20))
-        if not chunk:
-            raise TarFormatError("unexpected end of data")
-        n -= len(chunk)
-
-
-def _octal(field: bytes) -> int:
-    if field[:1] and field[0] & 0x80:  # GNU base-256
-        return int.from_bytes(field[1:], "big")
-    text = field.split(b"\x00", 1)[0].strip(b" \x00")
-    if not text:
-        return 0
-    try:
-        return int(text, 8)
-    except ValueError:
-        raise TarFormatError(f"bad number field {field!r}") from None
-
-
-def _pax(data: bytes) -> dict[str, str]:
-    out, pos = {}, 0
-    while pos < len(data):
-        space = data.find(b" ", pos)
-        if space < 0:
-            break
-        try:
-            length = int(data[pos:space])
-        except ValueError:
-            raise TarFormatError("bad pax record") from None
-        if length <= 0 or pos + length > len(data):
-            raise TarFormatError("bad pax record length")
-        key, _, value = data[space + 1 : pos + length - 1].partition(b"=")
-        out[key.decode("utf-8", "replace")] = value.decode("utf-8", "replace")
-        pos += length
-    return out
-
-
-def iter_tar(f: Any, want: Callable[[str], bool], max_bytes: int) -> Iterator[tuple[str, bytes | None]]:
-    """``(member name, data)`` for the regular files of an uncompressed tar stream.
-
-    A small reader of our own (ustar, pax and GNU long names), faster than :mod:`tarfile` on the many small
-    members of WebDataset shards. Nothing is trusted: names are only returned (callers check them with
-    :func:`pipeline.data.schema.member_key`), links / folders / devices are skipped, header extensions over 1 MiB and bad checksums raise
-    :class:`TarFormatError`. ``data`` is None, and the member is skipped unread, when ``want(name)`` is
-    False or the member is over ``max_bytes``.
-    """
-    long_name: str | None = None
-    pax: dict[str, str] = {}
-    while True:
-        block = f.read(_BLOCK)
-        if block == bytes(_BLOCK):
-            return  # end-of-archive marker
-        if not block:
-            raise TarFormatError("no end-of-archive marker: truncated")
-        if len(block) != _BLOCK:
-            raise TarFormatError("truncated header")
-        stored = _octal(block[148:156])
-        if stored != sum(block[:148]) + 256 + sum(block[156:]):
-            raise TarFormatError("bad header checksum")
-        size = _octal(block[124:136])
-        kind = block[156:157]
-        padded = (size + _BLOCK - 1) // _BLOCK * _BLOCK
-        if kind in (b"x", b"L", b"g"):
-            if size > _MAX_HEADER_BYTES:
-                raise TarFormatError(f"{size}-byte extended header")
-            data = _read_exact(f, padded)[:size]
-            if kind == b"x":
-                pax = _pax(data)
-            elif kind == b"L":
-                long_name = data.split(b"\x00", 1)[0].decode("utf-8", "replace")
-            continue
-        name = block[0:100].split(b"\x00", 1)[0].decode("utf-8", "replace")
-        if block[257:262] == b"ustar" and block[345:346] != b"\x00" and block[262:263] == b"\x00":
-            prefix = block[345:500].split(b"\x00", 1)[0].decode("utf-8", "replace")
-            name = f"{prefix}/{name}"
-        name = pax.get("path", long_name or name)
-        if "size" in pax:
-            try:
-                size = int(pax["size"])
-            except ValueError:
-                raise TarFormatError("bad pax size") from None
-            padded = (size + _BLOCK - 1) // _BLOCK * _BLOCK
-        pax, long_name = {}, None
-        if size < 0:
-            raise TarFormatError("negative member size")
-        if kind not in _REGULAR:
-            _skip(f, padded)
-            continue
-        if not want(name) or size > max_bytes:  # want() sees every regular member, in order
-            _skip(f, padded)
-            yield name, None
-            continue
-        data = _read_exact(f, size)
-        _skip(f, padded - size)
-        yield name, data
-
-
 _UNSAFE = "/unsafe"  # in a sample's members: how many members with unsafe names were skipped near it
 _NO_SIDECAR = "/no_sidecar"  # in a sample's members: the sidecar shard has no entry for its key
 # (no member extension can hold "/": these never collide with a member)
@@ -550,14 +430,6 @@ def _tar_groups(fileobj: Any, skip: int, max_bytes: int) -> Iterator[tuple[int, 
         yield 0, None, {_ERROR: None, _UNSAFE: unsafe}
 
 
-def _maybe_gunzip(f: Any) -> Any:
-    head = f.read(2)
-    f.seek(0)
-    if head == b"\x1f\x8b":
-        return gzip.GzipFile(fileobj=f, mode="rb")
-    return f
-
-
 def _open_shard(url: str) -> Any:
     if pio.is_local(url):
         return open(url.removeprefix("file://"), "rb", buffering=1 << 20)
@@ -565,8 +437,7 @@ def _open_shard(url: str) -> Any:
     return fs.open(path, "rb", block_size=8 << 20)
 
 
-_CORRUPT = (TarFormatError, EOFError, zlib.error, gzip.BadGzipFile)
-"""A shard that raises one of these is corrupt or truncated."""
+_CORRUPT = CORRUPT_ERRORS  # a shard that raises one of these is corrupt or truncated
 
 
 def _shard_groups(
@@ -577,7 +448,7 @@ def _shard_groups(
     while True:
         try:
             with _open_shard(url) as raw:
-                f = _maybe_gunzip(raw)
+                f = decompressed(raw)
                 for index, key, members in _tar_groups(f, next_index, max_bytes):
                     yield index, key, members
                     next_index = index + 1

@@ -15,6 +15,14 @@ Shard folders also hold ``sizes.json`` ({shard file name: samples}, open_clip's 
 ``<shard>.stats.json`` per shard, ``manifest.json`` describing the dataset and ``duplicate_images.txt``
 (uids whose image bytes equal an earlier shard's sample; the loader skips them).
 
+One sample, as the codec sees it, is a dict ``{"__key__": uid, extension: value}``: :func:`encode_sample`
+turns it into its tar members ``[(name, bytes)]`` in :data:`MEMBER_ORDER` (image, caption, synthetic
+captions, metadata, dense labels, then any other extension alphabetically), :func:`decode_sample` back.
+Bytes are stored verbatim (images are encoded by the shard job's image policy, never here); ``txt`` is
+UTF-8; ``json`` is a :class:`SampleMeta` or a dict (key-sorted JSON); ``syn.json`` a list of captions
+(:func:`encode_syn`) or a dict (JSON in its own key order); other ``*.json`` dicts are key-sorted JSON;
+``*.npy`` numpy arrays. Tars themselves are read and written by :mod:`pipeline.data.tar`.
+
 Tar member names follow one rule for every reader (:func:`member_key`): a name that is absolute, escapes
 upwards (``..``) or holds NUL / backslash is unsafe and skipped; otherwise the key is the normalised path up
 to the first dot of the base name (WebDataset's convention) and the extension the rest, lower-cased.
@@ -24,6 +32,7 @@ from __future__ import annotations
 
 import json
 import posixpath
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +49,10 @@ DUPLICATE_IMAGES_FILE = "duplicate_images.txt"
 MANIFEST_FILE = "manifest.json"
 STATS_SUFFIX = ".stats.json"
 SCHEMA_VERSION = 1
+KEY = "__key__"  # the sample's key (uid) in a sample dict, as in WebDataset
+SYN_SCORES_FIELD = "syn_clip_scores"  # in syn.json and json: the quality filter's score per caption
+MEMBER_ORDER = (IMAGE_KEY, CAPTION_KEY, SYN_KEY, META_KEY, SEG_KEY, DEPTH_KEY, ANN_KEY)
+"""Order of a sample's members in a tar; other extensions follow, alphabetically."""
 
 
 @dataclass(frozen=True)
@@ -87,8 +100,12 @@ class SampleMeta:
         )
 
 
-def encode_syn(captions: list[str]) -> bytes:
-    return json.dumps({"syn_text": list(captions)}, ensure_ascii=False).encode("utf-8")
+def encode_syn(captions: list[str], scores: list[float | None] | None = None) -> bytes:
+    """The ``syn.json`` member: ``{"syn_text": [...]}``, plus the quality filter's scores when given."""
+    payload: dict[str, Any] = {"syn_text": list(captions)}
+    if scores is not None:
+        payload[SYN_SCORES_FIELD] = list(scores)
+    return json.dumps(payload, ensure_ascii=False).encode("utf-8")
 
 
 def decode_syn(data: bytes | str) -> list[str]:
@@ -122,3 +139,84 @@ def member_key(name: str) -> tuple[str, str] | None:
     if not stem or not ext:
         return "", ""
     return (posixpath.join(head, stem) if head else stem), ext.lower()
+
+
+# ---------------------------------------------------------------------------------------------- the codec
+
+
+def _member_rank(ext: str) -> tuple[int, str]:
+    return (MEMBER_ORDER.index(ext), ext) if ext in MEMBER_ORDER else (len(MEMBER_ORDER), ext)
+
+
+def member_names(key: str, members: Mapping[str, bytes]) -> list[tuple[str, bytes]]:
+    """``[(tar member name, bytes)]`` of a sample's encoded members, in :data:`MEMBER_ORDER`."""
+    return [(f"{key}.{ext}", members[ext]) for ext in sorted(members, key=_member_rank)]
+
+
+def encode_member(ext: str, value: Any) -> bytes:
+    """One member's bytes by its extension and value type (see the module docstring)."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    if isinstance(value, str):
+        return value.encode("utf-8")
+    if isinstance(value, SampleMeta):
+        return value.to_json()
+    if ext == SYN_KEY and isinstance(value, (list, tuple)):
+        return encode_syn(list(value))
+    if ext.endswith("json") and isinstance(value, (dict, list)):
+        return json.dumps(value, sort_keys=ext != SYN_KEY, ensure_ascii=False).encode("utf-8")
+    if ext.endswith("npy") and hasattr(value, "dtype"):
+        import io
+
+        import numpy as np
+
+        buf = io.BytesIO()
+        np.save(buf, value, allow_pickle=False)
+        return buf.getvalue()
+    raise TypeError(f"cannot encode a {type(value).__name__} as a .{ext} member")
+
+
+def encode_members(sample: Mapping[str, Any]) -> dict[str, bytes]:
+    """``{extension: bytes}`` of a sample dict (keys starting with ``__`` are not members)."""
+    return {ext: encode_member(ext, v) for ext, v in sample.items() if not ext.startswith("__")}
+
+
+def encode_sample(sample: Mapping[str, Any]) -> list[tuple[str, bytes]]:
+    """A sample dict ``{"__key__": uid, ext: value}`` as its tar members ``[(name, bytes)]``, in order."""
+    key = sample[KEY]
+    if not isinstance(key, str) or member_key(f"{key}.x") != (key, "x"):
+        raise ValueError(f"sample key {key!r} is not a safe member name stem")
+    return member_names(key, encode_members(sample))
+
+
+def decode_member(ext: str, data: bytes) -> Any:
+    """One member's value from its bytes: ``txt`` str, ``syn.json`` captions, other JSON, ``*.npy`` array,
+    anything else (images) the bytes."""
+    if ext == CAPTION_KEY:
+        return data.decode("utf-8")
+    if ext == SYN_KEY:
+        return decode_syn(data)
+    if ext.endswith("json"):
+        return json.loads(data)
+    if ext.endswith("npy"):
+        import io
+
+        import numpy as np
+
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    return data
+
+
+def decode_sample(members: Iterable[tuple[str, bytes]]) -> dict[str, Any]:
+    """A sample dict from its tar members ``[(name, bytes)]`` (all of one key), the inverse of
+    :func:`encode_sample` (up to :func:`decode_syn` dropping blank captions)."""
+    sample: dict[str, Any] = {}
+    for name, data in members:
+        parts = member_key(name)
+        if parts is None or not parts[0]:
+            raise ValueError(f"{name!r} is not a sample member name")
+        key, ext = parts
+        if sample.setdefault(KEY, key) != key:
+            raise ValueError(f"members of two samples: {sample[KEY]!r} and {key!r}")
+        sample[ext] = decode_member(ext, data)
+    return sample

@@ -42,7 +42,6 @@ import io as _io
 import json
 import os
 import shutil
-import tarfile
 import threading
 import time
 import uuid
@@ -63,6 +62,7 @@ from pipeline.config import to_toml
 from pipeline.data import schema as wds_schema
 from pipeline.data import synthworld as sw
 from pipeline.data.schema import encode_syn
+from pipeline.data.tar import TarBuilder
 
 LAYOUTS: tuple[str, ...] = ("datacomp", "img2dataset", "imagenet", "coco", "ade20k", "nyuv2")
 POOL_LAYOUTS = ("datacomp", "img2dataset")
@@ -230,12 +230,10 @@ def _write_parquet(path: Path, rows: list[dict[str, Any]], schema: pa.Schema) ->
     pq.write_table(table, path)
 
 
-def _add_tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = 0
-    info.mode = 0o644
-    tar.addfile(info, _io.BytesIO(data))
+def _open_tar(path: Path) -> TarBuilder:
+    """A tar as ``tarfile.open(path, "w")`` writes it (pax, mode 0644, mtime 0), the way other tools' tars
+    look; not atomic by itself (each layout is written in a staged folder)."""
+    return TarBuilder.open(path, fmt="pax", mode=0o644)
 
 
 @contextmanager
@@ -319,9 +317,9 @@ class DataCompWriter:
             _write_bytes(self.root / "syn" / "syn_captions.jsonl", ("\n".join(lines) + "\n").encode())
             per = self.cfg.samples_per_shard
             for shard, start in enumerate(range(0, len(self.syn), per)):
-                with tarfile.open(self.root / "syn" / f"{shard:05d}.tar", "w") as tar:
+                with _open_tar(self.root / "syn" / f"{shard:05d}.tar") as tar:
                     for uid, caps in self.syn[start : start + per]:
-                        _add_tar_member(tar, f"{uid}.syn.json", encode_syn(caps))
+                        tar.write({wds_schema.KEY: uid, wds_schema.SYN_KEY: caps})
         return {"samples": len(self.rows), "metadata": "metadata/00000000.parquet", "images": "images/"}
 
 
@@ -353,14 +351,14 @@ class Img2DatasetWriter:
         self.root, self.cfg, self.datacomp_root = root, cfg, datacomp_root
         self.shard = -1
         self.count = 0
-        self.tar: tarfile.TarFile | None = None
+        self.tar: TarBuilder | None = None
         self.rows: list[dict[str, Any]] = []
         self.start = time.time()
 
     def _roll(self) -> None:
         self._finish_shard()
         self.shard += 1
-        self.tar = tarfile.open(self.root / f"{self.shard:05d}.tar", "w")
+        self.tar = _open_tar(self.root / f"{self.shard:05d}.tar")
         self.rows = []
         self.start = time.time()
 
@@ -412,11 +410,9 @@ class Img2DatasetWriter:
             "md5": hashlib.md5(jpg).hexdigest(),
             "sha256": _sha256(jpg),
         }
-        _add_tar_member(self.tar, f"{key}.jpg", jpg)
-        _add_tar_member(self.tar, f"{key}.txt", scene.noisy_caption.encode("utf-8"))
-        _add_tar_member(
-            self.tar, f"{key}.json", json.dumps(meta, indent=4, ensure_ascii=False).encode("utf-8")
-        )
+        # img2dataset's json: indented, in its own key order (stored as given)
+        json_bytes = json.dumps(meta, indent=4, ensure_ascii=False).encode("utf-8")
+        self.tar.write({wds_schema.KEY: key, "jpg": jpg, "txt": scene.noisy_caption, "json": json_bytes})
         self.rows.append(meta)
         self.count += 1
 

@@ -71,11 +71,11 @@ from pipeline.data.prep.writer import (
 from pipeline.data.schema import (
     CAPTION_KEY,
     IMAGE_KEY,
+    KEY,
     META_KEY,
     SCHEMA_VERSION,
     SYN_KEY,
     SampleMeta,
-    encode_syn,
 )
 
 PLAN_DIR = "_plan"
@@ -474,12 +474,11 @@ def process_unit(cfg: ShardJobConfig, chash: str, unit: Unit, owner: str = "") -
                 source=c.source,
                 scores=c.scores,
             )
-            members = {IMAGE_KEY: img.data, CAPTION_KEY: c.caption.encode("utf-8"), META_KEY: meta.to_json()}
+            sample = {KEY: c.uid, IMAGE_KEY: img.data, CAPTION_KEY: c.caption, META_KEY: meta}
             if c.syn is not None:
-                members[SYN_KEY] = encode_syn(c.syn)
+                sample[SYN_KEY] = c.syn
                 num_syn += 1
-            members.update(extras)
-            tar.add(c.uid, members)
+            tar.write({**sample, **extras})
             first_by_sha[sha] = c.uid
             kept_uids.append(c.uid)
             kept_sha.append(sha)

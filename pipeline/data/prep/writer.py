@@ -1,12 +1,10 @@
 """Deterministic, atomic WebDataset shard writing, per-shard stats and the dataset-level files.
 
-Every file is built in a temporary file and published in one step (:func:`atomic_file`): ``os.replace``
-from ``<output>/_tmp/`` onto its name for local folders, a single upload for object stores, so neither ever
-shows a partial tar and the shards' folder never holds a temporary. A shard's ``<name>.stats.json`` is
-written after the tar and is the completion marker a re-run checks.
-
-Tars are byte-identical for identical samples: GNU format, members in sample order and, within a sample, in
-:data:`MEMBER_ORDER`, mtime 0, uid/gid 0, empty user/group names, mode 0444.
+Every file is built in a temporary file and published in one step (:func:`pipeline.data.tar.atomic_file`):
+``os.replace`` from ``<output>/_tmp/`` onto its name for local folders, a single upload for object stores, so
+neither ever shows a partial tar and the shards' folder never holds a temporary. A shard's
+``<name>.stats.json`` is written after the tar and is the completion marker a re-run checks. Tars are
+written by :mod:`pipeline.data.tar` (deterministic: byte-identical for identical samples).
 
 Dataset files written by :func:`write_dataset_files` after every shard is done: ``sizes.json``
 (open_clip's ``{shard file name: samples}``), ``failures.parquet`` (every failed input row and its reason),
@@ -15,17 +13,11 @@ Dataset files written by :func:`write_dataset_files` after every shard is done: 
 
 from __future__ import annotations
 
-import glob
 import json
-import os
 import re
-import tarfile
-import tempfile
-import time
 import urllib.parse
-import uuid
-from collections.abc import Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import IO, Any, Literal
 
@@ -33,24 +25,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import io
-from pipeline.data.schema import (
-    ANN_KEY,
-    CAPTION_KEY,
-    DEPTH_KEY,
-    IMAGE_KEY,
-    MANIFEST_FILE,
-    META_KEY,
-    SEG_KEY,
-    SIZES_FILE,
-    STATS_SUFFIX,
-    SYN_KEY,
+from pipeline.data.schema import MANIFEST_FILE, SIZES_FILE, STATS_SUFFIX
+from pipeline.data.tar import (  # noqa: F401 - re-exported: the shard and caption jobs write through these
+    STALE_TEMP_AGE_S,
+    TMP_DIR,
+    TarBuilder,
+    atomic_file,
+    open_shard,
+    remove_stale_temp_files,
 )
 
-MEMBER_ORDER = (IMAGE_KEY, CAPTION_KEY, SYN_KEY, META_KEY, SEG_KEY, DEPTH_KEY, ANN_KEY)
 FAILURES_FILE = "failures.parquet"
 DUPLICATE_IMAGES_FILE = "duplicate_images.txt"
-STALE_TEMP_AGE_S = 3600.0  # a writer that has not touched its temporary for an hour is dead
-TMP_DIR = "_tmp"  # temporaries live here, never beside the final names (sync tools can exclude it)
 URL_QUERY_MODES = ("strip", "redact_credentials", "keep")
 REDACTED = "REDACTED"
 CREDENTIAL_PARAMS = frozenset(
@@ -156,116 +142,10 @@ def public_json(obj: Any, mode: str) -> Any:
     return obj
 
 
-def _member_sort_key(ext: str) -> tuple[int, str]:
-    return (MEMBER_ORDER.index(ext), ext) if ext in MEMBER_ORDER else (len(MEMBER_ORDER), ext)
-
-
-class TarBuilder:
-    """Appends samples to an open binary file as a deterministic tar."""
-
-    def __init__(self, fileobj: IO[bytes]) -> None:
-        self._tar = tarfile.open(fileobj=fileobj, mode="w", format=tarfile.GNU_FORMAT)
-        self.num_samples = 0
-        self.size = 0  # bytes, set by open_shard once the tar is closed
-
-    def add(self, key: str, members: dict[str, bytes]) -> None:
-        for ext in sorted(members, key=_member_sort_key):
-            data = members[ext]
-            info = tarfile.TarInfo(f"{key}.{ext}")
-            info.size = len(data)
-            info.mtime = 0
-            info.mode = 0o444
-            info.uid = info.gid = 0
-            info.uname = info.gname = ""
-            self._tar.addfile(info, _BytesReader(data))
-        self.num_samples += 1
-
-    def close(self) -> None:
-        self._tar.close()
-
-
-class _BytesReader:
-    """Minimal file object over bytes (avoids a BytesIO copy per member)."""
-
-    def __init__(self, data: bytes) -> None:
-        self._view = memoryview(data)
-        self._pos = 0
-
-    def read(self, n: int = -1) -> bytes:
-        end = len(self._view) if n < 0 else min(len(self._view), self._pos + n)
-        out = bytes(self._view[self._pos : end])
-        self._pos = end
-        return out
-
-
-def _local_path(url: str) -> str:
-    return url[len("file://") :] if url.startswith("file://") else url
-
-
-def _create_temp(tmp_dir: str, name: str, owner: str) -> tuple[str, IO[bytes]]:
-    """A new temporary ``<tmp_dir>/<name>.tmp-[<owner>-]<pid>-<random>``, opened for writing."""
-    tag = f"{owner}-" if owner else ""
-    tmp = os.path.join(tmp_dir, f"{name}.tmp-{tag}{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    for attempt in range(5):
-        os.makedirs(tmp_dir, exist_ok=True)
-        try:
-            return tmp, open(tmp, "xb")
-        except FileNotFoundError:  # another job removed the (then empty) folder in between: make it again
-            if attempt == 4:
-                raise
-    raise AssertionError("unreachable")
-
-
-@contextmanager
-def atomic_file(url: str, tmp_dir: str = "", owner: str = "") -> Iterator[IO[bytes]]:
-    """Write ``url`` (binary) all or nothing: it appears only if the block completes.
-
-    Local: the data goes to a temporary in ``tmp_dir`` (default ``<url's folder>/_tmp``; it must be on the
-    same file system), is fsynced, then renamed onto ``url`` with ``os.replace``. So the folder of the final
-    names never holds a temporary, and a sync of it that excludes ``_tmp/`` never copies a partial file.
-    ``owner`` tags the temporary's name, so that a run can remove its own leftovers
-    (:func:`remove_stale_temp_files`). Object stores: a node-local temporary, uploaded in one ``put`` (no
-    partial object and no temporary ever shows in the bucket).
-    """
-    local = io.is_local(url)
-    if local:
-        path = _local_path(url)
-        folder = os.path.dirname(path) or "."
-        os.makedirs(folder, exist_ok=True)
-        tmp_dir = _local_path(tmp_dir) if tmp_dir else os.path.join(folder, TMP_DIR)
-        tmp, f = _create_temp(tmp_dir, os.path.basename(path), owner)
-    else:
-        fd, tmp = tempfile.mkstemp(suffix=".tmp")
-        f = os.fdopen(fd, "wb")
-    try:
-        with f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        if local:
-            os.replace(tmp, path)
-        else:
-            fs, remote = io.filesystem(url)
-            fs.put_file(tmp, remote)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def write_json(url: str, obj: Any, tmp_dir: str = "", owner: str = "") -> None:
     """``obj`` as indented, key-sorted JSON (the bytes of :func:`pipeline.io.write_json`), via :func:`atomic_file`."""
     with atomic_file(url, tmp_dir, owner) as f:
         f.write((json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8"))
-
-
-@contextmanager
-def open_shard(url: str, tmp_dir: str = "", owner: str = "") -> Iterator[TarBuilder]:
-    """Build a tar and publish it at ``url`` only if the block completes (see :func:`atomic_file`)."""
-    with atomic_file(url, tmp_dir, owner) as f:
-        builder = TarBuilder(f)
-        yield builder
-        builder.close()
-        builder.size = f.tell()
 
 
 @dataclass(frozen=True)
@@ -299,36 +179,6 @@ class OutputFolder:
 
 def as_output_folder(output: str | OutputFolder) -> OutputFolder:
     return output if isinstance(output, OutputFolder) else OutputFolder(output)
-
-
-def remove_stale_temp_files(output_url: str, min_age_s: float = STALE_TEMP_AGE_S, owner: str = "") -> int:
-    """Delete temporaries left by killed writers in ``<output>/_tmp/`` (and beside the shards, where older
-    versions wrote them): ``owner``'s at once (a finished run's writers are all done), any other's once
-    untouched for ``min_age_s`` seconds. Removes ``_tmp/`` when it is left empty.
-
-    Array tasks on other hosts may be writing beside us (two tasks can merge at the same moment), so another
-    writer's temporary is only taken as dead once it has not been touched for a while.
-    """
-    if not io.is_local(output_url):
-        return 0  # object stores never see our temporaries
-    root = _local_path(output_url)
-    tmp_dir = os.path.join(root, TMP_DIR)
-    now = time.time()
-    removed = 0
-    for path in glob.glob(os.path.join(tmp_dir, "*.tmp-*")) + glob.glob(os.path.join(root, "*.tmp-*")):
-        try:
-            mine = bool(owner) and f".tmp-{owner}-" in os.path.basename(path)
-            if not mine and now - os.path.getmtime(path) < min_age_s:
-                continue
-            os.remove(path)
-            removed += 1
-        except FileNotFoundError:
-            pass  # its writer renamed or removed it meanwhile
-    try:
-        os.rmdir(tmp_dir)
-    except OSError:
-        pass  # not empty (another writer's temporary) or not there
-    return removed
 
 
 def stats_url(output_url: str, shard_name: str) -> str:
