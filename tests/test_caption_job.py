@@ -141,7 +141,8 @@ def test_killed_job_resumes_inside_its_shard_and_writes_what_an_uninterrupted_ru
     cfg = load_config(
         CaptionJobConfig,
         overrides=common_args(shards, killed)[1:],
-        base=__import__("data_prep.caption", fromlist=["_debug"])._debug(),
+        job="caption",
+        preset="debug",
     )
 
     class Killed(Exception):
