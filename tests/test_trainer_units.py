@@ -80,7 +80,9 @@ def test_vit_b16_preset_is_the_seed_recipe():
 
 def test_debug_preset_loads_with_shards_from_the_command_line():
     cfg = load_config(
-        TrainConfig, "jobs/configs/pretrain/debug.toml", ["--data.shards=x/{0..3}.tar", "--engine.zero_stage=3"]
+        TrainConfig,
+        "jobs/configs/pretrain/debug.toml",
+        ["--data.shards=x/{0..3}.tar", "--engine.zero_stage=3"],
     )
     assert cfg.model.name == "debug" and cfg.engine.zero_stage == 3 and cfg.data.shards == "x/{0..3}.tar"
     with pytest.raises(ConfigError, match="engine: zero_stage"):
