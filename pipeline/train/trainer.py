@@ -1,6 +1,6 @@
 """The CLIP pretraining loop: exact global-batch contrastive loss, DeepSpeed ZeRO, EMA, exact resume.
 
-    cfg = load_config(TrainConfig, "jobs/configs/debug.toml")
+    cfg = load_config(TrainConfig, "jobs/configs/pretrain/debug.toml")
     exit_code = Trainer(cfg).train()        # 0 done, 124 preempted (checkpointed; requeue)
 
 One optimizer step takes ``accumulation_steps`` micro-batches of ``data.micro_batch`` samples on each of
