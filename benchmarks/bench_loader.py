@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import functools
 import gc
-import io
 import json
 import resource
 import statistics
@@ -33,36 +32,17 @@ import torch
 
 def write_bench_shards(folder: Path, num_samples: int, per_shard: int, image_size: int) -> str:
     """Synthetic-world samples (JPEG q95, web + 5 synthetic captions, json) in the project's schema."""
-    import webdataset as wds
-    from PIL import Image
-
     from pipeline.data import schema
-    from pipeline.data.synthworld import WorldConfig, make_scene, synthetic_captions
+    from pipeline.data.synth_export import shard_pattern, write_pretraining_shards
+    from pipeline.data.synthworld import WorldConfig
 
-    world = WorldConfig(image_size=image_size)
+    write_pretraining_shards(
+        folder, WorldConfig(image_size=image_size), num_samples, per_shard, "train", num_syn=5
+    )
     num_shards = (num_samples + per_shard - 1) // per_shard
-    sizes = {}
-    for s in range(num_shards):
-        name = f"{s:05d}.tar"
-        count = min(per_shard, num_samples - s * per_shard)
-        with wds.TarWriter(str(folder / name)) as sink:
-            for k in range(count):
-                scene = make_scene(world, s * per_shard + k)
-                buf = io.BytesIO()
-                Image.fromarray(scene.image).save(buf, format="JPEG", quality=95)
-                meta = schema.SampleMeta(scene.uid, "", image_size, image_size, image_size, image_size)
-                sink.write(
-                    {
-                        "__key__": scene.uid,
-                        "jpg": buf.getvalue(),
-                        "txt": scene.noisy_caption.encode(),
-                        "syn.json": schema.encode_syn(synthetic_captions(scene, 5, seed=0)),
-                        "json": meta.to_json(),
-                    }
-                )
-        sizes[name] = count
+    sizes = {f"{s:05d}.tar": min(per_shard, num_samples - s * per_shard) for s in range(num_shards)}
     (folder / schema.SIZES_FILE).write_text(json.dumps(sizes))
-    return str(folder / f"{{00000..{num_shards - 1:05d}}}.tar")
+    return shard_pattern(folder, num_shards)
 
 
 def run_ours(shards: str, batch: int, workers: int, image_size: int) -> int:

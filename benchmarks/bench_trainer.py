@@ -39,43 +39,16 @@ OPEN_CLIP_SHUFFLE_READAHEAD = 5000
 
 
 def write_shards(out: Path, num_shards: int, per_shard: int) -> str:
-    """Synthetic-world shards of our schema (jpg, txt, syn.json, json); reused when already there."""
-    import hashlib
-    import io
-
-    import webdataset as wds
-    from PIL import Image
-
-    from pipeline.data import schema
+    """Synthetic-world shards of our schema (jpg q90, txt, 2 syn captions, json); reused when already there."""
     from pipeline.data import synthworld as sw
+    from pipeline.data.synth_export import shard_pattern, write_pretraining_shards
 
-    pattern = str(out / f"{{00000..{num_shards - 1:05d}}}.tar")
+    pattern = shard_pattern(out, num_shards)
     marker = out / f"done-{num_shards}x{per_shard}"
     if marker.exists():
         return pattern
-    out.mkdir(parents=True, exist_ok=True)
     world = sw.WorldConfig(image_size=64)
-    index = 0
-    for s in range(num_shards):
-        with wds.TarWriter(str(out / f"{s:05d}.tar")) as tw:
-            for _ in range(per_shard):
-                scene = sw.make_scene(world, index)
-                buf = io.BytesIO()
-                Image.fromarray(scene.image).save(buf, format="JPEG", quality=90)
-                jpg = buf.getvalue()
-                meta = schema.SampleMeta(
-                    scene.uid, hashlib.sha256(jpg).hexdigest(), 64, 64, 64, 64, "synthworld"
-                )
-                tw.write(
-                    {
-                        "__key__": scene.uid,
-                        "jpg": jpg,
-                        "txt": scene.noisy_caption.encode(),
-                        "syn.json": schema.encode_syn(sw.synthetic_captions(scene, 2, 0)),
-                        "json": meta.to_json(),
-                    }
-                )
-                index += 1
+    write_pretraining_shards(out, world, num_shards * per_shard, per_shard, "train", num_syn=2, quality=90)
     (out / "sizes.json").write_text(json.dumps({f"{s:05d}.tar": per_shard for s in range(num_shards)}))
     marker.write_text("")
     return pattern

@@ -26,10 +26,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import webdataset as wds
 
+from pipeline.data import synth_export
 from pipeline.data import synthworld as sw
-from pipeline.data.synth_export import pretraining_sample
 from pipeline.finetune.common import FinetuneTrainConfig
 from pipeline.finetune.datasets import DataConfig
 from pipeline.finetune.stages import load_stage
@@ -39,16 +38,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def write_pretraining_shards(out: Path, world: sw.WorldConfig, num_shards: int, per_shard: int) -> str:
     """WebDataset shards of world split ``train`` (schema.py layout; noisy web caption + 3 synthetic ones)."""
-    out.mkdir(parents=True, exist_ok=True)
-    index = 0
-    for s in range(num_shards):
-        with wds.TarWriter(str(out / f"{s:05d}.tar")) as tw:
-            for _ in range(per_shard):
-                scene = sw.make_scene(world, index, "train")
-                syn = sw.synthetic_captions(scene, 3, seed=0)
-                tw.write(pretraining_sample(scene, scene.noisy_caption, syn))
-                index += 1
-    return str(out / f"{{00000..{num_shards - 1:05d}}}.tar")
+    synth_export.write_pretraining_shards(out, world, num_shards * per_shard, per_shard)
+    return synth_export.shard_pattern(out, num_shards)
 
 
 WORLDS = {"default": sw.WorldConfig, "shape_necessary": sw.shape_necessary_config}

@@ -1,7 +1,7 @@
 """Tiny synthetic-world data for the trainer tests: training shards, a zero-shot folder, retrieval shards.
 
 Shards follow ``pipeline/data/schema.py`` (jpg, txt = the noisy web caption, syn.json = synthetic captions,
-json = metadata) and are written with :class:`pipeline.data.tar.TarBuilder`. The held-out split is the world's ``val``
+json = metadata) and are written by :func:`pipeline.data.synth_export.write_pretraining_shards`. The held-out split is the world's ``val``
 split: an ImageNet-style folder of PNGs named by the main object's shape, and shards whose ``txt`` is the
 precise caption. Also a launcher that starts ``jobs.pretrain`` as N rank processes, as srun does.
 """
@@ -20,8 +20,7 @@ from PIL import Image
 from ports import free_port
 
 from pipeline.data import synthworld as sw
-from pipeline.data.synth_export import pretraining_sample
-from pipeline.data.tar import TarBuilder
+from pipeline.data.synth_export import shard_pattern, write_pretraining_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCH_EXTENSIONS_DIR = os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / ".venv" / "torch_extensions"))
@@ -53,17 +52,8 @@ class WorldData:
 
 def write_shards(out: Path, world: sw.WorldConfig, split: str, num_shards: int, per_shard: int,
                  precise_txt: bool = False, num_syn: int = 3) -> str:  # fmt: skip
-    out.mkdir(parents=True, exist_ok=True)
-    index = 0
-    for s in range(num_shards):
-        with TarBuilder.open(out / f"{s:05d}.tar") as tw:
-            for _ in range(per_shard):
-                scene = sw.make_scene(world, index, split)
-                caption = scene.precise_caption if precise_txt else scene.noisy_caption
-                syn = sw.synthetic_captions(scene, num_syn, seed=0) if num_syn else None
-                tw.write(pretraining_sample(scene, caption, syn))
-                index += 1
-    return str(out / f"{{00000..{num_shards - 1:05d}}}.tar")
+    write_pretraining_shards(out, world, num_shards * per_shard, per_shard, split, num_syn, precise_txt)
+    return shard_pattern(out, num_shards)
 
 
 def write_image_folder(out: Path, world: sw.WorldConfig, split: str, num: int) -> Path:

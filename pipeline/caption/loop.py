@@ -77,14 +77,13 @@ def write_noisy_shards(
     world: sw.WorldConfig, split: str, num_scenes: int, out: Path, per_shard: int
 ) -> list[sw.Scene]:
     """Scenes as web-style shards (``jpg``, noisy ``txt``, ``json``), keyed by uid; returns the scenes."""
-    import webdataset as wds
-
     from pipeline.data.synth_export import encode_image
+    from pipeline.data.tar import open_shard
 
     out.mkdir(parents=True, exist_ok=True)
     scenes = [sw.make_scene(world, i, split) for i in range(num_scenes)]
     for s, start in enumerate(range(0, num_scenes, per_shard)):
-        with wds.TarWriter(str(out / f"{s:06d}.tar")) as sink:
+        with open_shard(str(out / f"{s:06d}.tar")) as sink:
             for scene in scenes[start : start + per_shard]:
                 sink.write(
                     {
@@ -98,14 +97,16 @@ def write_noisy_shards(
 
 
 def read_sidecars(folder: Path) -> dict[str, list[str]]:
-    import tarfile
+    """{uid: synthetic captions} of every caption sidecar tar in ``folder``."""
+    from pipeline.data.schema import SYN_KEY, decode_syn
+    from pipeline.data.tar import iter_tar_samples
 
     out: dict[str, list[str]] = {}
     for path in sorted(folder.glob("*.tar")):
-        with tarfile.open(path) as tf:
-            for m in tf.getmembers():
-                if m.isfile() and m.name.endswith(".syn.json"):
-                    out[m.name[: -len(".syn.json")]] = json.loads(tf.extractfile(m).read())["syn_text"]  # type: ignore[union-attr]
+        with open(path, "rb") as f:
+            for key, members in iter_tar_samples(f):
+                if SYN_KEY in members:
+                    out[key] = decode_syn(members[SYN_KEY])
     return out
 
 

@@ -171,6 +171,42 @@ def pretraining_sample(
     return sample
 
 
+def write_pretraining_shards(
+    out: str | os.PathLike[str],
+    world: sw.WorldConfig,
+    num_samples: int,
+    per_shard: int,
+    split: str = "train",
+    num_syn: int | None = 3,
+    precise_txt: bool = False,
+    quality: int = 95,
+    syn_seed: int = 0,
+) -> list[str]:
+    """Scenes ``0 .. num_samples - 1`` of ``split`` as pretraining shards ``<out>/00000.tar, ...`` (atomic,
+    deterministic; :func:`pretraining_sample` per scene: the noisy or, with ``precise_txt``, the precise caption
+    as the web caption, ``num_syn`` synthetic captions, None for no ``syn.json``). Returns the scene uids in
+    shard order."""
+    from pipeline.data.tar import TMP_DIR, open_shard
+
+    uids: list[str] = []
+    for s, start in enumerate(range(0, num_samples, per_shard)):
+        with open_shard(os.path.join(os.fspath(out), f"{s:05d}.tar")) as tw:
+            for index in range(start, min(num_samples, start + per_shard)):
+                scene = sw.make_scene(world, index, split)
+                caption = scene.precise_caption if precise_txt else scene.noisy_caption
+                syn = sw.synthetic_captions(scene, num_syn, seed=syn_seed) if num_syn else None
+                tw.write(pretraining_sample(scene, caption, syn, quality))
+                uids.append(scene.uid)
+    with contextlib.suppress(OSError):  # the temporaries' folder, once empty
+        os.rmdir(os.path.join(os.fspath(out), TMP_DIR))
+    return uids
+
+
+def shard_pattern(out: str | os.PathLike[str], num_shards: int) -> str:
+    """The brace pattern of ``<out>/00000.tar .. <out>/<num_shards - 1>.tar``."""
+    return os.path.join(os.fspath(out), f"{{00000..{num_shards - 1:05d}}}.tar")
+
+
 def encode_png(array: np.ndarray) -> bytes:
     """Lossless PNG of a 2-D uint8 or uint16 array (16-bit PNG for uint16)."""
     buf = _io.BytesIO()

@@ -96,10 +96,9 @@ def _fingerprint(cfg: ToyDataConfig) -> str:
 
 def write_toy_data(cfg: ToyDataConfig, folder: str | Path) -> dict[str, Any]:
     """Write (or reuse, when ``data.json`` matches ``cfg``) the toy data; returns ``data.json``'s content."""
-    import webdataset as wds
     from PIL import Image
 
-    from pipeline.data.synth_export import pretraining_sample
+    from pipeline.data.synth_export import write_pretraining_shards
 
     folder = Path(folder)
     info_path = folder / "data.json"
@@ -113,20 +112,20 @@ def write_toy_data(cfg: ToyDataConfig, folder: str | Path) -> dict[str, Any]:
     shards.mkdir(parents=True, exist_ok=True)
     world = cfg.world
     num_shards = math.ceil(cfg.pool_size / cfg.samples_per_shard)
-    uids: list[str] = []
-    sizes: dict[str, int] = {}
-    for s in range(num_shards):
-        name = f"{s:05d}.tar"
-        stop = min(cfg.pool_size, (s + 1) * cfg.samples_per_shard)
-        tmp = shards / f".{name}.tmp"
-        with wds.TarWriter(str(tmp)) as tw:
-            for index in range(s * cfg.samples_per_shard, stop):
-                scene = sw.make_scene(world, index, "train")
-                syn = sw.synthetic_captions(scene, cfg.num_syn_captions, cfg.syn_seed)
-                tw.write(pretraining_sample(scene, scene.noisy_caption, syn, cfg.jpeg_quality))
-                uids.append(scene.uid)
-        tmp.replace(shards / name)
-        sizes[name] = stop - s * cfg.samples_per_shard
+    uids = write_pretraining_shards(
+        shards,
+        world,
+        cfg.pool_size,
+        cfg.samples_per_shard,
+        "train",
+        cfg.num_syn_captions,
+        quality=cfg.jpeg_quality,
+        syn_seed=cfg.syn_seed,
+    )
+    sizes = {
+        f"{s:05d}.tar": min(cfg.samples_per_shard, cfg.pool_size - s * cfg.samples_per_shard)
+        for s in range(num_shards)
+    }
     io.write_json(str(shards / schema.SIZES_FILE), sizes)
     subsets = {}
     for size in cfg.subset_sizes:
