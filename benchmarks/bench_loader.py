@@ -50,9 +50,14 @@ def run_ours(shards: str, batch: int, workers: int, image_size: int) -> int:
     from pipeline.data.tokenizer import get_tokenizer
 
     cfg = LoaderConfig(
-        shards=shards, micro_batch=batch, num_workers=workers, shuffle_buffer=1000, epochs=1,
-        image_size=image_size, scale=(0.9, 1.0),
-    )  # fmt: skip
+        shards=shards,
+        micro_batch=batch,
+        num_workers=workers,
+        shuffle_buffer=1000,
+        epochs=1,
+        image_size=image_size,
+        scale=(0.9, 1.0),
+    )
     n = 0
     for b in build_loader(cfg, 0, 1, get_tokenizer("ViT-B-16")):
         n += b["image"].shape[0]
@@ -67,9 +72,16 @@ def run_open_clip(shards: str, num_samples: int, batch: int, workers: int, image
 
     ocd.tar_file_expander = functools.partial(tar_file_expander, eof_value=None)
     args = SimpleNamespace(
-        train_data=shards, val_data=None, train_num_samples=num_samples, dataset_resampled=False,
-        train_data_upsampling_factors=None, seed=0, batch_size=batch, workers=workers, world_size=1,
-    )  # fmt: skip
+        train_data=shards,
+        val_data=None,
+        train_num_samples=num_samples,
+        dataset_resampled=False,
+        train_data_upsampling_factors=None,
+        seed=0,
+        batch_size=batch,
+        workers=workers,
+        world_size=1,
+    )
     preprocess = image_transform(image_size, is_train=True, aug_cfg=AugmentationCfg(scale=(0.9, 1.0)))
     data = ocd.get_wds_dataset(args, preprocess, is_train=True, tokenizer=open_clip.get_tokenizer("ViT-B-16"))
     n = 0
@@ -117,14 +129,18 @@ def main(argv: list[str] | None = None) -> int:
                 wall[name].append(n / dt)
                 cpu[name].append(n / dc)
                 counts[name] = n
-                print(f"run {r}: {name:9s} {n} samples in {dt:.2f}s wall, {dc:.2f} CPU-s: "
-                      f"{n / dt:.1f} samples/s, {n / dc:.1f} per CPU-second")  # fmt: skip
+                print(
+                    f"run {r}: {name:9s} {n} samples in {dt:.2f}s wall, {dc:.2f} CPU-s: "
+                    f"{n / dt:.1f} samples/s, {n / dc:.1f} per CPU-second"
+                )
     result = {name: statistics.median(v) for name, v in wall.items()}
     per_cpu = {name: statistics.median(v) for name, v in cpu.items()}
     print(f"\nmedian over {args.repeats} runs, {args.workers} workers:")
     for name in wall:
-        print(f"  {name:9s} {result[name]:8.1f} samples/s wall   {per_cpu[name]:8.1f} samples per CPU-second   "
-              f"({counts[name]} samples)")  # fmt: skip
+        print(
+            f"  {name:9s} {result[name]:8.1f} samples/s wall   {per_cpu[name]:8.1f} samples per CPU-second   "
+            f"({counts[name]} samples)"
+        )
     speedup = {"wall": result["ours"] / result["open_clip"], "cpu": per_cpu["ours"] / per_cpu["open_clip"]}
     print(f"  ours / open_clip: {speedup['wall']:.2f}x wall, {speedup['cpu']:.2f}x per CPU-second")
     if args.json:

@@ -55,8 +55,14 @@ def write_shards(out: Path, num_shards: int, per_shard: int) -> str:
 
 
 def _torchrun(procs: int, port: int, module_args: list[str]) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={procs}", f"--master_port={port}",
-            *module_args]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={procs}",
+        f"--master_port={port}",
+        *module_args,
+    ]
 
 
 def _env() -> dict[str, str]:
@@ -69,13 +75,30 @@ def _env() -> dict[str, str]:
 
 def run_ours(args: argparse.Namespace, shards: str, out: Path, port: int) -> list[float]:
     micro = args.batch // args.procs
-    cmd = _torchrun(args.procs, port, [
-        "-m", "jobs.pretrain", "--preset=debug", f"--run_dir={out}", f"--data.shards={shards}",
-        f"--steps={args.steps}", f"--global_batch={args.batch}", f"--data.micro_batch={micro}",
-        f"--data.num_workers={args.workers}", "--loss.w_syn=0", f"--engine.zero_stage={args.zero_stage}",
-        f"--engine.precision={args.precision}", f"--log.interval={args.log_every}", "--log.progress=false",
-        "--checkpoint.interval=0", "--export=false", "--ema.enabled=false", "--optim.warmup_steps=10",
-    ])  # fmt: skip
+    cmd = _torchrun(
+        args.procs,
+        port,
+        [
+            "-m",
+            "jobs.pretrain",
+            "--preset=debug",
+            f"--run_dir={out}",
+            f"--data.shards={shards}",
+            f"--steps={args.steps}",
+            f"--global_batch={args.batch}",
+            f"--data.micro_batch={micro}",
+            f"--data.num_workers={args.workers}",
+            "--loss.w_syn=0",
+            f"--engine.zero_stage={args.zero_stage}",
+            f"--engine.precision={args.precision}",
+            f"--log.interval={args.log_every}",
+            "--log.progress=false",
+            "--checkpoint.interval=0",
+            "--export=false",
+            "--ema.enabled=false",
+            "--optim.warmup_steps=10",
+        ],
+    )
     subprocess.run(cmd, cwd=ROOT, env=_env(), check=True, capture_output=not args.verbose)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return [args.batch / r["step_time_s"] for r in rows if "step_time_s" in r]
@@ -83,15 +106,60 @@ def run_ours(args: argparse.Namespace, shards: str, out: Path, port: int) -> lis
 
 def run_open_clip(args: argparse.Namespace, shards: str, out: Path, port: int) -> list[float]:
     precision = {"fp32": "fp32", "bf16": "amp_bf16"}[args.precision]
-    cmd = _torchrun(args.procs, port, [
-        "-m", "benchmarks.bench_trainer", "--open-clip-worker", "--",
-        "--train-data", shards, "--dataset-type", "webdataset", "--train-num-samples", str(args.steps * args.batch),
-        "--batch-size", str(args.batch // args.procs), "--epochs", "1", "--workers", str(args.workers),
-        "--model", "debug", "--lr", "1e-3", "--wd", "0.2", "--beta1", "0.9", "--beta2", "0.95", "--warmup", "10",
-        "--precision", precision, "--device", "cpu", "--local-loss", "--gather-with-grad",
-        "--log-every-n-steps", str(args.log_every), "--logs", str(out), "--name", "oc", "--seed", "0",
-        "--save-frequency", "0", "--report-to", "", "--grad-clip-norm", "1.0",
-    ])  # fmt: skip
+    cmd = _torchrun(
+        args.procs,
+        port,
+        [
+            "-m",
+            "benchmarks.bench_trainer",
+            "--open-clip-worker",
+            "--",
+            "--train-data",
+            shards,
+            "--dataset-type",
+            "webdataset",
+            "--train-num-samples",
+            str(args.steps * args.batch),
+            "--batch-size",
+            str(args.batch // args.procs),
+            "--epochs",
+            "1",
+            "--workers",
+            str(args.workers),
+            "--model",
+            "debug",
+            "--lr",
+            "1e-3",
+            "--wd",
+            "0.2",
+            "--beta1",
+            "0.9",
+            "--beta2",
+            "0.95",
+            "--warmup",
+            "10",
+            "--precision",
+            precision,
+            "--device",
+            "cpu",
+            "--local-loss",
+            "--gather-with-grad",
+            "--log-every-n-steps",
+            str(args.log_every),
+            "--logs",
+            str(out),
+            "--name",
+            "oc",
+            "--seed",
+            "0",
+            "--save-frequency",
+            "0",
+            "--report-to",
+            "",
+            "--grad-clip-norm",
+            "1.0",
+        ],
+    )
     subprocess.run(cmd, cwd=ROOT, env=_env(), check=True, capture_output=not args.verbose)
     text = (out / "oc" / "out.log").read_text()
     times = [float(t) for t in re.findall(r"Batch \(t\): ([0-9.]+)", text)]
@@ -180,8 +248,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 used[name][length] = _children_cpu() - before
                 if length == "long":
                     wall[name].append(statistics.median(rates[args.skip :]))
-                print(f"{name} {length} run {r}: {statistics.median(rates[args.skip:]):.1f} samples/s, "
-                      f"{used[name][length]:.0f} CPU-s ({time.perf_counter() - start:.0f} s wall)", flush=True)  # fmt: skip
+                print(
+                    f"{name} {length} run {r}: {statistics.median(rates[args.skip :]):.1f} samples/s, "
+                    f"{used[name][length]:.0f} CPU-s ({time.perf_counter() - start:.0f} s wall)",
+                    flush=True,
+                )
         for name in names:
             extra = (args.steps - args.short_steps) * args.batch
             cpu[name].append(extra / (used[name]["long"] - used[name]["short"]))
@@ -189,20 +260,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     ours_cpu, theirs_cpu = statistics.median(cpu["ours"]), statistics.median(cpu["open_clip"])
     pair_ratios = [a / b for a, b in zip(wall["ours"], wall["open_clip"])]
     summary = {
-        "procs": args.procs, "global_batch": args.batch, "steps": args.steps, "short_steps": args.short_steps,
-        "precision": args.precision, "zero_stage": args.zero_stage, "workers": args.workers,
+        "procs": args.procs,
+        "global_batch": args.batch,
+        "steps": args.steps,
+        "short_steps": args.short_steps,
+        "precision": args.precision,
+        "zero_stage": args.zero_stage,
+        "workers": args.workers,
         "ours_samples_per_s": [round(x, 1) for x in wall["ours"]],
         "open_clip_samples_per_s": [round(x, 1) for x in wall["open_clip"]],
         "wall_ratio_per_repeat": [round(x, 3) for x in pair_ratios],
         "ours_samples_per_marginal_cpu_s": [round(x, 1) for x in cpu["ours"]],
         "open_clip_samples_per_marginal_cpu_s": [round(x, 1) for x in cpu["open_clip"]],
         "cpu_ratio": round(ours_cpu / theirs_cpu, 3),
-    }  # fmt: skip
-    print(f"\n| trainer | samples/s (median of runs) | per process | samples per marginal CPU-s |\n|---|---|---|---|\n"
-          f"| ours (DeepSpeed ZeRO-{args.zero_stage}, {args.precision}) | {ours:.1f} | {ours / args.procs:.1f} | {ours_cpu:.1f} |\n"
-          f"| open_clip_train.main (DDP, {args.precision}) | {theirs:.1f} | {theirs / args.procs:.1f} | {theirs_cpu:.1f} |\n"
-          f"\nours / open_clip: samples/s per repeat {[round(x, 3) for x in pair_ratios]} "
-          f"(median {statistics.median(pair_ratios):.3f}); per marginal CPU-s {ours_cpu / theirs_cpu:.3f}")  # fmt: skip
+    }
+    print(
+        f"\n| trainer | samples/s (median of runs) | per process | samples per marginal CPU-s |\n|---|---|---|---|\n"
+        f"| ours (DeepSpeed ZeRO-{args.zero_stage}, {args.precision}) | {ours:.1f} | {ours / args.procs:.1f} | {ours_cpu:.1f} |\n"
+        f"| open_clip_train.main (DDP, {args.precision}) | {theirs:.1f} | {theirs / args.procs:.1f} | {theirs_cpu:.1f} |\n"
+        f"\nours / open_clip: samples/s per repeat {[round(x, 3) for x in pair_ratios]} "
+        f"(median {statistics.median(pair_ratios):.3f}); per marginal CPU-s {ours_cpu / theirs_cpu:.3f}"
+    )
     (out / "result.json").write_text(json.dumps(summary, indent=2) + "\n")
     return 0
 

@@ -58,10 +58,18 @@ def pretrain(
     if world.group_size > 1:  # hard-negative groups stay together in a batch
         extra = [f"--data.group_size={world.group_size}", *extra]
     args = [
-        sys.executable, "-m", "jobs.pretrain", "--preset=debug", f"--steps={steps}",
-        f"--data.shards={shards}", f"--run_dir={out / 'pretrain'}", "--log.progress=false",
-        "--checkpoint.interval=100", "--engine.zero_stage=0", *extra,
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "jobs.pretrain",
+        "--preset=debug",
+        f"--steps={steps}",
+        f"--data.shards={shards}",
+        f"--run_dir={out / 'pretrain'}",
+        "--log.progress=false",
+        "--checkpoint.interval=100",
+        "--engine.zero_stage=0",
+        *extra,
+    ]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     subprocess.run(args, cwd=ROOT, env=env, check=True)
     return export
@@ -177,8 +185,17 @@ def main(argv: list[str] | None = None) -> int:
         p = float(np.mean([r["pretrained"][metric] for r in group]))
         q = float(np.mean([r["random"][metric] for r in group]))
         won = sum((r["pretrained"][metric] > r["random"][metric]) == higher for r in group)
-        report["means"].append({"stage": stage, "mode": mode, "metric": metric, "pretrained": p, "random": q,
-                                "wins": won, "seeds": len(group)})  # fmt: skip
+        report["means"].append(
+            {
+                "stage": stage,
+                "mode": mode,
+                "metric": metric,
+                "pretrained": p,
+                "random": q,
+                "wins": won,
+                "seeds": len(group),
+            }
+        )
         print(f"| {stage} | {mode} | {metric} | {len(group)} | {p:.4f} | {q:.4f} | {won} of {len(group)} |")
     wins = [(r["pretrained"][r["metric"]] > r["random"][r["metric"]]) == r["higher_is_better"] for r in rows]
     print(f"\nprimary metric better with the pretrained checkpoint in {sum(wins)} of {len(wins)} run pairs")

@@ -42,9 +42,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)
     )
     cfg, _ = parse_config(
-        ReproduceConfig, argv, prog="python -m jobs.reproduce", description=__doc__.split("\n\n")[0],
-        job="reproduce", default_preset="toy",
-    )  # fmt: skip
+        ReproduceConfig,
+        argv,
+        prog="python -m jobs.reproduce",
+        description=__doc__.split("\n\n")[0],
+        job="reproduce",
+        default_preset="toy",
+    )
     import dataclasses
 
     from pipeline.report import html as H
@@ -70,40 +74,71 @@ def main(argv: Sequence[str] | None = None) -> int:
         seconds = time.time() - started
         md = verdict_markdown(verdict, command.strip(), before[0] + seconds, study.grid.seeds)
         body = f'<div class="verdict {"good" if verdict["transfer"] == "yes" else "mixed"}">'
-        body += H.paragraph(f"Do quality captions give better transfer? {verdict['transfer']}. "
-                            f"Better data efficiency? {verdict['data_efficiency']}.") + "</div>"  # fmt: skip
+        body += (
+            H.paragraph(
+                f"Do quality captions give better transfer? {verdict['transfer']}. "
+                f"Better data efficiency? {verdict['data_efficiency']}."
+            )
+            + "</div>"
+        )
         body += H.bullet_list(verdict["lines"]) + H.paragraph(f"Caveat: {verdict['caveat']}")
         load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
         timing = f"wall time {seconds / 60:.1f} min, CPU time {cpu_seconds() / 60:.1f} min"
         if history:
-            timing += (f" (this invocation; with the {len(history)} before it, which did the rest of the work: "
-                       f"{(before[0] + seconds) / 60:.1f} min wall, {(before[1] + cpu_seconds()) / 60:.1f} min CPU; "
-                       "see reproduce.json)")  # fmt: skip
-        body += H.paragraph(f"Command: {command.strip()}; seeds {list(study.grid.seeds)}; {timing}; data, "
-                            f"pretraining, fine-tuning and report on {os.cpu_count()} CPUs, load average {load}.")  # fmt: skip
+            timing += (
+                f" (this invocation; with the {len(history)} before it, which did the rest of the work: "
+                f"{(before[0] + seconds) / 60:.1f} min wall, {(before[1] + cpu_seconds()) / 60:.1f} min CPU; "
+                "see reproduce.json)"
+            )
+        body += H.paragraph(
+            f"Command: {command.strip()}; seeds {list(study.grid.seeds)}; {timing}; data, "
+            f"pretraining, fine-tuning and report on {os.cpu_count()} CPUs, load average {load}."
+        )
         world = ", ".join(f"{k}={v}" for k, v in data["config"]["world"].items())
-        body += H.paragraph(f"World: {world}; pool {data['pool_size']} samples; subsets "
-                            f"{', '.join(data['subsets'])}; captions: web = noisy alt-text, syn = "
-                            f"{cfg.data.num_syn_captions} paraphrases of the precise caption per image.")  # fmt: skip
-        return {"verdict": verdict, "seconds": seconds, "markdown": md,
-                "sections": [H.Section("Toy reproduction: verdict", body, anchor="verdict")],
-                "meta": {"wall time (all invocations)": f"{(before[0] + seconds) / 60:.1f} min",
-                         "seeds": list(study.grid.seeds)}}  # fmt: skip
+        body += H.paragraph(
+            f"World: {world}; pool {data['pool_size']} samples; subsets "
+            f"{', '.join(data['subsets'])}; captions: web = noisy alt-text, syn = "
+            f"{cfg.data.num_syn_captions} paraphrases of the precise caption per image."
+        )
+        return {
+            "verdict": verdict,
+            "seconds": seconds,
+            "markdown": md,
+            "sections": [H.Section("Toy reproduction: verdict", body, anchor="verdict")],
+            "meta": {
+                "wall time (all invocations)": f"{(before[0] + seconds) / 60:.1f} min",
+                "seeds": list(study.grid.seeds),
+            },
+        }
 
     report = build_report(study, points, launches, finetune, hook=verdict_hook)
     seconds = time.time() - started
-    history.append({
-        "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)), "seconds": round(seconds, 1),
-        "cpu_seconds": round(cpu_seconds(), 1), "load_average": list(os.getloadavg()),
-        "pretraining_launched": sum(launch.status != "done-before" for launch in launches),
-        "finetune_trials_run": len(finetune.get("rows", [])) - finetune.get("done_before", 0),
-    })  # fmt: skip
-    io.write_json(str(record), {
-        "command": command.strip(), "seconds": round(seconds, 1), "cpu_seconds": round(cpu_seconds(), 1),
-        "load_average": list(os.getloadavg()), "cpus": os.cpu_count(), "verdict": report["verdict"],
-        "html": report["html"], "markdown": report["markdown"], "missing": report["missing"],
-        "seeds": list(study.grid.seeds), "invocations": history,
-    })  # fmt: skip
+    history.append(
+        {
+            "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)),
+            "seconds": round(seconds, 1),
+            "cpu_seconds": round(cpu_seconds(), 1),
+            "load_average": list(os.getloadavg()),
+            "pretraining_launched": sum(launch.status != "done-before" for launch in launches),
+            "finetune_trials_run": len(finetune.get("rows", [])) - finetune.get("done_before", 0),
+        }
+    )
+    io.write_json(
+        str(record),
+        {
+            "command": command.strip(),
+            "seconds": round(seconds, 1),
+            "cpu_seconds": round(cpu_seconds(), 1),
+            "load_average": list(os.getloadavg()),
+            "cpus": os.cpu_count(),
+            "verdict": report["verdict"],
+            "html": report["html"],
+            "markdown": report["markdown"],
+            "missing": report["missing"],
+            "seeds": list(study.grid.seeds),
+            "invocations": history,
+        },
+    )
     verdict = report["verdict"]
     print(
         f"[reproduce] better transfer: {verdict['transfer']}; better data efficiency: {verdict['data_efficiency']}"

@@ -54,16 +54,31 @@ def make_export(out_dir: Path) -> Path:
     )
 
 
-def write_pretrain_run(path: Path, source: str, subset_uids: Path | None, seed: int, steps: int = 20,
-                       export: Path | None = None, with_point: bool = True, size: int | None = None) -> RunDir:  # fmt: skip
+def write_pretrain_run(
+    path: Path,
+    source: str,
+    subset_uids: Path | None,
+    seed: int,
+    steps: int = 20,
+    export: Path | None = None,
+    with_point: bool = True,
+    size: int | None = None,
+) -> RunDir:
     from pipeline.train.trainer import TrainConfig
 
     w_real, w_syn = SOURCES[source]
     cfg = load_config(
-        TrainConfig, ROOT / "jobs/configs/pretrain/debug.toml",
-        [f"--run_dir={path}", f"--steps={steps}", f"--loss.w_real={w_real}", f"--loss.w_syn={w_syn}",
-         f"--data.subset_uids={subset_uids or ''}", f"--data.seed={seed}"],
-    )  # fmt: skip
+        TrainConfig,
+        ROOT / "jobs/configs/pretrain/debug.toml",
+        [
+            f"--run_dir={path}",
+            f"--steps={steps}",
+            f"--loss.w_real={w_real}",
+            f"--loss.w_syn={w_syn}",
+            f"--data.subset_uids={subset_uids or ''}",
+            f"--data.seed={seed}",
+        ],
+    )
     run = RunDir(path)
     run.write_config(cfg)
     for step in range(1, steps + 1):
@@ -71,25 +86,44 @@ def write_pretrain_run(path: Path, source: str, subset_uids: Path | None, seed: 
     if with_point:
         from pipeline.io import write_json
 
-        write_json(str(path / "point.json"), {"name": path.name, "model": "debug", "caption_source": source,
-                                              "subset": subset_uids.stem if subset_uids else "all",
-                                              "subset_size": size, "seed": seed})  # fmt: skip
+        write_json(
+            str(path / "point.json"),
+            {
+                "name": path.name,
+                "model": "debug",
+                "caption_source": source,
+                "subset": subset_uids.stem if subset_uids else "all",
+                "subset_size": size,
+                "seed": seed,
+            },
+        )
     exports = {}
     if export is not None:
         exports = {"ema": str(export), "final": str(export)}
-    run.write_summary({
-        "step": steps, "world_size": 1, "global_batch": cfg.global_batch, "accumulation_steps": 2,
-        "flops_per_sample": 3 * 44_000_000, "params": 3_439_169, "params_visual": 200_000,
-        "params_text": 3_239_169, "first_loss": 4.1, "final_loss": 0.5 if source == "web" else 0.1,
-        "samples_per_s": 250.0,
-        "eval": {"eval/ema/zs_top1": 0.25 + (0.1 if source != "web" else 0.0), "eval/final/zs_top1": 0.2},
-        "exports": exports, "loader": {"stats": {}, "counts": {}},
-    })  # fmt: skip
+    run.write_summary(
+        {
+            "step": steps,
+            "world_size": 1,
+            "global_batch": cfg.global_batch,
+            "accumulation_steps": 2,
+            "flops_per_sample": 3 * 44_000_000,
+            "params": 3_439_169,
+            "params_visual": 200_000,
+            "params_text": 3_239_169,
+            "first_loss": 4.1,
+            "final_loss": 0.5 if source == "web" else 0.1,
+            "samples_per_s": 250.0,
+            "eval": {"eval/ema/zs_top1": 0.25 + (0.1 if source != "web" else 0.0), "eval/final/zs_top1": 0.2},
+            "exports": exports,
+            "loader": {"stats": {}, "counts": {}},
+        }
+    )
     return run
 
 
-def write_finetune_run(path: Path, stage: str, checkpoint: str, value: float, lr: float = 1e-3,
-                       frozen: bool = False) -> RunDir:  # fmt: skip
+def write_finetune_run(
+    path: Path, stage: str, checkpoint: str, value: float, lr: float = 1e-3, frozen: bool = False
+) -> RunDir:
     from pipeline.finetune.stages import load_stage
 
     module = load_stage(stage)
@@ -108,12 +142,29 @@ def write_finetune_run(path: Path, stage: str, checkpoint: str, value: float, lr
     else:
         metrics.update(abs_rel=value / 10, delta1=0.5)
     run.log({"loss": 1.0}, 10)
-    run.write_summary({
-        "stage": stage, "status": "complete", "steps": 40, "samples_seen": 320, "primary_metric": primary,
-        "primary_value": value, "higher_is_better": higher, "metrics": metrics, "per_class": {},
-        "flops": {"forward_per_step": 1e9, "backward_per_step": 2e9, "per_step": 3e9, "train_total": 1.2e11},
-        "train_flops": 1.2e11, "params": 10, "trainable_params": 10, "wall_s_last_session": 3.0,
-    })  # fmt: skip
+    run.write_summary(
+        {
+            "stage": stage,
+            "status": "complete",
+            "steps": 40,
+            "samples_seen": 320,
+            "primary_metric": primary,
+            "primary_value": value,
+            "higher_is_better": higher,
+            "metrics": metrics,
+            "per_class": {},
+            "flops": {
+                "forward_per_step": 1e9,
+                "backward_per_step": 2e9,
+                "per_step": 3e9,
+                "train_total": 1.2e11,
+            },
+            "train_flops": 1.2e11,
+            "params": 10,
+            "trainable_params": 10,
+            "wall_s_last_session": 3.0,
+        }
+    )
     return run
 
 
@@ -137,8 +188,9 @@ class FakeStudy:
     images: Path
 
 
-def make_study(root: Path, seeds: tuple[int, ...] = (0, 1), sizes: tuple[int, ...] = SIZES,
-               with_export: bool = True) -> FakeStudy:  # fmt: skip
+def make_study(
+    root: Path, seeds: tuple[int, ...] = (0, 1), sizes: tuple[int, ...] = SIZES, with_export: bool = True
+) -> FakeStudy:
     """<root>/pretrain/<point>/ for every (source, size, seed) and <root>/finetune/<...>/ trials: segmentation
     and depth per point (segmentation with two lr trials, the worse one first), plus random-init trials."""
     subsets = root / "shards" / "subsets"

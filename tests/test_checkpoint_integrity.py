@@ -48,8 +48,11 @@ def test_save_writes_the_sha256_of_every_checkpoint_file(saved):
     manifest = json.loads((folder / MANIFEST).read_text())
     assert manifest["algorithm"] == "sha256"
     assert sorted(manifest["files"]) == [
-        "meta.json", "mp_rank_00_model_states.pt", "rank0.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
-    ]  # fmt: skip
+        "meta.json",
+        "mp_rank_00_model_states.pt",
+        "rank0.pt",
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+    ]
     for name, digest in manifest["files"].items():
         assert checkpoint.file_sha256(folder / name) == digest
     engine = FakeEngine()

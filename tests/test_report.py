@@ -104,8 +104,9 @@ def test_tables_round_trip_through_csv_markdown_and_parquet(tmp_path):
     rows = [{"point": "a", "x": 1.5, "n": 3, "ok": True}, {"point": "b|c", "x": None, "n": 4, "ok": False}]
     files = col.write_table(rows, str(tmp_path / "t"), first=["point"])
     assert pq.read_table(files["parquet"]).to_pylist() == [
-        {"point": "a", "x": 1.5, "n": 3.0, "ok": True}, {"point": "b|c", "x": None, "n": 4.0, "ok": False}
-    ]  # fmt: skip
+        {"point": "a", "x": 1.5, "n": 3.0, "ok": True},
+        {"point": "b|c", "x": None, "n": 4.0, "ok": False},
+    ]
     assert Path(files["csv"]).read_text().splitlines()[0] == "point,x,n,ok"
     assert "b\\|c" in Path(files["md"]).read_text()
 
@@ -246,8 +247,17 @@ def test_report_recovers_the_caption_source_gains_and_lists_the_missing_points(r
 
 def test_report_files_are_written_and_the_html_links_only_existing_local_files(report, study):
     out = study.root / "report"
-    for name in ("index.html", "report.md", "report.json", "points.csv", "points.parquet", "finetune.csv",
-                 "comparison.csv", "fits.csv", "plots/scaling_segmentation_mIoU.svg"):  # fmt: skip
+    for name in (
+        "index.html",
+        "report.md",
+        "report.json",
+        "points.csv",
+        "points.parquet",
+        "finetune.csv",
+        "comparison.csv",
+        "fits.csv",
+        "plots/scaling_segmentation_mIoU.svg",
+    ):
         assert (out / name).is_file(), name
     html = (out / "index.html").read_text()
     import re
@@ -270,11 +280,25 @@ def test_report_html_opens_in_headless_chromium_with_every_image_loaded(report, 
     html_path = study.root / "report" / "index.html"
     with tempfile.TemporaryDirectory() as profile:
         result = subprocess.run(
-            [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={profile}", "--virtual-time-budget=10000", "--dump-dom", html_path.as_uri()],
-            capture_output=True, text=True, timeout=120,
-        )  # fmt: skip
+            [
+                CHROMIUM,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                f"--user-data-dir={profile}",
+                "--virtual-time-budget=10000",
+                "--dump-dom",
+                html_path.as_uri(),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
     dom = result.stdout
     assert "<body" in dom, result.stderr[-2000:]
     import re
@@ -294,10 +318,21 @@ def test_a_broken_image_link_is_detected_by_the_browser_check(tmp_path):
     page = H.write_page(tmp_path / "p.html", "t", [H.Section("s", H.figure_html("nothing.png", "gone"))])
     with tempfile.TemporaryDirectory() as profile:
         dom = subprocess.run(
-            [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", f"--user-data-dir={profile}",
-             "--virtual-time-budget=5000", "--dump-dom", page.as_uri()],
-            capture_output=True, text=True, timeout=120,
-        ).stdout  # fmt: skip
+            [
+                CHROMIUM,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--no-first-run",
+                f"--user-data-dir={profile}",
+                "--virtual-time-budget=5000",
+                "--dump-dom",
+                page.as_uri(),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        ).stdout
     assert 'data-images="0/1"' in dom and 'data-loaded="0"' in dom
     assert '<div class="broken-image">image did not load: nothing.png</div>' in dom
 
@@ -312,8 +347,15 @@ def test_scaling_job_dry_run_lists_every_point_with_its_pretrain_command(tmp_pat
     for name, n in (("1pct", 10), ("10pct", 100)):
         subsets.mkdir(parents=True, exist_ok=True)
         (subsets / f"{name}.txt").write_text("".join(f"u{i}\n" for i in range(n)))
-    code = main([f"--root={tmp_path / 'study'}", f"--pretrain.shards={tmp_path / 'shards'}/{{00000..00001}}.tar",
-                 "--grid.subsets=[1pct,10pct]", "--grid.caption_sources=[web,web+syn]", "--dry-run"])  # fmt: skip
+    code = main(
+        [
+            f"--root={tmp_path / 'study'}",
+            f"--pretrain.shards={tmp_path / 'shards'}/{{00000..00001}}.tar",
+            "--grid.subsets=[1pct,10pct]",
+            "--grid.caption_sources=[web,web+syn]",
+            "--dry-run",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0
     assert out.count("pending") == 4 and "debug-web_syn-10pct-s0" in out and "(subset size 100)" in out
@@ -331,11 +373,13 @@ def test_unknown_caption_source_is_a_config_error_naming_the_key(tmp_path, capsy
 def test_pretrain_command_layers_overrides_in_order():
     cfg = ScalingConfig(
         pretrain=dataclasses.replace(
-            ScalingConfig().pretrain, overrides=("--steps=7",), model_overrides={"debug": ["--steps=9"]},
+            ScalingConfig().pretrain,
+            overrides=("--steps=7",),
+            model_overrides={"debug": ["--steps=9"]},
             sources={"coca": {"w_real": 1.0, "w_syn": 0.5, "overrides": ["--data.syn_sampling=first"]}},
         ),
         grid=dataclasses.replace(ScalingConfig().grid, caption_sources=("coca",)),
-    )  # fmt: skip
+    )
     (point,) = plan_points(cfg)
     cmd = pretrain_command(cfg, point)
     assert cmd.index("--steps=7") < cmd.index("--steps=9") < cmd.index("--loss.w_syn=0.5")
@@ -350,8 +394,16 @@ def test_report_only_mode_reports_on_runs_made_elsewhere_without_a_grid(study, t
     points.write_text(
         json.dumps({"p": {"label": "p", "source": str(run), "checkpoint": "", "pretrain_summary": {}}})
     )
-    code = main(["--report-only", "--no-grid", f"--root={tmp_path / 'dag'}", f"--points-json={points}",
-                 f"--collect=[{study.root / 'finetune'}]", "--report.reference_model="])  # fmt: skip
+    code = main(
+        [
+            "--report-only",
+            "--no-grid",
+            f"--root={tmp_path / 'dag'}",
+            f"--points-json={points}",
+            f"--collect=[{study.root / 'finetune'}]",
+            "--report.reference_model=",
+        ]
+    )
     assert code == 0, capsys.readouterr().out
     data = json.loads((tmp_path / "dag" / "report" / "report.json").read_text())
     pre = [r for r in data["points"] if r.get("kind") == "pretrain"]
@@ -369,8 +421,16 @@ def test_report_on_one_run_without_subsets_says_there_is_no_axis_to_plot(study, 
     points.write_text(
         json.dumps({"p": {"label": "p", "source": str(run), "checkpoint": "", "pretrain_summary": {}}})
     )
-    code = main(["--report-only", "--no-grid", f"--root={tmp_path / 'dag'}", f"--points-json={points}",
-                 "--collect=[]", "--report.reference_model="])  # fmt: skip
+    code = main(
+        [
+            "--report-only",
+            "--no-grid",
+            f"--root={tmp_path / 'dag'}",
+            f"--points-json={points}",
+            "--collect=[]",
+            "--report.reference_model=",
+        ]
+    )
     assert code == 0, capsys.readouterr().out
     out = tmp_path / "dag" / "report"
     html, markdown = (out / "index.html").read_text(), (out / "report.md").read_text()
@@ -382,8 +442,15 @@ def test_report_on_one_run_without_subsets_says_there_is_no_axis_to_plot(study, 
 def test_a_data_multiplier_range_of_one_value_prints_one_value():
     from pipeline.report.build import verdict_lines
 
-    row = {"metric": "m", "model": "debug", "source": "web+syn", "reference": "web", "gain": 1.0,
-           "gain_lo": math.nan, "gain_hi": math.nan}  # fmt: skip
+    row = {
+        "metric": "m",
+        "model": "debug",
+        "source": "web+syn",
+        "reference": "web",
+        "gain": 1.0,
+        "gain_lo": math.nan,
+        "gain_hi": math.nan,
+    }
     one = verdict_lines([dict(row, data_multiplier=4.6912), dict(row, data_multiplier=4.6901)], 0.95)
     two = verdict_lines([dict(row, data_multiplier=2.0), dict(row, data_multiplier=4.69)], 0.95)
     assert one[0]["text"].endswith("data multiplier 4.69x")
@@ -428,9 +495,19 @@ def test_toy_data_has_nested_whole_group_subsets_and_both_caption_kinds(tmp_path
 
 def _comparison(metric, size, ref, src, higher=True):
     sign = 1 if higher else -1
-    return {"metric": metric, "model": "debug", "source": "web+syn", "reference": "web", "subset_size": float(size),
-            "reference_mean": ref, "source_mean": src, "gain": sign * (src - ref), "gain_lo": math.nan,
-            "gain_hi": math.nan, "data_multiplier": math.nan}  # fmt: skip
+    return {
+        "metric": metric,
+        "model": "debug",
+        "source": "web+syn",
+        "reference": "web",
+        "subset_size": float(size),
+        "reference_mean": ref,
+        "source_mean": src,
+        "gain": sign * (src - ref),
+        "gain_lo": math.nan,
+        "gain_hi": math.nan,
+        "data_multiplier": math.nan,
+    }
 
 
 def test_toy_verdict_reads_transfer_and_data_efficiency_from_the_measured_means():
@@ -439,9 +516,11 @@ def test_toy_verdict_reads_transfer_and_data_efficiency_from_the_measured_means(
     study = ScalingConfig()
     figures = [{"metric": "segmentation.mIoU", "higher": True}, {"metric": "depth.rmse", "higher": False}]
     comparisons = [  # seg: better everywhere, syn@512 beats web@2048; depth: worse everywhere
-        _comparison("segmentation.mIoU", 512, 40.0, 43.0), _comparison("segmentation.mIoU", 2048, 42.0, 44.0),
-        _comparison("depth.rmse", 512, 1.0, 1.1, higher=False), _comparison("depth.rmse", 2048, 0.9, 0.95, higher=False),
-    ]  # fmt: skip
+        _comparison("segmentation.mIoU", 512, 40.0, 43.0),
+        _comparison("segmentation.mIoU", 2048, 42.0, 44.0),
+        _comparison("depth.rmse", 512, 1.0, 1.1, higher=False),
+        _comparison("depth.rmse", 2048, 0.9, 0.95, higher=False),
+    ]
     report = {"metrics": ["segmentation.mIoU", "depth.rmse"], "comparisons": comparisons, "figures": figures}
     v = toy_verdict(report, study)
     assert v["per_metric"]["segmentation.mIoU"]["transfer"] == "yes"
@@ -466,8 +545,12 @@ def test_local_trials_run_in_parallel_worker_processes_and_are_not_rerun(study, 
     cfg = ScalingConfig(
         root=str(tmp_path / "s"), finetune=FinetuneGridConfig(stages=("sweep_toy_stage",), parallel=2)
     )
-    points = [Point(f"p{seed}", "debug", "web", "n1000", "", 1000, seed, str(study.pretrain[("web", SIZES[0], seed)]))
-              for seed in (0, 1)]  # fmt: skip
+    points = [
+        Point(
+            f"p{seed}", "debug", "web", "n1000", "", 1000, seed, str(study.pretrain[("web", SIZES[0], seed)])
+        )
+        for seed in (0, 1)
+    ]
     lines: list[str] = []
     info = run_finetuning(cfg, points, echo=lambda line, **_: lines.append(line))
     assert info["errors"] == {} and info["trials"] == 3  # two points + random init
@@ -498,10 +581,15 @@ def test_toy_verdict_says_when_a_readout_does_not_beat_random_initialisation():
         _comparison("segmentation.mIoU", 2048, 41.0, 42.0),
     ]
     points = [{"point": "random init", "kind": "baseline", "segmentation.mIoU": 45.0}] + [
-        {"point": f"p{i}", "kind": "pretrain", "segmentation.mIoU": v} for i, v in enumerate((40.0, 41.0, 41.0, 42.0))
-    ]  # fmt: skip
-    report = {"metrics": ["segmentation.mIoU"], "comparisons": comparisons, "points": points,
-              "figures": [{"metric": "segmentation.mIoU", "higher": True}]}  # fmt: skip
+        {"point": f"p{i}", "kind": "pretrain", "segmentation.mIoU": v}
+        for i, v in enumerate((40.0, 41.0, 41.0, 42.0))
+    ]
+    report = {
+        "metrics": ["segmentation.mIoU"],
+        "comparisons": comparisons,
+        "points": points,
+        "figures": [{"metric": "segmentation.mIoU", "higher": True}],
+    }
     v = toy_verdict(report, ScalingConfig())
     assert v["per_metric"]["segmentation.mIoU"]["beats_random_init"] is False
     assert any(line.startswith("Sensitivity, segmentation.mIoU") for line in v["lines"])

@@ -50,8 +50,15 @@ class WorldData:
     classnames: tuple[str, ...]
 
 
-def write_shards(out: Path, world: sw.WorldConfig, split: str, num_shards: int, per_shard: int,
-                 precise_txt: bool = False, num_syn: int = 3) -> str:  # fmt: skip
+def write_shards(
+    out: Path,
+    world: sw.WorldConfig,
+    split: str,
+    num_shards: int,
+    per_shard: int,
+    precise_txt: bool = False,
+    num_syn: int = 3,
+) -> str:
     write_pretraining_shards(out, world, num_shards * per_shard, per_shard, split, num_syn, precise_txt)
     return shard_pattern(out, num_shards)
 
@@ -67,8 +74,13 @@ def write_image_folder(out: Path, world: sw.WorldConfig, split: str, num: int) -
     return out
 
 
-def make_world_data(root: Path, num_shards: int = 4, per_shard: int = 64, num_val: int = 128,
-                    world: sw.WorldConfig = EASY_WORLD) -> WorldData:  # fmt: skip
+def make_world_data(
+    root: Path,
+    num_shards: int = 4,
+    per_shard: int = 64,
+    num_val: int = 128,
+    world: sw.WorldConfig = EASY_WORLD,
+) -> WorldData:
     shards = write_shards(root / "train", world, "train", num_shards, per_shard)
     zero_shot = write_image_folder(root / "zero_shot", world, "val", num_val)
     retrieval = write_shards(root / "retrieval", world, "val", 1, num_val, precise_txt=True, num_syn=0)
@@ -81,10 +93,16 @@ def pretrain_env(rank: int, world_size: int, port: int) -> dict[str, str]:
     for key in ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "LOCAL_WORLD_SIZE"):
         env.pop(key, None)
     env.update(
-        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size),
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TORCH_EXTENSIONS_DIR=TORCH_EXTENSIONS_DIR,
-        OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT),
-    )  # fmt: skip
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        TORCH_EXTENSIONS_DIR=TORCH_EXTENSIONS_DIR,
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=str(ROOT),
+    )
     return env
 
 
@@ -99,10 +117,16 @@ class Ranks:
         self.procs = []
         for rank in range(world_size):
             with open(self.logs[rank], "w") as out:
-                self.procs.append(subprocess.Popen(
-                    [sys.executable, "-m", "jobs.pretrain", *args], cwd=ROOT, env=pretrain_env(rank, world_size, port),
-                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                ))  # fmt: skip
+                self.procs.append(
+                    subprocess.Popen(
+                        [sys.executable, "-m", "jobs.pretrain", *args],
+                        cwd=ROOT,
+                        env=pretrain_env(rank, world_size, port),
+                        stdout=out,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                    )
+                )
 
     def signal(self, sig: int) -> None:
         for p in self.procs:

@@ -130,12 +130,23 @@ def compare(
             mult = math.nan
             if ref_fit is not None and fit is not None and ref_improves and improves(ref_fit, higher):
                 mult = data_multiplier(ref_fit, fit, float(x))
-            rows.append({
-                "metric": metric, "model": model, "source": source, "reference": reference, "subset_size": float(x),
-                "reference_mean": float(ref.y[ref.x == x].mean()), "source_mean": float(s.y[s.x == x].mean()),
-                "gain": sign * d["diff"], "gain_lo": lo, "gain_hi": hi, "n_reference": d["n_a"], "n_source": d["n_b"],
-                "data_multiplier": mult,
-            })  # fmt: skip
+            rows.append(
+                {
+                    "metric": metric,
+                    "model": model,
+                    "source": source,
+                    "reference": reference,
+                    "subset_size": float(x),
+                    "reference_mean": float(ref.y[ref.x == x].mean()),
+                    "source_mean": float(s.y[s.x == x].mean()),
+                    "gain": sign * d["diff"],
+                    "gain_lo": lo,
+                    "gain_hi": hi,
+                    "n_reference": d["n_a"],
+                    "n_source": d["n_b"],
+                    "data_multiplier": mult,
+                }
+            )
     return rows
 
 
@@ -146,9 +157,11 @@ def no_curves_reason(table: Sequence[dict[str, Any]]) -> str:
         return "No pretraining point has finished yet, so there is nothing to plot."
     sized = [r for r in done if isinstance(r.get("subset_size"), (int, float)) and r["subset_size"] > 0]
     if not sized:
-        return (f"No scaling curves: the {len(done)} finished pretraining run(s) have no subset size, so there is "
-                "no data axis to plot against (one run, or a grid without subsets). Their metrics are in the "
-                "results table.")  # fmt: skip
+        return (
+            f"No scaling curves: the {len(done)} finished pretraining run(s) have no subset size, so there is "
+            "no data axis to plot against (one run, or a grid without subsets). Their metrics are in the "
+            "results table."
+        )
     return ""
 
 
@@ -169,15 +182,28 @@ def verdict_lines(comparisons: list[dict[str, Any]], level: float) -> list[dict[
             kind = "bad"
         else:
             kind = "mixed"
-        text = (f"{metric} ({model}): {source} beats {reference} at {better} of {len(rows)} subset sizes "
-                f"(interval at {level:.0%} above zero at {sure_better}, below zero at {sure_worse}); "
-                f"mean gain {np.mean([r['gain'] for r in rows]):+.4g}")  # fmt: skip
+        text = (
+            f"{metric} ({model}): {source} beats {reference} at {better} of {len(rows)} subset sizes "
+            f"(interval at {level:.0%} above zero at {sure_better}, below zero at {sure_worse}); "
+            f"mean gain {np.mean([r['gain'] for r in rows]):+.4g}"
+        )
         if mults:
             low, high = f"{min(mults):.3g}", f"{max(mults):.3g}"
             text += f"; data multiplier {low}x" if low == high else f"; data multiplier {low}-{high}x"
-        out.append({"metric": metric, "model": model, "source": source, "reference": reference, "text": text,
-                    "kind": kind, "better": better, "sizes": len(rows), "sure_better": sure_better,
-                    "sure_worse": sure_worse})  # fmt: skip
+        out.append(
+            {
+                "metric": metric,
+                "model": model,
+                "source": source,
+                "reference": reference,
+                "text": text,
+                "kind": kind,
+                "better": better,
+                "sizes": len(rows),
+                "sure_better": sure_better,
+                "sure_worse": sure_worse,
+            }
+        )
     return out
 
 
@@ -267,12 +293,18 @@ def flops_section_data(cfg: Any, runs: dict[str, list[dict[str, Any]]], cache: P
         per_point[r["point"]] = per_point.get(r["point"], 0.0) + (r.get("train_flops") or 0.0)
     rows = []
     for r in pretrain:
-        rows.append({
-            "point": r["point"], "GFLOPs/sample (3C)": (r.get("flops_per_sample") or 0) / 1e9,
-            "samples seen": r.get("samples_seen"), "pretrain FLOPs": r.get("train_flops"),
-            "pretrain FLOPs (hardware)": r.get("train_flops_hw"), "fine-tune FLOPs (all trials)": per_point.get(r["point"]),
-            "samples/s (measured)": r.get("samples_per_s"), "wall s": r.get("wall_s"),
-        })  # fmt: skip
+        rows.append(
+            {
+                "point": r["point"],
+                "GFLOPs/sample (3C)": (r.get("flops_per_sample") or 0) / 1e9,
+                "samples seen": r.get("samples_seen"),
+                "pretrain FLOPs": r.get("train_flops"),
+                "pretrain FLOPs (hardware)": r.get("train_flops_hw"),
+                "fine-tune FLOPs (all trials)": per_point.get(r["point"]),
+                "samples/s (measured)": r.get("samples_per_s"),
+                "wall s": r.get("wall_s"),
+            }
+        )
     if col.RANDOM_INIT in per_point:
         rows.append({"point": col.RANDOM_INIT, "fine-tune FLOPs (all trials)": per_point[col.RANDOM_INIT]})
     total_pre = sum(r.get("train_flops") or 0.0 for r in pretrain)
@@ -328,8 +360,12 @@ def _lines(path: Path) -> list[str]:
         return []
 
 
-def missing_items(points: Sequence[Any], launches: Sequence[Any], runs: dict[str, list[dict[str, Any]]],
-                  finetune_info: dict[str, Any] | None) -> list[str]:  # fmt: skip
+def missing_items(
+    points: Sequence[Any],
+    launches: Sequence[Any],
+    runs: dict[str, list[dict[str, Any]]],
+    finetune_info: dict[str, Any] | None,
+) -> list[str]:
     """Planned pretraining points without a finished run, and fine-tuning trials that did not complete."""
     items = []
     by_name = {launch.point: launch for launch in launches}
@@ -359,9 +395,14 @@ def missing_items(points: Sequence[Any], launches: Sequence[Any], runs: dict[str
     return items
 
 
-def build_report(cfg: Any, points: Sequence[Any] = (), launches: Sequence[Any] = (),
-                 finetune_info: dict[str, Any] | None = None, extra: dict[str, Any] | None = None,
-                 hook: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> dict[str, Any]:  # fmt: skip
+def build_report(
+    cfg: Any,
+    points: Sequence[Any] = (),
+    launches: Sequence[Any] = (),
+    finetune_info: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+    hook: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+) -> dict[str, Any]:
     """Collect, fit, compare, plot and write the report; returns everything as a dict (also report.json).
 
     ``extra`` may carry ``sections`` (a list of :class:`pipeline.report.html.Section` put first), ``meta``
@@ -414,10 +455,24 @@ def build_report(cfg: Any, points: Sequence[Any] = (), launches: Sequence[Any] =
         ]
         baseline = baseline_rows[0][metric] if baseline_rows else None
         stem = plots_dir / f"scaling_{col_safe(metric)}"
-        plot_scaling(series, fits, stem, ylabel=metric, title=f"{metric} against pretraining data",
-                     baseline=baseline, higher_is_better=higher)  # fmt: skip
-        figures.append({"metric": metric, "png": str(stem) + ".png", "svg": str(stem) + ".svg", "higher": higher,
-                        "baseline": baseline})  # fmt: skip
+        plot_scaling(
+            series,
+            fits,
+            stem,
+            ylabel=metric,
+            title=f"{metric} against pretraining data",
+            baseline=baseline,
+            higher_is_better=higher,
+        )
+        figures.append(
+            {
+                "metric": metric,
+                "png": str(stem) + ".png",
+                "svg": str(stem) + ".svg",
+                "higher": higher,
+                "baseline": baseline,
+            }
+        )
         for s in series:
             fit = fits.get(s.label)
             row = {
@@ -429,8 +484,16 @@ def build_report(cfg: Any, points: Sequence[Any] = (), launches: Sequence[Any] =
             }
             if fit is not None:
                 d = fit.to_dict()
-                row.update(kind=d["kind"], formula=d["formula"], a=d["a"], b=d["b"], b_lo=d["b_ci"][0],
-                           b_hi=d["b_ci"][1], r2=d["r2"], dof=d["dof"])  # fmt: skip
+                row.update(
+                    kind=d["kind"],
+                    formula=d["formula"],
+                    a=d["a"],
+                    b=d["b"],
+                    b_lo=d["b_ci"][0],
+                    b_hi=d["b_ci"][1],
+                    r2=d["r2"],
+                    dof=d["dof"],
+                )
             fit_rows.append(row)
         comparisons.extend(compare(cfg, metric, higher, series, fits))
     verdicts = verdict_lines(comparisons, cfg.report.level)
@@ -442,16 +505,25 @@ def build_report(cfg: Any, points: Sequence[Any] = (), launches: Sequence[Any] =
     curves, sources = _loss_curves(runs)
     loss_plot = None
     if curves:
-        loss_plot = plot_curves(curves, plots_dir / "pretrain_loss", ylabel="contrastive loss", sources=sources,
-                                title="pretraining loss")[0]  # fmt: skip
+        loss_plot = plot_curves(
+            curves,
+            plots_dir / "pretrain_loss",
+            ylabel="contrastive loss",
+            sources=sources,
+            title="pretraining loss",
+        )[0]
     flops = flops_section_data(cfg, runs, out_dir / "flops_cache.json")
     flops_plot = None
-    bars = {r["point"]: r["pretrain FLOPs"] + (r.get("fine-tune FLOPs (all trials)") or 0.0)
-            for r in flops["rows"] if r.get("pretrain FLOPs")}  # fmt: skip
+    bars = {
+        r["point"]: r["pretrain FLOPs"] + (r.get("fine-tune FLOPs (all trials)") or 0.0)
+        for r in flops["rows"]
+        if r.get("pretrain FLOPs")
+    }
     if bars:
         spread = max(bars.values()) / max(min(bars.values()), 1.0)
-        flops_plot = plot_bars(bars, plots_dir / "train_flops", ylabel="training FLOPs (pretrain + fine-tune)",
-                               log=spread > 100)[0]  # fmt: skip
+        flops_plot = plot_bars(
+            bars, plots_dir / "train_flops", ylabel="training FLOPs (pretrain + fine-tune)", log=spread > 100
+        )[0]
     attention = attention_analysis(cfg, table, plots_dir)
     if "skipped" in attention:
         notes.append(f"attention distance: {attention['skipped']}")
@@ -530,8 +602,14 @@ def _flops_fmt(col_name: str, value: Any) -> str:
     return col.fmt(value)
 
 
-def write_html(cfg: Any, report: dict[str, Any], out_dir: Path, loss_plot: Path | None, flops_plot: Path | None,
-               extra: dict[str, Any]) -> Path:  # fmt: skip
+def write_html(
+    cfg: Any,
+    report: dict[str, Any],
+    out_dir: Path,
+    loss_plot: Path | None,
+    flops_plot: Path | None,
+    extra: dict[str, Any],
+) -> Path:
     rel = lambda p: H.relative(p, out_dir)  # noqa: E731
     table = report["points"]
     sections: list[H.Section] = list(extra.get("sections", []))
@@ -574,8 +652,10 @@ def write_html(cfg: Any, report: dict[str, Any], out_dir: Path, loss_plot: Path 
     # results
     cols = result_columns(table, report["metrics"])
     body = H.table_html(table, cols, text_columns=["point", "model", "caption_source", "subset", "status"])
-    body += H.paragraph("Per stage, the best fine-tuning trial of each point by the stage's primary metric "
-                        "(<stage>.trials = trials compared). Full tables: ")  # fmt: skip
+    body += H.paragraph(
+        "Per stage, the best fine-tuning trial of each point by the stage's primary metric "
+        "(<stage>.trials = trials compared). Full tables: "
+    )
     body += " ".join(
         f'<a href="{rel(report["files"][k]["csv"])}">{k}.csv</a>' for k in ("points", "finetune")
     )
@@ -588,7 +668,7 @@ def write_html(cfg: Any, report: dict[str, Any], out_dir: Path, loss_plot: Path 
             f"{f['metric']} ({'higher' if f['higher'] else 'lower'} is better)"
             + (f"; grey dotted: random init = {f['baseline']:.4g}" if f["baseline"] is not None else ""),
             svg=rel(f["svg"]),
-        )  # fmt: skip
+        )
         for f in report["figures"]
     )
     fit_cols = ["metric", "series", "points", "formula", "b", "b_lo", "b_hi", "r2", "dof"]
@@ -603,19 +683,41 @@ def write_html(cfg: Any, report: dict[str, Any], out_dir: Path, loss_plot: Path 
     sections.append(H.Section("Scaling curves", body))
 
     if report["comparisons"]:
-        cmp_cols = ["metric", "model", "source", "reference", "subset_size", "reference_mean", "source_mean",
-                    "gain", "gain_lo", "gain_hi", "n_source", "data_multiplier"]  # fmt: skip
-        body = H.paragraph("gain = source minus reference, signed so that positive is better; interval: Welch t "
-                           "over seeds (empty with one seed); data multiplier: samples the reference needs to match "
-                           "the source's fitted value, over the subset size (> 1: source more data-efficient).")  # fmt: skip
+        cmp_cols = [
+            "metric",
+            "model",
+            "source",
+            "reference",
+            "subset_size",
+            "reference_mean",
+            "source_mean",
+            "gain",
+            "gain_lo",
+            "gain_hi",
+            "n_source",
+            "data_multiplier",
+        ]
+        body = H.paragraph(
+            "gain = source minus reference, signed so that positive is better; interval: Welch t "
+            "over seeds (empty with one seed); data multiplier: samples the reference needs to match "
+            "the source's fitted value, over the subset size (> 1: source more data-efficient)."
+        )
         body += H.table_html(
             report["comparisons"], cmp_cols, text_columns=["metric", "model", "source", "reference"]
         )
         sections.append(H.Section("Caption source comparison", body))
 
     if loss_plot is not None:
-        sections.append(H.Section("Pretraining", H.figure_html(rel(loss_plot), "pretraining contrastive loss per point",
-                                                               svg=rel(Path(loss_plot).with_suffix(".svg")))))  # fmt: skip
+        sections.append(
+            H.Section(
+                "Pretraining",
+                H.figure_html(
+                    rel(loss_plot),
+                    "pretraining contrastive loss per point",
+                    svg=rel(Path(loss_plot).with_suffix(".svg")),
+                ),
+            )
+        )
 
     sections.append(H.Section("FLOPs and cost", flops_html(cfg, report["flops"], rel, flops_plot)))
     sections.append(H.Section("Attention distance", attention_html(report["attention"], rel)))
@@ -635,8 +737,16 @@ def write_html(cfg: Any, report: dict[str, Any], out_dir: Path, loss_plot: Path 
 
 
 def flops_html(cfg: Any, flops: dict[str, Any], rel: Any, plot: Path | None) -> str:
-    cols = ["point", "GFLOPs/sample (3C)", "samples seen", "pretrain FLOPs", "pretrain FLOPs (hardware)",
-            "fine-tune FLOPs (all trials)", "samples/s (measured)", "wall s"]  # fmt: skip
+    cols = [
+        "point",
+        "GFLOPs/sample (3C)",
+        "samples seen",
+        "pretrain FLOPs",
+        "pretrain FLOPs (hardware)",
+        "fine-tune FLOPs (all trials)",
+        "samples/s (measured)",
+        "wall s",
+    ]
     body = H.paragraph(
         "Model FLOPs count forward C and backward 2C for trained modules (C for frozen modules that gradients "
         "flow through, 0 where none flows); hardware FLOPs add gradient caching's no-grad embedding pass and "
@@ -652,9 +762,15 @@ def flops_html(cfg: Any, flops: dict[str, Any], rel: Any, plot: Path | None) -> 
         body += H.figure_html(rel(plot), "training FLOPs per point", svg=rel(Path(plot).with_suffix(".svg")))
     check = flops.get("reference_check")
     if check:
-        rows = [{"part": part, "counted GFLOPs": check[f"{part}_gflops_counted"],
-                 "published GFLOPs": check[f"{part}_gflops_published"], "relative error": check[f"{part}_rel_error"]}
-                for part in ("image", "text", "total")]  # fmt: skip
+        rows = [
+            {
+                "part": part,
+                "counted GFLOPs": check[f"{part}_gflops_counted"],
+                "published GFLOPs": check[f"{part}_gflops_published"],
+                "relative error": check[f"{part}_rel_error"],
+            }
+            for part in ("image", "text", "total")
+        ]
         body += f"<h3>Check: {H.esc(check['model'])} forward FLOPs against the published figure</h3>"
         body += H.table_html(
             rows, ["part", "counted GFLOPs", "published GFLOPs", "relative error"], text_columns=["part"]
@@ -663,10 +779,12 @@ def flops_html(cfg: Any, flops: dict[str, Any], rel: Any, plot: Path | None) -> 
     recipe = flops.get("recipe")
     if recipe:
         body += "<h3>Projection: the seed recipe</h3>"
-        text = (f"{recipe['model']} at {recipe['image_size']} px, {recipe['num_texts']} captions per sample, "
-                f"{recipe['global_batch']:,} x {recipe['steps']:,} steps = {recipe['samples']:.3e} samples x "
-                f"{recipe['train_gflops_per_sample']:.4g} GFLOPs = {recipe['model_flops']:.3e} FLOPs: "
-                f"{recipe['device_hours_at_mfu']:,.0f} device-hours on {recipe['device']} at {recipe['mfu']:.0%} MFU")  # fmt: skip
+        text = (
+            f"{recipe['model']} at {recipe['image_size']} px, {recipe['num_texts']} captions per sample, "
+            f"{recipe['global_batch']:,} x {recipe['steps']:,} steps = {recipe['samples']:.3e} samples x "
+            f"{recipe['train_gflops_per_sample']:.4g} GFLOPs = {recipe['model_flops']:.3e} FLOPs: "
+            f"{recipe['device_hours_at_mfu']:,.0f} device-hours on {recipe['device']} at {recipe['mfu']:.0%} MFU"
+        )
         if "device_hours_at_throughput" in recipe:
             text += f", {recipe['device_hours_at_throughput']:,.0f} at the measured throughput"
         if "cost_at_mfu" in recipe:
@@ -700,8 +818,9 @@ def attention_html(att: dict[str, Any], rel: Any) -> str:
 # ------------------------------------------------------------------------------------------ Markdown
 
 
-def write_markdown(cfg: Any, report: dict[str, Any], out_dir: Path, loss_plot: Path | None,
-                   extra: dict[str, Any]) -> Path:  # fmt: skip
+def write_markdown(
+    cfg: Any, report: dict[str, Any], out_dir: Path, loss_plot: Path | None, extra: dict[str, Any]
+) -> Path:
     rel = lambda p: H.relative(p, out_dir)  # noqa: E731
     lines = [
         f"# {cfg.report.title or 'Scaling report: ' + cfg.name}",
@@ -719,21 +838,44 @@ def write_markdown(cfg: Any, report: dict[str, Any], out_dir: Path, loss_plot: P
     if not report["figures"]:
         lines += [report["curves_note"], ""]
     if report["comparisons"]:
-        cols = ["metric", "source", "reference", "subset_size", "reference_mean", "source_mean", "gain", "gain_lo",
-                "gain_hi", "data_multiplier"]  # fmt: skip
+        cols = [
+            "metric",
+            "source",
+            "reference",
+            "subset_size",
+            "reference_mean",
+            "source_mean",
+            "gain",
+            "gain_lo",
+            "gain_hi",
+            "data_multiplier",
+        ]
         lines += ["## Comparison", "", col.markdown_table(report["comparisons"], cols)]
     if report["fits"]:
-        lines += ["## Fits", "", col.markdown_table(report["fits"], ["metric", "series", "points", "formula", "b_lo",
-                                                                      "b_hi", "r2"])]  # fmt: skip
+        lines += [
+            "## Fits",
+            "",
+            col.markdown_table(
+                report["fits"], ["metric", "series", "points", "formula", "b_lo", "b_hi", "r2"]
+            ),
+        ]
     if loss_plot is not None:
         lines += [f"![pretraining loss]({rel(loss_plot)})", ""]
     fl = report["flops"]
-    lines += ["## FLOPs", "", f"Total {fl['total_flops']:.3e} FLOPs = {fl['device_hours']:.3g} device-hours on "
-              f"{fl['device']} at {fl['mfu']:.0%} MFU.", ""]  # fmt: skip
+    lines += [
+        "## FLOPs",
+        "",
+        f"Total {fl['total_flops']:.3e} FLOPs = {fl['device_hours']:.3g} device-hours on "
+        f"{fl['device']} at {fl['mfu']:.0%} MFU.",
+        "",
+    ]
     if fl.get("reference_check"):
         c = fl["reference_check"]
-        lines += [f"{c['model']}: counted {c['total_gflops_counted']:.4g} GFLOPs per image-text pair, published "
-                  f"{c['total_gflops_published']:.4g} (relative error {c['total_rel_error']:.1e}).", ""]  # fmt: skip
+        lines += [
+            f"{c['model']}: counted {c['total_gflops_counted']:.4g} GFLOPs per image-text pair, published "
+            f"{c['total_gflops_published']:.4g} (relative error {c['total_rel_error']:.1e}).",
+            "",
+        ]
     att = report["attention"]
     if "plot" in att:
         lines += ["## Attention distance", "", f"![attention distance]({rel(att['plot'])})", ""]

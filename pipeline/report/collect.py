@@ -277,8 +277,14 @@ def stages_of(finetune: Sequence[dict[str, Any]]) -> list[str]:
 
 
 def _point_order(r: dict[str, Any]) -> tuple[Any, ...]:
-    return (str(r.get("model")), str(r.get("caption_source")), r.get("subset_size") or 0, str(r.get("subset")),
-            r.get("seed") or 0, r["run_dir"])  # fmt: skip
+    return (
+        str(r.get("model")),
+        str(r.get("caption_source")),
+        r.get("subset_size") or 0,
+        str(r.get("subset")),
+        r.get("seed") or 0,
+        r["run_dir"],
+    )
 
 
 def points_table(runs: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
@@ -289,8 +295,17 @@ def points_table(runs: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
     rows = [dict(r) for r in sorted(runs["pretrain"], key=_point_order)]
     extra_points = sorted({p for p, _ in best if p not in {r["point"] for r in rows}})
     for point in extra_points:
-        rows.append({"kind": "baseline" if point == RANDOM_INIT else "external", "point": point,
-                     "status": "complete", "caption_source": point, "model": "", "subset": "", "subset_size": None})  # fmt: skip
+        rows.append(
+            {
+                "kind": "baseline" if point == RANDOM_INIT else "external",
+                "point": point,
+                "status": "complete",
+                "caption_source": point,
+                "model": "",
+                "subset": "",
+                "subset_size": None,
+            }
+        )
     for row in rows:
         total = row.get("train_flops") or 0.0
         for stage in stages_of(runs["finetune"]):

@@ -132,9 +132,12 @@ def count_forward_flops(
     context = model_cfg["text_cfg"].get("context_length", 77)
     with torch.device("meta"):
         model = open_clip.create_model(
-            name, device="meta", force_image_size=image_size or None,
-            force_context_length=context_length or None, output_dict=True,
-        )  # fmt: skip
+            name,
+            device="meta",
+            force_image_size=image_size or None,
+            force_context_length=context_length or None,
+            output_dict=True,
+        )
     one = forward_flops_per_sample(model, size, context, num_texts=1)
     two = forward_flops_per_sample(model, size, context, num_texts=2)
     text = two - one
@@ -164,8 +167,9 @@ def check_reference(name: str = "ViT-B-16", counted: dict[str, Any] | None = Non
     return out
 
 
-def cached_count(cache_path: str | Path, name: str, image_size: int = 0, context_length: int = 0,
-                 num_texts: int = 1) -> dict[str, int]:  # fmt: skip
+def cached_count(
+    cache_path: str | Path, name: str, image_size: int = 0, context_length: int = 0, num_texts: int = 1
+) -> dict[str, int]:
     """:func:`count_forward_flops` memoised in a JSON file (counting ViT-B-16 takes a few seconds)."""
     from pipeline import io
 

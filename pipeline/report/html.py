@@ -138,8 +138,9 @@ def _render_section(section: Section, level: int) -> str:
     return out
 
 
-def render_page(title: str, sections: Sequence[Section], meta: dict[str, Any] | None = None,
-                intro: str = "") -> str:  # fmt: skip
+def render_page(
+    title: str, sections: Sequence[Section], meta: dict[str, Any] | None = None, intro: str = ""
+) -> str:
     """The whole page as a string."""
     meta_html = " &middot; ".join(f"{esc(k)}: {esc(v)}" for k, v in (meta or {}).items())
     nav = " ".join(f'<a href="#{esc(s.slug())}">{esc(s.title)}</a>' for s in sections)
@@ -153,8 +154,13 @@ def render_page(title: str, sections: Sequence[Section], meta: dict[str, Any] | 
     )
 
 
-def write_page(path: str | Path, title: str, sections: Sequence[Section], meta: dict[str, Any] | None = None,
-               intro: str = "") -> Path:  # fmt: skip
+def write_page(
+    path: str | Path,
+    title: str,
+    sections: Sequence[Section],
+    meta: dict[str, Any] | None = None,
+    intro: str = "",
+) -> Path:
     """Write the page atomically; returns its path."""
     io.write_text(str(path), render_page(title, sections, meta, intro))
     return Path(path)
