@@ -10,14 +10,15 @@ Inputs are finished pretraining run directories (their ``export/<final|ema>/visu
 ``jobs.pretrain``) or checkpoint files, one per data-scale point. Steps:
 
 1. resolve the points; a run whose export is missing (pretraining not finished) is listed and skipped;
-2. one fine-tune sweep over (point x stage x search space) from ``sweep_config`` (``jobs.finetune_sweep``):
+2. one fine-tune sweep over (point x stage x search space) from ``sweep_config``, run by
+   ``pipeline.orchestrate.run_sweep`` (as ``jobs.finetune_sweep`` runs it) with ``runner`` (ray or local):
    trials that finished before are not rerun, an interrupted sweep is restored;
 3. the report: the job named by ``report.module`` when set and importable, else a built-in table
    (``report.md`` / ``report.csv``: the best metric per stage and point, with the pretraining facts); rerun
    only when the sweep results changed.
 
-``jobs.scaling_report`` is the grid study that also launches the pretraining runs (it uses the same sweep
-machinery); this DAG starts from runs or checkpoints you already have.
+``jobs.scaling_report`` is the grid study that also launches the pretraining runs (its fine-tuning goes
+through the same ``run_sweep``); this DAG starts from runs or checkpoints you already have.
 
 Everything lands in ``<storage>/<name>/`` (``sweep/`` holds the sweep, ``pipeline.json`` the DAG's state).
 Exit code 0 when every point was found and every trial is complete, 1 otherwise.
@@ -40,6 +41,7 @@ from pipeline import io
 from pipeline.cli import job_main, parse_config
 from pipeline.config import ConfigError, load_config
 from pipeline.finetune.sweep import IN_RAY_JOB_ENV, SweepConfig, resolve_paths
+from pipeline.orchestrate import run_sweep
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,9 @@ class PipelineConfig:
     """Dotted overrides for that sweep config, e.g. ``["sweep.all.lr=[1e-3]", "stages=['depth']"]``."""
     report: PipelineReportConfig = field(default_factory=PipelineReportConfig)
     """The report step."""
+    runner: Literal["ray", "local"] = "ray"
+    """How the sweep's trials run (pipeline.orchestrate.run_sweep): ray = a Ray Tune experiment (retries,
+    restore, ``resources.workers_per_trial`` workers per trial); local = one after another in this process."""
 
     def __post_init__(self) -> None:
         labels = [os.path.basename(os.path.normpath(r)) for r in self.runs] + list(self.points)
@@ -207,11 +212,9 @@ def run(cfg: PipelineConfig) -> int:
     if not found:
         print("[pipeline] no point has pretrained weights yet; nothing to fine-tune", file=sys.stderr)
         return 1
-    from jobs.finetune_sweep import run as run_sweep
-
     sweep = sweep_config(cfg, points)
-    rows = run_sweep(sweep)
-    complete = all(r["status"] == "complete" for r in rows)
+    result = run_sweep(sweep, runner=cfg.runner)
+    rows, complete = result.rows, result.complete
     results_hash = _digest(io.join(sweep.sweep_dir, "results.csv"))
     if state.get("report", {}).get("results_hash") == results_hash and state["report"].get("ran"):
         print(f"[pipeline] report: up to date ({state['report']['ran']})", flush=True)

@@ -27,15 +27,8 @@ from collections.abc import Sequence
 
 from pipeline import io
 from pipeline.cli import job_main, parse_config
-from pipeline.report.scaling import (
-    ScalingConfig,
-    plan_points,
-    point_done,
-    pretrain_command,
-    resolve_paths,
-    run_finetuning,
-    run_pretraining,
-)
+from pipeline.orchestrate import pretrain_command, run_finetuning, run_pretraining
+from pipeline.report.scaling import ScalingConfig, plan_points, point_done, resolve_paths
 
 
 def _extra_args(parser: argparse.ArgumentParser) -> None:

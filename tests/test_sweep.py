@@ -277,3 +277,97 @@ def test_every_registered_stage_takes_the_lr_and_drop_path_shorthands(tmp_path: 
     assert [t.stage for t in trials] == list(STAGES)
     for t in trials:
         assert "lr = 0.0003" in t.config_toml and "drop_path_rate = 0.15" in t.config_toml, t.stage
+
+
+# ------------------------------------------------------------------------------- the one sweep runner
+
+
+def test_sweep_job_with_the_local_runner_runs_every_trial_without_ray(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import sys
+
+    from jobs.finetune_sweep import main
+
+    monkeypatch.setitem(sys.modules, "pipeline.ray_backend", None)  # importing Ray now fails loudly
+    argv = [f"--stages=['{TOY}']", f"--storage={tmp_path}", "--sweep.all.lr=[1e-3,2e-3]"]
+    argv += ["--base.all.train.step_seconds=0", "--runner=local"]
+    assert main(argv) == 0
+    assert "2 trials, 0 already complete" in capsys.readouterr().out
+    rows = sw.read_results(str(tmp_path / "sweep"))
+    assert [r["status"] for r in rows] == ["complete", "complete"]
+    assert sum(r["best"] for r in rows) == 1
+    assert main(argv) == 0
+    assert "2 trials, 2 already complete" in capsys.readouterr().out
+    trials = sw.expand_trials(load_config(sw.SweepConfig, None, argv[:-1]))
+    assert all(len(sw.read_attempts(t)) == 1 for t in trials)
+
+
+def test_a_failing_trial_does_not_stop_the_others_and_is_listed_as_failed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pipeline import orchestrate
+
+    cfg = _cfg(tmp_path, "--sweep.all.lr=[1e-3,2e-3]")
+    real = sw.run_trial
+
+    def flaky(trial: sw.Trial, **kwargs: object) -> dict:
+        if trial.params["optim.lr"] == 1e-3:
+            raise RuntimeError("boom")
+        return real(trial, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(sw, "run_trial", flaky)
+    result = orchestrate.run_sweep(cfg, runner="local", echo=lambda *a, **k: None)
+    assert not result.complete and list(result.errors) == [sw.expand_trials(cfg)[0].name]
+    assert sorted(r["status"] for r in result.rows) == ["complete", "failed"]
+    assert "boom" in next(r["error"] for r in result.rows if r["status"] == "failed")
+    with pytest.raises(ConfigError, match="unknown runner"):
+        orchestrate.run_sweep(cfg, runner="slurm", echo=lambda *a, **k: None)
+
+
+def test_results_only_runs_nothing_and_still_writes_the_table(tmp_path: Path) -> None:
+    from pipeline import orchestrate
+
+    cfg = _cfg(tmp_path, "--sweep.all.lr=[1e-3]")
+    result = orchestrate.run_sweep(cfg, runner="no runner is built", run=False, echo=lambda *a, **k: None)
+    assert [r["status"] for r in result.rows] == ["pending"] and result.done_before == 0
+    assert (Path(cfg.sweep_dir) / "results.csv").is_file()
+
+
+def _module_imports(path: Path, top_level_only: bool) -> set[str]:
+    import ast
+
+    tree = ast.parse(path.read_text())
+    nodes = tree.body if top_level_only else list(ast.walk(tree))
+    names: set[str] = set()
+    for node in nodes:
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+    return names
+
+
+def test_sweep_job_dag_and_scaling_report_share_one_runner_and_report_only_reads() -> None:
+    root = Path(__file__).resolve().parents[1]
+    for caller in ("jobs/finetune_sweep.py", "jobs/pipeline.py"):
+        assert "pipeline.orchestrate.run_sweep" in _module_imports(root / caller, top_level_only=True), caller
+    scaling_job = _module_imports(root / "jobs/scaling_report.py", top_level_only=True)
+    assert "pipeline.orchestrate.run_finetuning" in scaling_job
+    assert "run_sweep(" in (root / "pipeline/orchestrate.py").read_text().split("def run_finetuning")[1]
+    launching = {
+        "subprocess",
+        "multiprocessing",
+        "concurrent.futures",
+        "pipeline.ray_backend",
+        "pipeline.orchestrate",
+    }
+    for path in sorted((root / "pipeline" / "report").glob("*.py")):
+        imports = _module_imports(path, top_level_only=True)
+        assert not {i for i in imports if i.split(".")[0] in ("ray",) or i in launching}, path.name
+        assert "run_trial(" not in path.read_text() and "Popen(" not in path.read_text(), path.name
+    for folder in ("pipeline", "jobs", "data_prep"):
+        for path in sorted((root / folder).rglob("*.py")):
+            if path.name != "ray_backend.py":
+                ray = {i for i in _module_imports(path, top_level_only=False) if i.split(".")[0] == "ray"}
+                assert not ray, f"{path} imports {ray}: Ray belongs in pipeline/ray_backend.py"

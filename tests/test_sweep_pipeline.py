@@ -115,3 +115,16 @@ def test_report_step_calls_the_report_job_when_it_exists(
 def test_dag_with_no_exported_weights_exits_nonzero(tmp_path: Path) -> None:
     run = _pretrain_run(tmp_path, "web-1k", step=0, exported=False)
     assert dag.main(_argv(tmp_path, f"--runs=['{run}']")) == 1
+
+
+def test_dag_with_the_local_runner_fine_tunes_every_point_without_ray(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = _pretrain_run(tmp_path, "web-1k", step=16)
+    argv = _argv(tmp_path, f"--runs=['{run}']", "--runner=local", "--report.module=no_such_report_module")
+    monkeypatch.setitem(sys.modules, "pipeline.ray_backend", None)  # importing Ray now fails loudly
+    assert dag.main(argv) == 0
+    assert "2 trials, 0 already complete" in capsys.readouterr().out
+    rows = sw.read_results(str(tmp_path / "out" / "dag" / "sweep"))
+    assert [r["status"] for r in rows] == ["complete", "complete"]
+    assert (tmp_path / "out" / "dag" / "report.md").is_file()

@@ -1,11 +1,12 @@
-"""The scaling grid: (model size x caption source x subset size x seed) pretraining points, their launches,
-and the fine-tuning of each finished point. ``jobs.scaling_report`` is the command line over this module.
+"""The scaling grid: (model size x caption source x subset size x seed) pretraining points and where their
+run directories are. This module plans and reads; it launches nothing: ``pipeline.orchestrate`` runs the
+pretraining launches and the fine-tuning sweep, ``jobs.scaling_report`` is the command line over both.
 
     cfg = load_config(ScalingConfig, "jobs/configs/scaling_report/debug.toml")
     cfg = resolve_paths(cfg)
-    points = plan_points(cfg)                         # every grid point, with its run directory
-    launches = run_pretraining(cfg, points)           # finished points (summary.json) are skipped
-    finetune = run_finetuning(cfg, points)            # sweeps over the finished points' exports
+    points = plan_points(cfg)                                   # every grid point, with its run directory
+    launches = orchestrate.run_pretraining(cfg, points)         # finished points (summary.json) are skipped
+    finetune = orchestrate.run_finetuning(cfg, points)          # one sweep over the finished points' exports
     # then pipeline.report.build.build_report(...)
 
 Layout under ``root``:
@@ -17,11 +18,11 @@ Layout under ``root``:
 A point's pretraining is ``python -m jobs.pretrain --config <pretrain.config> <overrides>`` run through
 ``pretrain.launcher`` (default: this Python; e.g. ``["torchrun", "--nproc_per_node", "8"]`` or ``["srun",
 "python"]``), with overrides, in order: ``pretrain.overrides``, ``pretrain.model_overrides[<model>]``, the
-caption source's loss weights and overrides, and the point's own (run dir, model, shards, subset, seeds).
-A point whose run directory has ``summary.json`` is never launched again; one with checkpoints but no
-summary resumes (the trainer resumes from ``latest``). Fine-tuning goes through the sweep module: every
-finished point's export (``export/<pretrain.weights>``) is one checkpoint of one sweep (plus a random-init
-baseline), run in this process (``runner = "local"``) or as a Ray Tune sweep (``runner = "ray"``).
+caption source's loss weights and overrides (:func:`source_overrides`), and the point's own (run dir, model,
+shards, subset, seeds). A point whose run directory has ``summary.json`` is never launched again; one with
+checkpoints but no summary resumes (the trainer resumes from ``latest``). Fine-tuning is one sweep
+(:func:`sweep_config`: every finished point's export ``export/<pretrain.weights>`` is one checkpoint, plus a
+random-init baseline) run by ``pipeline.orchestrate.run_sweep`` with ``finetune.runner``.
 """
 
 from __future__ import annotations
@@ -30,17 +31,13 @@ import dataclasses
 import json
 import os
 import re
-import subprocess
-import sys
-import time
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from pipeline import io
 from pipeline.finetune.sweep import ResourcesConfig, SearchConfig
-from pipeline.report.collect import POINT_FILE, count_lines
+from pipeline.report.collect import count_lines
 from pipeline.report.flops import CostConfig
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -140,7 +137,8 @@ class FinetuneGridConfig:
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     """Ray resources per trial (runner = "ray")."""
     runner: Literal["local", "ray"] = "local"
-    """local: trials one after another in this process; ray: a Ray Tune sweep (pipeline.ray_backend)."""
+    """local: trials in this process (``parallel`` at a time in worker processes); ray: a Ray Tune sweep
+    (pipeline.orchestrate.run_sweep's runners)."""
     random_init: bool = True
     """Also fine-tune from a random initialisation: the no-pretraining baseline of every plot."""
     run: bool = True
@@ -356,125 +354,8 @@ def source_overrides(cfg: ScalingConfig, source: str) -> list[str]:
     return out + [str(o) for o in spec.get("overrides", [])]
 
 
-def pretrain_command(cfg: ScalingConfig, point: Point) -> list[str]:
-    """The launch command of one point (run from the repository root)."""
-    launcher = list(cfg.pretrain.launcher) or [sys.executable]
-    args = ["-m", "jobs.pretrain", f"--config={cfg.pretrain.config}"]
-    args += [str(o) for o in cfg.pretrain.overrides]
-    args += [str(o) for o in cfg.pretrain.model_overrides.get(point.model, [])]
-    args += source_overrides(cfg, point.caption_source)
-    args += [f"--run_dir={point.run_dir}", f"--model.name={point.model}", f"--data.seed={point.seed}",
-             f"--model.seed={point.seed}"]  # fmt: skip
-    if cfg.pretrain.shards:
-        args.append(f"--data.shards={cfg.pretrain.shards}")
-    if point.subset_uids:
-        args.append(f"--data.subset_uids={point.subset_uids}")
-    return launcher + args
-
-
 def point_done(point: Point) -> bool:
     return (Path(point.run_dir) / "summary.json").is_file()
-
-
-# ------------------------------------------------------------------------------------------ pretraining
-
-
-@dataclass
-class Launch:
-    point: str
-    status: Literal["done-before", "complete", "failed", "preempted", "timeout", "skipped"]
-    returncode: int | None = None
-    seconds: float = 0.0
-    log: str = ""
-    detail: str = ""
-
-
-def _tail(path: Path, chars: int = 3000) -> str:
-    try:
-        return path.read_text(errors="replace")[-chars:]
-    except OSError:
-        return ""
-
-
-def _launch_env(cfg: ScalingConfig) -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH", "")])])
-    env.update({str(k): str(v) for k, v in cfg.pretrain.env.items()})
-    return env
-
-
-def _finish(point: Point, code: int | None, log: Path, seconds: float) -> Launch:
-    if code is None:
-        status = "timeout"
-    elif code == 0 and point_done(point):
-        status = "complete"
-    elif code == 124:
-        status = "preempted"
-    else:
-        status = "failed"
-    return Launch(
-        point.name, status, code, round(seconds, 1), str(log), "" if status == "complete" else _tail(log)
-    )
-
-
-def run_pretraining(cfg: ScalingConfig, points: list[Point], echo: Any = print) -> list[Launch]:
-    """Launch every unfinished point (``pretrain.parallel`` at a time); finished points are skipped.
-
-    A launch past ``pretrain.timeout_s`` gets SIGTERM (the trainer checkpoints and exits 124), then SIGKILL
-    after two minutes; it is reported as ``timeout`` and resumes on the next run.
-    """
-    results: dict[str, Launch] = {}
-    queue: list[tuple[int, Point]] = []
-    for i, point in enumerate(points):
-        if point_done(point):
-            results[point.name] = Launch(point.name, "done-before")
-        elif not cfg.pretrain.run:
-            results[point.name] = Launch(point.name, "skipped", detail="pretrain.run = false")
-        elif point.subset_uids and point.subset_size is None:
-            results[point.name] = Launch(
-                point.name, "failed", detail=f"subset uid list {point.subset_uids} not readable"
-            )
-        else:
-            queue.append((i, point))
-    env = _launch_env(cfg)
-    running: list[tuple[Point, subprocess.Popen, Any, float, Path, bool]] = []
-    while queue or running:
-        while queue and len(running) < cfg.pretrain.parallel:
-            i, point = queue.pop(0)
-            run_dir = Path(point.run_dir)
-            run_dir.mkdir(parents=True, exist_ok=True)
-            io.write_json(str(run_dir / POINT_FILE), point.labels())
-            command = pretrain_command(cfg, point)
-            log = run_dir / "logs" / "launch.out"
-            log.parent.mkdir(parents=True, exist_ok=True)
-            echo(
-                f"[scaling] pretrain {i + 1}/{len(points)} {point.name}: {' '.join(command[1:4])} ...",
-                flush=True,
-            )
-            out = open(log, "a")  # noqa: SIM115 - closed when the process ends
-            out.write(f"$ {' '.join(command)}\n")
-            out.flush()
-            proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-            running.append((point, proc, out, time.time(), log, False))
-        time.sleep(0.5)
-        still = []
-        for point, proc, out, started, log, signalled in running:
-            code = proc.poll()
-            elapsed = time.time() - started
-            if code is None:
-                if cfg.pretrain.timeout_s and elapsed > cfg.pretrain.timeout_s and not signalled:
-                    proc.terminate()  # the trainer checkpoints on SIGTERM and exits 124
-                    signalled = True
-                elif signalled and elapsed > cfg.pretrain.timeout_s + 120:
-                    proc.kill()
-                still.append((point, proc, out, started, log, signalled))
-                continue
-            out.close()
-            launch = _finish(point, None if signalled else code, log, elapsed)
-            results[point.name] = launch
-            echo(f"[scaling] pretrain {point.name}: {launch.status} in {elapsed:.0f} s", flush=True)
-        running = still
-    return [results[p.name] for p in points]
 
 
 # ------------------------------------------------------------------------------------------ fine-tuning
@@ -521,101 +402,30 @@ def sweep_config(cfg: ScalingConfig, points: list[Point]) -> Any:
     )
 
 
-def _trial_worker(trial: dict[str, Any], threads: int) -> str:
-    """Run one trial in a worker process; returns "" or the formatted exception."""
-    from pipeline.finetune import sweep as sw
-
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
-    try:
-        sw.run_trial(trial, out=lambda line: print(line, flush=True))
-    except Exception:
-        return traceback.format_exc()
-    return ""
+_MOVED_TO_ORCHESTRATE = ("Launch", "pretrain_command", "run_pretraining", "run_finetuning")
 
 
-def _run_trials_in_processes(trials: list[Any], workers: int, threads: int, echo: Any) -> dict[str, str]:
-    """Local trials ``workers`` at a time, each in a fresh (spawned) process; trial name -> error."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+def __getattr__(name: str) -> Any:
+    """Launching moved to ``pipeline.orchestrate``; these names still resolve here for older callers."""
+    if name in _MOVED_TO_ORCHESTRATE:
+        from pipeline import orchestrate
 
-    errors: dict[str, str] = {}
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context, max_tasks_per_child=1) as pool:
-        futures = {pool.submit(_trial_worker, t.to_dict(), threads): t for t in trials}
-        echo(
-            f"[scaling] fine-tune: {len(trials)} trials, {workers} at a time in worker processes", flush=True
-        )
-        for future, trial in futures.items():
-            try:
-                error = future.result()
-            except Exception:  # the worker process died
-                error = traceback.format_exc()
-            if error:
-                errors[trial.name] = error
-                echo(f"[scaling] fine-tune {trial.name} failed: {error.strip().splitlines()[-1]}", flush=True)
-    return errors
-
-
-def run_finetuning(cfg: ScalingConfig, points: list[Point], echo: Any = print) -> dict[str, Any]:
-    """Run (or only collect) the fine-tuning trials of every finished point; returns the sweep's rows."""
-    from pipeline.finetune import sweep as sw
-
-    scfg = sweep_config(cfg, points)
-    if scfg is None:
-        return {"rows": [], "errors": {}, "trials": 0}
-    scfg = sw.resolve_paths(scfg)
-    trials = sw.expand_trials(scfg)
-    sw.write_plan(scfg, trials)
-    pending = [t for t in trials if sw.trial_done(t) is None]
-    echo(
-        f"[scaling] fine-tune: {len(trials)} trials, {len(trials) - len(pending)} already complete",
-        flush=True,
-    )
-    errors: dict[str, str] = {}
-    if pending and cfg.finetune.run:
-        if cfg.finetune.runner == "ray":
-            from pipeline import ray_backend  # the one module that imports Ray
-
-            errors = ray_backend.run_tune_sweep(scfg, trials)
-        elif cfg.finetune.parallel > 1:
-            errors = _run_trials_in_processes(pending, cfg.finetune.parallel, cfg.finetune.threads, echo)
-        else:
-            if cfg.finetune.threads:
-                import torch
-
-                torch.set_num_threads(cfg.finetune.threads)
-            for k, trial in enumerate(pending):
-                echo(f"[scaling] fine-tune {k + 1}/{len(pending)} {trial.name}", flush=True)
-                try:
-                    sw.run_trial(trial, out=lambda line: echo(line, flush=True))
-                except Exception:  # one failed trial must not stop the grid; it is listed as missing
-                    errors[trial.name] = traceback.format_exc()
-                    echo(
-                        f"[scaling] fine-tune {trial.name} failed: {errors[trial.name].splitlines()[-1]}",
-                        flush=True,
-                    )
-    rows = sw.write_results(scfg, trials, errors)
-    return {"rows": rows, "errors": errors, "trials": len(trials), "done_before": len(trials) - len(pending),
-            "sweep_dir": scfg.sweep_dir}  # fmt: skip
+        return getattr(orchestrate, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = [
     "AttentionConfig",
     "FinetuneGridConfig",
     "GridConfig",
-    "Launch",
     "Point",
     "PretrainGridConfig",
     "ReportConfig",
     "ScalingConfig",
     "export_dir",
     "plan_points",
-    "pretrain_command",
+    "point_done",
     "resolve_paths",
-    "run_finetuning",
-    "run_pretraining",
+    "source_overrides",
     "sweep_config",
 ]
