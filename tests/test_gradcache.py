@@ -20,7 +20,7 @@ from numerics import U32, assert_as_accurate_as_fp32
 from open_clip.model import CLIP
 from torch import nn
 
-from pipeline.train.gradcache import cached_contrastive_step
+from pipeline.train.gradcache import BatchSplit, cached_contrastive_step
 from pipeline.train.loss import LossConfig, contrastive_loss, naive_clip_loss
 
 GLOBAL_BATCH = 16
@@ -37,11 +37,13 @@ def _tiny_clip(dtype: torch.dtype = torch.float32) -> CLIP:
     return model.to(dtype).train()
 
 
-def _global_batch(dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _global_batch(
+    dtype: torch.dtype = torch.float32, size: int = GLOBAL_BATCH
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
-    images = torch.randn(GLOBAL_BATCH, 3, 32, 32, generator=g)
-    texts = torch.randint(1, 1000, (GLOBAL_BATCH, 16), generator=g)
-    syn = torch.randint(1, 1000, (GLOBAL_BATCH, 16), generator=g)
+    images = torch.randn(size, 3, 32, 32, generator=g)
+    texts = torch.randint(1, 1000, (size, 16), generator=g)
+    syn = torch.randint(1, 1000, (size, 16), generator=g)
     return images.to(dtype), texts, syn
 
 
@@ -59,13 +61,15 @@ def _flat_grad(model: nn.Module) -> torch.Tensor:
     return torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None])
 
 
-def _naive_reference(dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _naive_reference(
+    dtype: torch.dtype = torch.float32, size: int = GLOBAL_BATCH
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradient (all parameters), logit-scale gradient and loss of the naive loss over the whole batch.
 
     In float64 it is the reference; in fp32 its distance to that reference measures fp32 rounding on this CPU.
     """
     model = _tiny_clip(dtype)
-    out = _embed(model, _global_batch(dtype))
+    out = _embed(model, _global_batch(dtype, size))
     s = out["logit_scale"]
     loss = W_REAL * naive_clip_loss(out["image"], out["text"], s) + W_SYN * naive_clip_loss(
         out["image"], out["syn_text"], s
@@ -75,9 +79,9 @@ def _naive_reference(dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, 
 
 
 def _assert_matches_naive_full_batch(
-    grad: torch.Tensor, scale_grad: torch.Tensor, loss: torch.Tensor
+    grad: torch.Tensor, scale_grad: torch.Tensor, loss: torch.Tensor, size: int = GLOBAL_BATCH
 ) -> None:
-    ref, fp32 = _naive_reference(torch.float64), _naive_reference(torch.float32)
+    ref, fp32 = _naive_reference(torch.float64, size), _naive_reference(torch.float32, size)
     assert ref[0].norm() > 0 and ref[1].abs() > 0  # the comparison is not vacuous
     for name, got, baseline, exact in zip(
         ["grad", "scale_grad", "loss"], (grad, scale_grad, loss), fp32, ref
@@ -137,6 +141,65 @@ def test_two_rank_cached_step_averaged_gradient_equals_naive_full_batch_gradient
     for accumulation in (1, 4):
         got = torch.load(tmp_path / f"accum{accumulation}.pt", weights_only=True)
         _assert_matches_naive_full_batch(got["grad"], got["scale_grad"], got["loss"])
+
+
+UNEVEN_BATCH = 64
+"""Over 3 ranks: 22 + 21 + 21 samples, in micro-batches of at most 8 (3 per rank: 8 + 7 + 7, 7 + 7 + 7)."""
+
+
+def _uneven_worker(rank: int, world_size: int, store: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
+    try:
+        split = BatchSplit(UNEVEN_BATCH, world_size, micro_batch=8)
+        for step in (1,):  # at step 1 the extra sample sits on rank 1
+            counts = split.counts(step)
+            start = sum(counts[:rank])
+            shard = [t[start : start + counts[rank]] for t in _global_batch(size=UNEVEN_BATCH)]
+            bounds = [0]
+            for size in split.micro_sizes(counts[rank]):
+                bounds.append(bounds[-1] + size)
+            micro = [tuple(t[a:b] for t in shard) for a, b in zip(bounds, bounds[1:])]
+            model = _tiny_clip()
+            cfg = LossConfig(tile_size=5, impl="tiled", w_real=W_REAL, w_syn=W_SYN)
+            loss_fn = partial(contrastive_loss, cfg=cfg, counts=split.loss_counts(step))
+            out = cached_contrastive_step(partial(_embed, model), micro, loss_fn)
+            grad, scale_grad, loss = _flat_grad(model), model.logit_scale.grad.clone(), out["loss"].clone()
+            for t in (grad, scale_grad, loss):
+                dist.all_reduce(t)
+            if rank == 0:
+                result = {"grad": grad / world_size, "scale_grad": scale_grad / world_size}
+                result.update(loss=loss / world_size, counts=torch.tensor(counts))
+                torch.save(result, Path(out_dir) / f"step{step}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_three_ranks_with_uneven_shares_of_a_64_batch_give_the_naive_full_batch_gradient(
+    tmp_path: Path,
+) -> None:
+    mp.spawn(_uneven_worker, args=(3, str(tmp_path / "store"), str(tmp_path)), nprocs=3, join=True)
+    for step, counts in [(1, [21, 22, 21])]:
+        got = torch.load(tmp_path / f"step{step}.pt", weights_only=True)
+        assert got["counts"].tolist() == counts
+        _assert_matches_naive_full_batch(got["grad"], got["scale_grad"], got["loss"], size=UNEVEN_BATCH)
+
+
+def test_batch_split_covers_65536_on_24_and_96_ranks_within_the_micro_batch() -> None:
+    for world_size, accumulation, largest in [(24, 11, 249), (96, 3, 228), (8, 32, 256), (256, 1, 256)]:
+        split = BatchSplit(65_536, world_size, micro_batch=256)
+        assert (split.accumulation, split.max_micro_batch) == (accumulation, largest)
+        for step in range(3):
+            counts = split.counts(step)
+            assert sum(counts) == 65_536 and max(counts) - min(counts) <= 1
+            sizes = [split.micro_sizes(c) for c in counts]
+            assert all(len(s) == accumulation and 1 <= min(s) and max(s) <= largest for s in sizes)
+    rotated = [BatchSplit(64, 3, 8).counts(step) for step in range(3)]
+    assert [sum(col) for col in zip(*rotated)] == [64, 64, 64]  # every rank reads at the same rate
+    with pytest.raises(ValueError, match="global_batch"):
+        BatchSplit(2, 3, 8)
+    with pytest.raises(ValueError, match="accumulation_steps"):
+        BatchSplit(64, 1, 8, accumulation=2)
 
 
 class _DropoutTowers(nn.Module):

@@ -133,31 +133,41 @@ def test_loss_config_rejects_bad_values_naming_the_field(kwargs: dict, field: st
         LossConfig(**kwargs)
 
 
-def _distributed_worker(rank: int, world_size: int, store: str, out_dir: str) -> None:
+def _distributed_worker(
+    rank: int, world_size: int, store: str, out_dir: str, counts: list[int] | None = None
+) -> None:
+    from pipeline.train import loss as loss_module
+
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
     try:
-        img, txt = _features(24, 8, seed=7)  # the global batch; this rank owns rows rank*n..(rank+1)*n
-        n = img.shape[0] // world_size
+        img, txt = _features(24, 8, seed=7)  # the global batch; this rank owns rows start..start+n
+        sizes = counts or [img.shape[0] // world_size] * world_size
+        start, n = sum(sizes[:rank]), sizes[rank]
         results = {}
-        for impl in ("tiled", "naive"):
+        variants = [("tiled", "reduce_scatter"), ("tiled", "all_reduce"), ("naive", "reduce_scatter")]
+        for impl, gather_backward in variants:
+            loss_module.GATHER_BACKWARD = gather_backward
             cfg = LossConfig(tile_size=5, impl=impl)
-            i_loc = img[rank * n : (rank + 1) * n].clone().requires_grad_()
-            t_loc = txt[rank * n : (rank + 1) * n].clone().requires_grad_()
+            i_loc = img[start : start + n].clone().requires_grad_()
+            t_loc = txt[start : start + n].clone().requires_grad_()
             s = torch.tensor(15.0, requires_grad=True)
-            loss = clip_loss(i_loc, t_loc, s, cfg)
+            loss = clip_loss(i_loc, t_loc, s, cfg, counts=counts)
             loss.backward()
             parts = [loss.detach().reshape(1), s.grad.reshape(1)]
             stats = torch.cat(parts)
             dist.all_reduce(stats)  # mean over ranks = what DDP's gradient averaging yields
-            grads_i = [torch.empty_like(i_loc) for _ in range(world_size)]
-            grads_t = [torch.empty_like(t_loc) for _ in range(world_size)]
-            dist.all_gather(grads_i, i_loc.grad)
-            dist.all_gather(grads_t, t_loc.grad)
-            results[impl] = {
+            rows = max(sizes)  # all_gather needs equal sizes: pad, then cut each rank's rows back out
+            grads_i = [torch.empty(rows, img.shape[1]) for _ in range(world_size)]
+            grads_t = [torch.empty(rows, img.shape[1]) for _ in range(world_size)]
+            dist.all_gather(grads_i, F.pad(i_loc.grad, (0, 0, 0, rows - n)))
+            dist.all_gather(grads_t, F.pad(t_loc.grad, (0, 0, 0, rows - n)))
+            d_img = torch.cat([g[:c] for g, c in zip(grads_i, sizes)])
+            d_txt = torch.cat([g[:c] for g, c in zip(grads_t, sizes)])
+            results[f"{impl}/{gather_backward}"] = {
                 "loss": float(stats[0] / world_size),
                 "d_scale": float(stats[1] / world_size),
-                "d_img": (torch.cat(grads_i) / world_size).tolist(),
-                "d_txt": (torch.cat(grads_t) / world_size).tolist(),
+                "d_img": (d_img / world_size).tolist(),
+                "d_txt": (d_txt / world_size).tolist(),
             }
         if rank == 0:
             Path(out_dir, "result.json").write_text(json.dumps(results))
@@ -165,14 +175,33 @@ def _distributed_worker(rank: int, world_size: int, store: str, out_dir: str) ->
         dist.destroy_process_group()
 
 
-def test_two_rank_local_loss_averages_to_the_full_batch_loss_and_gradient(tmp_path: Path) -> None:
-    mp.spawn(_distributed_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
-    results = json.loads((tmp_path / "result.json").read_text())
+def _assert_ranks_reproduce_the_full_batch(results: dict) -> None:
     img, txt = _features(24, 8, seed=7)
     ref = clip_reference(img, txt, 15.0)
-    for impl, got in results.items():
+    assert len(results) == 3
+    for variant, got in results.items():
         for key, value in ref.items():
-            assert_within_fp32_bound(f"{impl} {key}", torch.tensor(got[key]), value)
+            assert_within_fp32_bound(f"{variant} {key}", torch.tensor(got[key]), value)
+
+
+def test_two_rank_local_loss_averages_to_the_full_batch_loss_and_gradient(tmp_path: Path) -> None:
+    """Both backward branches of the feature gather (reduce-scatter, as on NCCL; all-reduce) run on gloo."""
+    mp.spawn(_distributed_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    _assert_ranks_reproduce_the_full_batch(json.loads((tmp_path / "result.json").read_text()))
+
+
+def test_three_ranks_holding_9_8_and_7_pairs_pad_mask_and_give_the_full_batch_loss_and_gradient(
+    tmp_path: Path,
+) -> None:
+    args = (3, str(tmp_path / "store"), str(tmp_path), [9, 8, 7])
+    mp.spawn(_distributed_worker, args=args, nprocs=3, join=True)
+    _assert_ranks_reproduce_the_full_batch(json.loads((tmp_path / "result.json").read_text()))
+
+
+def test_counts_must_name_this_ranks_pairs() -> None:
+    img, txt = _features(4, 8, seed=1)
+    with pytest.raises(ValueError, match="counts"):
+        clip_loss(img, txt, 10.0, LossConfig(), counts=[5])
 
 
 MEMORY_SCRIPT = """

@@ -42,11 +42,20 @@ Backward contract:
 
     out = cached_contrastive_step(embed, micro_batches, partial(contrastive_loss, cfg=loss_cfg))
     out["loss"], out["loss_real"], out["loss_syn"], out["logit_scale"]      # detached tensors for logging
+
+**Any global batch on any number of ranks.** :class:`BatchSplit` says how many samples each rank takes in a
+step and how it cuts them into micro-batches: every rank runs the same number of micro-batches (DeepSpeed
+counts them), ranks differ by at most one sample (the ``global_batch mod world_size`` extra samples rotate
+over the ranks from step to step), micro-batches on a rank differ by at most one sample and never exceed the
+configured size. Pass ``counts`` to the loss (``partial(contrastive_loss, cfg=..., counts=split.counts(step))``)
+so the gather pads and masks; the parameter gradient stays that of the full batch.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -55,6 +64,68 @@ from torch import Tensor
 Embed = Callable[[Any], Mapping[str, Tensor]]
 LossFn = Callable[[dict[str, Tensor], Tensor], tuple[Tensor, dict[str, Tensor]]]
 SCALE_KEY = "logit_scale"
+
+
+@dataclass(frozen=True)
+class BatchSplit:
+    """How ``global_batch`` samples are split over ``world_size`` ranks x ``accumulation`` micro-batches.
+
+    ``micro_batch`` is the largest micro-batch allowed; ``accumulation = 0`` picks the fewest micro-batches
+    that respect it. The split is a pure function of the step, so a resumed run takes the same samples.
+    """
+
+    global_batch: int
+    world_size: int
+    micro_batch: int
+    accumulation: int = 0
+
+    def __post_init__(self) -> None:
+        if self.world_size < 1 or self.micro_batch < 1 or self.accumulation < 0:
+            raise ValueError(f"BatchSplit: bad sizes {self}")
+        if self.global_batch < self.world_size:
+            raise ValueError(
+                f"global_batch: {self.global_batch} is smaller than the {self.world_size} ranks (each needs a sample)"
+            )
+        if self.accumulation == 0:
+            object.__setattr__(
+                self, "accumulation", math.ceil(self.global_batch / (self.world_size * self.micro_batch))
+            )
+        smallest, largest = (
+            self.global_batch // self.world_size,
+            math.ceil(self.global_batch / self.world_size),
+        )
+        if self.accumulation > smallest or math.ceil(largest / self.accumulation) > self.micro_batch:
+            raise ValueError(
+                f"accumulation_steps: {self.accumulation} micro-batches cannot carry {smallest}-{largest} samples "
+                f"per rank (global_batch {self.global_batch} over {self.world_size} ranks) in micro-batches of "
+                f"1 to {self.micro_batch} (data.micro_batch)"
+            )
+
+    @property
+    def uneven(self) -> bool:
+        """Ranks hold different numbers of samples (the loss then pads and masks: pass it ``counts``)."""
+        return self.global_batch % self.world_size != 0
+
+    @property
+    def max_micro_batch(self) -> int:
+        """The largest micro-batch any rank runs."""
+        return math.ceil(math.ceil(self.global_batch / self.world_size) / self.accumulation)
+
+    def counts(self, step: int) -> list[int]:
+        """Samples of each rank in ``step`` (0-based): ``global_batch // world_size``, plus one on
+        ``global_batch % world_size`` ranks that rotate with the step (so every rank reads at the same rate)."""
+        base, extra = divmod(self.global_batch, self.world_size)
+        first = (step * extra) % self.world_size
+        return [base + ((r - first) % self.world_size < extra) for r in range(self.world_size)]
+
+    def loss_counts(self, step: int) -> list[int] | None:
+        """The loss's ``counts`` argument for ``step``: None when the ranks are even (no padding)."""
+        return self.counts(step) if self.uneven else None
+
+    def micro_sizes(self, count: int) -> list[int]:
+        """``count`` samples cut into ``accumulation`` micro-batches differing by at most one (larger first)."""
+        base, extra = divmod(count, self.accumulation)
+        return [base + (k < extra) for k in range(self.accumulation)]
 
 
 class _RngState:

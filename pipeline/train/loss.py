@@ -24,7 +24,15 @@ so ``mean_r loss_r`` equals the full-batch loss, and because each backward adds 
 column's gradient (the all-gather's backward sums them back to their owner rank), *averaging parameter
 gradients over ranks* - what DDP and DeepSpeed do - gives exactly the gradient of the full-batch loss, for the
 features and for ``logit_scale``. Each rank does one n x N matmul forward and three in backward (open_clip's
-local loss does two and four). Local batch sizes must be equal on every rank (the loader drops ragged ends).
+local loss does two and four).
+
+**Uneven ranks (padding + mask).** When the global batch does not split evenly (65,536 over 24 ranks), rank r
+holds ``counts[r]`` pairs and ``counts`` (the same list on every rank) is passed in. The all-gather needs
+equal sizes, so each rank pads its features with zero rows to ``P = max(counts)``; a padded row or column
+gets a logit of -1e30 (exp underflows to exactly 0, with no ``-inf - -inf`` NaN) in every log-sum-exp, its
+own terms are left out of the sum, and the sum is divided by the true ``N = sum(counts)``, so loss and
+gradient are exactly those of the N real pairs (the padded rows get zero gradient). Padding exists only
+inside the loss: the towers never see a padded sample.
 
 **Real and synthetic captions (DataCompDR).** ``contrastive_loss`` returns
 ``w_real * CLIP(image, text) + w_syn * CLIP(image, syn_text)``. Missing synthetic captions: the *caller*
@@ -83,7 +91,11 @@ def world() -> tuple[int, int]:
 
 
 class _GatherWithGrad(torch.autograd.Function):
-    """All-gather (rank order along dim 0) whose backward sums each slice's gradient onto its owner rank."""
+    """All-gather (rank order along dim 0) whose backward sums each slice's gradient onto its owner rank.
+
+    The backward is a reduce-scatter (``dist.reduce_scatter_single``: NCCL, and gloo in torch 2.14 as well),
+    which moves 1/world of an all-reduce's data; :func:`gather_backward` holds both branches.
+    """
 
     @staticmethod
     def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[override]
@@ -94,14 +106,24 @@ class _GatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
-        world_size, rank = dist.get_world_size(), dist.get_rank()
-        grad = grad.contiguous()
-        if dist.get_backend() == "nccl":
-            out = torch.empty_like(grad.chunk(world_size)[rank])
-            dist.reduce_scatter_tensor(out, grad)
-            return out
-        dist.all_reduce(grad)  # gloo has no reduce-scatter; the gradient is only N x D
-        return grad.chunk(world_size)[rank].clone()
+        return gather_backward(grad)
+
+
+GATHER_BACKWARD: Literal["reduce_scatter", "all_reduce"] = "reduce_scatter"
+"""How :class:`_GatherWithGrad` sums gradients back: ``reduce_scatter`` (what NCCL runs on GPUs; torch 2.14's
+gloo has it too, so CPU tests run the same branch) or ``all_reduce`` + slice (for backends without it)."""
+
+
+def gather_backward(grad: Tensor, group: dist.ProcessGroup | None = None) -> Tensor:
+    """Sum of every rank's ``grad`` (N x D), sliced to this rank's rows: the backward of the all-gather."""
+    world_size, rank = dist.get_world_size(group), dist.get_rank(group)
+    grad = grad.contiguous()
+    if GATHER_BACKWARD == "reduce_scatter":
+        out = torch.empty_like(grad.chunk(world_size)[rank])
+        dist.reduce_scatter_single(out, grad, group=group)
+        return out
+    dist.all_reduce(grad, group=group)
+    return grad.chunk(world_size)[rank].clone()
 
 
 def gather_features(x: Tensor) -> Tensor:
@@ -134,15 +156,36 @@ def naive_clip_loss(img: Tensor, txt: Tensor, logit_scale: Tensor | float) -> Te
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
 
 
-def _naive_local_loss(img: Tensor, txt: Tensor, logit_scale: Tensor, cfg: LossConfig) -> Tensor:
+MASKED_LOGIT = -1e30
+"""The logit of a padded row / column: finite (no ``-inf - -inf`` NaN), and its exp is exactly 0 in fp32."""
+
+
+def _pad_rows(x: Tensor, rows: int) -> Tensor:
+    """``x`` with zero rows appended up to ``rows`` (differentiable; the padded rows get no gradient)."""
+    return x if x.shape[0] == rows else F.pad(x, (0, 0, 0, rows - x.shape[0]))
+
+
+def _mask_bias(counts: list[int], rows: int, device: torch.device) -> Tensor:
+    """(len(counts) * rows,) fp32: 0 for the first counts[r] rows of rank r's block, MASKED_LOGIT after."""
+    index = torch.arange(rows, device=device)
+    valid = torch.cat([index < c for c in counts])
+    return torch.where(valid, 0.0, MASKED_LOGIT).to(torch.float32)
+
+
+def _naive_local_loss(
+    img: Tensor, txt: Tensor, logit_scale: Tensor, cfg: LossConfig, counts: list[int] | None = None
+) -> Tensor:
     """open_clip's local loss (full n x N logits per direction), scaled like the tiled loss."""
     world_size, rank = world()
+    n = img.shape[0]
+    rows = max(counts) if counts else n
     gather = gather_features if cfg.gather_with_grad else gather_features_no_grad
-    img_all, txt_all = gather(img), gather(txt)
-    n, total = img.shape[0], img_all.shape[0]
-    labels = torch.arange(n, device=img.device) + rank * n
-    loss_i = F.cross_entropy(logit_scale * img @ txt_all.T, labels, reduction="sum")
-    loss_t = F.cross_entropy(logit_scale * txt @ img_all.T, labels, reduction="sum")
+    img_all, txt_all = gather(_pad_rows(img, rows)), gather(_pad_rows(txt, rows))
+    total = sum(counts) if counts else img_all.shape[0]
+    bias = _mask_bias(counts, rows, img.device) if counts else 0.0
+    labels = torch.arange(n, device=img.device) + rank * rows
+    loss_i = F.cross_entropy(logit_scale * img @ txt_all.T + bias, labels, reduction="sum")
+    loss_t = F.cross_entropy(logit_scale * txt @ img_all.T + bias, labels, reduction="sum")
     return (loss_i + loss_t) * (world_size / (2 * total))
 
 
@@ -163,9 +206,14 @@ class _TiledCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, a: Tensor, b: Tensor, scale: Tensor, offset: int, tile: int) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx, a: Tensor, b: Tensor, scale: Tensor, offset: int, tile: int, col_bias: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
         n, total = a.shape[0], b.shape[0]
         s = scale.detach().to(torch.float32)
+        # Padded rows / columns (uneven ranks): each log-sum-exp leaves out the padded entries along it.
+        # Rows use the column mask, columns the row mask (the local rows are columns offset..offset+n).
+        row_bias = None if col_bias is None else col_bias[offset : offset + n]
         f32 = {"dtype": torch.float32, "device": a.device}
         row_max, row_sum = torch.empty((n,), **f32), torch.empty((n,), **f32)
         col_max, col_sum = torch.full((total,), -math.inf, **f32), torch.zeros((total,), **f32)
@@ -178,10 +226,12 @@ class _TiledCrossEntropy(torch.autograd.Function):
                 d, start, length = _diagonal(offset + i0 - j0, *z.shape)
                 if length:  # the positives come from the same products as the maxima
                     positives[i0 + start : i0 + start + length] = torch.diagonal(z, d)
-                m = z.amax(dim=1)
+                z_row = z if col_bias is None else z + col_bias[None, j0 : j0 + tile]
+                z_col = z if row_bias is None else z + row_bias[i0 : i0 + tile, None]
+                m = z_row.amax(dim=1)
                 tile_max.append(m)
-                tile_sum.append(torch.exp(z - m[:, None]).sum(dim=1))
-                _merge(col_max[j0 : j0 + tile], col_sum[j0 : j0 + tile], *_max_and_sum(z, dim=0))
+                tile_sum.append(torch.exp(z_row - m[:, None]).sum(dim=1))
+                _merge(col_max[j0 : j0 + tile], col_sum[j0 : j0 + tile], *_max_and_sum(z_col, dim=0))
             maxima, sums = torch.stack(tile_max, dim=1), torch.stack(tile_sum, dim=1)
             m = maxima.amax(dim=1)
             row_max[i0 : i0 + tile] = m
@@ -197,15 +247,16 @@ class _TiledCrossEntropy(torch.autograd.Function):
         row_ce = (row_max - positives) + torch.log(row_sum)
         col_ce = (col_max[local] - positives) + torch.log(col_sum[local])
         row_lse, col_lse = row_max + torch.log(row_sum), col_max + torch.log(col_sum)
-        ctx.save_for_backward(a, b, scale, row_lse, col_lse)
+        ctx.save_for_backward(a, b, scale, row_lse, col_lse, col_bias)
         ctx.offset, ctx.tile = offset, tile
         return row_ce, col_ce
 
     @staticmethod
     def backward(ctx, g_row: Tensor, g_col_local: Tensor):  # type: ignore[override]
-        a, b, scale, row_lse, col_lse = ctx.saved_tensors
+        a, b, scale, row_lse, col_lse, col_bias = ctx.saved_tensors
         tile, offset = ctx.tile, ctx.offset
         n, total = a.shape[0], b.shape[0]
+        row_bias = None if col_bias is None else col_bias[offset : offset + n]
         s = scale.detach().to(torch.float32)
         g_row, g_col_local = g_row.to(torch.float32), g_col_local.to(torch.float32)
         world_size, _ = world()
@@ -230,7 +281,10 @@ class _TiledCrossEntropy(torch.autograd.Function):
                 z = (a_t @ b_t.T).to(torch.float32).mul_(s)
                 # d(sum g_row*row_ce + sum g_col*col_ce)/d z = softmax_row*g_row + softmax_col*g_col + g_pos on
                 # the diagonal
-                p = torch.sub(z, r_lse).exp_().mul_(r_g)
+                z_row = z if col_bias is None else z + col_bias[None, j0 : j0 + tile]
+                if row_bias is not None:
+                    z = z.add_(row_bias[i0 : i0 + tile, None])
+                p = torch.sub(z_row, r_lse).exp_().mul_(r_g)
                 p.add_(z.sub_(col_lse[None, j0 : j0 + tile]).exp_().mul_(g_col[None, j0 : j0 + tile]))
                 d, start, length = _diagonal(offset + i0 - j0, *p.shape)
                 if length:
@@ -247,7 +301,8 @@ class _TiledCrossEntropy(torch.autograd.Function):
             grad_a = grad_a.mul_(s).to(a.dtype)
         if need_b:
             grad_b = grad_b.mul_(s).to(b.dtype)
-        return grad_a, grad_b, (grad_s.to(scale.dtype).reshape(scale.shape) if need_s else None), None, None
+        grad_s = grad_s.to(scale.dtype).reshape(scale.shape) if need_s else None
+        return grad_a, grad_b, grad_s, None, None, None
 
 
 def _max_and_sum(z: Tensor, dim: int) -> tuple[Tensor, Tensor]:
@@ -274,51 +329,83 @@ def _diagonal(d: int, rows: int, cols: int) -> tuple[int, int, int]:
 
 
 def tiled_cross_entropy(
-    a: Tensor, b: Tensor, logit_scale: Tensor, offset: int, tile_size: int
+    a: Tensor, b: Tensor, logit_scale: Tensor, offset: int, tile_size: int, col_bias: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
-    """(row_ce, col_ce) of ``logit_scale * a @ b.T``; see :class:`_TiledCrossEntropy`."""
-    return _TiledCrossEntropy.apply(a, b, logit_scale, offset, tile_size)
+    """(row_ce, col_ce) of ``logit_scale * a @ b.T``; see :class:`_TiledCrossEntropy`.
+
+    ``col_bias`` (N,): 0 for real columns, :data:`MASKED_LOGIT` for padded ones (the rows ``a`` are columns
+    ``offset .. offset + n`` and share their mask); the terms of padded rows are then meaningless: drop them.
+    """
+    return _TiledCrossEntropy.apply(a, b, logit_scale, offset, tile_size, col_bias)
 
 
-def clip_loss(img_local: Tensor, txt_local: Tensor, logit_scale: Tensor | float, cfg: LossConfig) -> Tensor:
+def clip_loss(
+    img_local: Tensor,
+    txt_local: Tensor,
+    logit_scale: Tensor | float,
+    cfg: LossConfig,
+    counts: list[int] | None = None,
+) -> Tensor:
     """This rank's share of the full-batch CLIP loss (see the module docstring for the exact contract).
 
     On one process it *is* the full-batch loss; with W ranks, ``mean_r loss_r`` is the full-batch loss and
     averaging parameter gradients over ranks gives its exact gradient (``logit_scale`` included).
+    ``counts``: pairs on each rank when they differ (the same list on every rank; ``None``: all equal).
     """
     if img_local.shape != txt_local.shape:
         raise ValueError(
             f"image / text features differ in shape: {tuple(img_local.shape)} vs {tuple(txt_local.shape)}"
         )
+    world_size, rank = world()
+    if counts is not None:
+        counts = [int(c) for c in counts]
+        if len(counts) != world_size or counts[rank] != img_local.shape[0] or min(counts) < 1:
+            raise ValueError(
+                f"counts: {counts} must hold one count >= 1 per rank ({world_size}) and this rank's "
+                f"{img_local.shape[0]} pairs at index {rank}"
+            )
+        if len(set(counts)) == 1:
+            counts = None  # even: no padding
     # The loss runs in fp32 outside autocast (its cost is small next to the towers'; logits at scale 100 in
     # bf16 would lose ~0.4 nats); gradients flow back to the features in their own dtype.
     with torch.autocast(device_type=img_local.device.type, enabled=False):
         # a 0-dim scale (open_clip models may keep it as a 1-element parameter)
         scale = torch.as_tensor(logit_scale, device=img_local.device).to(torch.float32).reshape(())
-        return _clip_loss_fp32(img_local.to(torch.float32), txt_local.to(torch.float32), scale, cfg)
+        return _clip_loss_fp32(img_local.to(torch.float32), txt_local.to(torch.float32), scale, cfg, counts)
 
 
-def _clip_loss_fp32(img_local: Tensor, txt_local: Tensor, scale: Tensor, cfg: LossConfig) -> Tensor:
+def _clip_loss_fp32(
+    img_local: Tensor, txt_local: Tensor, scale: Tensor, cfg: LossConfig, counts: list[int] | None
+) -> Tensor:
     world_size, rank = world()
     n = img_local.shape[0]
     if cfg.impl == "naive" or (cfg.impl == "auto" and world_size == 1 and n <= cfg.tile_size):
         if world_size == 1:
             return naive_clip_loss(img_local, txt_local, scale)
-        return _naive_local_loss(img_local, txt_local, scale, cfg)
-    txt_all = gather_features(txt_local) if cfg.gather_with_grad else gather_features_no_grad(txt_local)
-    total = txt_all.shape[0]
-    row_ce, col_ce = tiled_cross_entropy(img_local, txt_all, scale, rank * n, cfg.tile_size)
-    return (row_ce.sum() + col_ce.sum()) * (world_size / (2 * total))
+        return _naive_local_loss(img_local, txt_local, scale, cfg, counts)
+    rows = max(counts) if counts else n
+    gather = gather_features if cfg.gather_with_grad else gather_features_no_grad
+    txt_all = gather(_pad_rows(txt_local, rows))
+    total = sum(counts) if counts else txt_all.shape[0]
+    col_bias = _mask_bias(counts, rows, img_local.device) if counts else None
+    row_ce, col_ce = tiled_cross_entropy(
+        _pad_rows(img_local, rows), txt_all, scale, rank * rows, cfg.tile_size, col_bias
+    )
+    return (row_ce[:n].sum() + col_ce[:n].sum()) * (world_size / (2 * total))
 
 
 def contrastive_loss(
-    features: dict[str, Tensor], logit_scale: Tensor | float, cfg: LossConfig
+    features: dict[str, Tensor],
+    logit_scale: Tensor | float,
+    cfg: LossConfig,
+    counts: list[int] | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """``w_real * CLIP(image, text) + w_syn * CLIP(image, syn_text)`` and its terms (detached, for logging).
 
     ``features``: ``image`` and ``text`` (n x D, normalised), optionally ``syn_text`` (n x D: one synthetic
     caption per sample, the web caption where a sample has none). Terms: ``loss_real``, ``loss_syn``.
     With several ranks each value is this rank's share: average them over ranks to log the full-batch loss.
+    ``counts``: the number of pairs on each rank when ranks hold different numbers (see the module docstring).
     """
     for key in ("image", "text"):
         if key not in features:
@@ -329,7 +416,7 @@ def contrastive_loss(
     for name, key, weight in parts:
         if weight == 0 or key not in features:
             continue
-        term = clip_loss(features["image"], features[key], logit_scale, cfg)
+        term = clip_loss(features["image"], features[key], logit_scale, cfg, counts)
         terms[name] = term.detach()
         total = weight * term if total is None else total + weight * term
     if total is None:
