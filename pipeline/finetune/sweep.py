@@ -601,7 +601,9 @@ def run_trial(
 ) -> dict[str, Any]:
     """Run one trial's stage (resuming its run directory) and return its summary; a finished one returns at once.
 
-    Under Ray Train every worker calls this; for a stage that trains in one process only rank 0 trains.
+    Under Ray Train every worker of the trial calls this, inside the worker group's process group (gloo on
+    CPU, NCCL on GPU, set up by ``TorchTrainer``): a data-parallel stage runs on every rank (rank 0 records
+    the attempt, prints progress and uploads), a stage that trains in one process runs on rank 0 only.
     """
     trial = trial if isinstance(trial, Trial) else Trial.from_dict(trial)
     done = trial_done(trial)
@@ -626,7 +628,11 @@ def run_trial(
         out(
             f"[trial {trial.name}] start attempt {attempt['attempt']} ({where}); {params}; run dir {trial.run_dir}"
         )
-    watch = TrialWatch(trial, stage_cfg.train.steps, stage_cfg.train.log_every, out if rank == 0 else _quiet)
+    # Progress lines and the fault knob on rank 0 only (a killed rank 0 restarts the whole worker group).
+    watched = trial if rank == 0 else dataclasses.replace(trial, fault_step=0)
+    watch = TrialWatch(
+        watched, stage_cfg.train.steps, stage_cfg.train.log_every, out if rank == 0 else _quiet
+    )
     started = time.time()
     summary = module.run_stage(stage_cfg, trial.run_dir, preemption=watch)
     if rank == 0:
