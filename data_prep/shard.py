@@ -4,6 +4,8 @@
         --syn.paths='["syn/*.jsonl"]' --image.size=256 --subsets.fractions='[0.01, 0.1]'
     python -m data_prep.shard --config my.toml --executor ray          # Ray tasks on RAY_ADDRESS / local
     sbatch --array=0-63 --wrap "python -m data_prep.shard --config my.toml"   # a range of shards per task
+    sbatch --array=0-63 --wrap "python -m data_prep.shard --config my.toml --stage plan-partition"  # then
+    # plan-dedupe, plan-gather, plan, shard, merge-partition, merge-dedupe, merge (each --dependency=afterok)
 
 Task index / count default to SLURM_ARRAY_TASK_ID / SLURM_ARRAY_TASK_COUNT. Every input row ends in a shard
 or in failures.parquet; re-running the same command resumes. See docs/data-prep.md.
@@ -25,7 +27,9 @@ def _extra_args(parser: argparse.ArgumentParser) -> None:
         "--stage",
         choices=STAGES,
         default="all",
-        help="plan, shard, merge, or all (default); merge runs when every shard is done",
+        help="plan, shard, merge, or all (default); merge runs when every shard is done. plan-partition, "
+        "plan-dedupe, plan-gather (then plan), merge-partition, merge-dedupe (then merge): one step's share of "
+        "this array task, for SLURM arrays chained with --dependency=afterok",
     )
     parser.add_argument(
         "--executor", choices=("local", "ray"), default=None, help="shortcut for --executor.kind=..."
