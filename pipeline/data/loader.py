@@ -3,7 +3,8 @@
     loader = build_loader(LoaderConfig(shards="data/shards/{00000..00099}.tar", micro_batch=256),
                           rank, world_size, tokenizer, start=checkpoint.get("data"))
     for batch in loader:   # dict(image=[B,3,H,W] float, text=[B,ctx] long, syn_text=[B,ctx] long,
-        ...                #      has_syn=[B] bool, uid=list[str])
+        ...                #      has_syn=[B] bool, uid=list[str]; with teacher_embeddings also
+                           #      teacher_image_emb=[B,...] float, teacher_text_emb=[B,...] float)
         state = loader.state_dict()   # JSON-able; position after the last yielded batch
 
 Shards are tar files of the schema in :mod:`pipeline.data.schema`, named by brace patterns, ``::``-joined
@@ -73,6 +74,7 @@ import logging
 import os
 import random
 import time
+import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -154,6 +156,10 @@ class LoaderConfig:
     """Decode large JPEGs at 1/2, 1/4 or 1/8 scale when the crop still has enough pixels (faster)."""
     read_retries: int = 2
     """Re-open a shard this many times after an I/O error (not after a corrupt tar)."""
+    teacher_embeddings: bool = False
+    """Also return each sample's DataCompDR teacher embeddings (its npz member: image_emb, text_emb) as
+    batch["teacher_image_emb"] / batch["teacher_text_emb"] (float32); samples without them are skipped and
+    counted as missing_teacher_emb."""
 
     def __post_init__(self) -> None:
         if self.micro_batch < 1:
@@ -377,6 +383,7 @@ _ERROR = "__error__"
 
 
 _UNSAFE = "/unsafe"  # in a sample's members: how many members with unsafe names were skipped near it
+_TEACHER_FIELDS = ("teacher_image_emb", "teacher_text_emb")
 _NO_SIDECAR = "/no_sidecar"  # in a sample's members: the sidecar shard has no entry for its key
 # (no member extension can hold "/": these never collide with a member)
 
@@ -695,12 +702,23 @@ class _SlotStream:
         else:
             syn_text, has_syn = text, False
             self._count("syn_fallback")
+        out = {"image": image, "text": text, "syn_text": syn_text, "has_syn": has_syn, "uid": key}
+        if cfg.teacher_embeddings:
+            try:
+                emb = schema.decode_npz(members[schema.TEACHER_KEY] or b"")
+                out["teacher_image_emb"] = torch.from_numpy(np.asarray(emb["image_emb"], np.float32))
+                out["teacher_text_emb"] = torch.from_numpy(np.asarray(emb["text_emb"], np.float32))
+            except (KeyError, ValueError, OSError, zipfile.BadZipFile):
+                self._bad("missing_teacher_emb")
+                return None
         self._count("samples")
-        return {"image": image, "text": text, "syn_text": syn_text, "has_syn": has_syn, "uid": key}
+        return out
 
     def _collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         cfg = self.cfg
+        teacher = {k: torch.stack([s[k] for s in samples]) for k in _TEACHER_FIELDS if cfg.teacher_embeddings}
         return {
+            **teacher,
             "image": normalize_batch([s["image"] for s in samples], cfg.mean, cfg.std),
             "text": tokenize(self.tokenizer, [s["text"] for s in samples], cfg.context_length),
             "syn_text": tokenize(self.tokenizer, [s["syn_text"] for s in samples], cfg.context_length),

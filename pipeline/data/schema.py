@@ -10,6 +10,8 @@ A sample is a group of tar members sharing the key ``<uid>``:
     <uid>.seg.png    optional: semantic label map (uint8 PNG, values index the dataset's class list)
     <uid>.depth.npy  optional: float32 depth map in metres
     <uid>.ann.json   optional: instances {"boxes": [[x0,y0,x1,y1]...], "labels": [...], ...}
+    <uid>.npz        optional: DataCompDR teacher embeddings {"image_emb": array, "text_emb": array}
+                     (carried verbatim from DataCompDR's tars by the shard job's ``syn.teacher_embeddings``)
 
 Shard folders also hold ``sizes.json`` ({shard file name: samples}, open_clip's format), one
 ``<shard>.stats.json`` per shard, ``manifest.json`` describing the dataset and ``duplicate_images.txt``
@@ -21,7 +23,7 @@ captions, metadata, dense labels, then any other extension alphabetically), :fun
 Bytes are stored verbatim (images are encoded by the shard job's image policy, never here); ``txt`` is
 UTF-8; ``json`` is a :class:`SampleMeta` or a dict (key-sorted JSON); ``syn.json`` a list of captions
 (:func:`encode_syn`) or a dict (JSON in its own key order); other ``*.json`` dicts are key-sorted JSON;
-``*.npy`` numpy arrays. Tars themselves are read and written by :mod:`pipeline.data.tar`.
+``*.npy`` numpy arrays; ``npz`` a dict of arrays (a zip with fixed timestamps, so byte-identical). Tars themselves are read and written by :mod:`pipeline.data.tar`.
 
 Tar member names follow one rule for every reader (:func:`member_key`): a name that is absolute, escapes
 upwards (``..``) or holds NUL / backslash is unsafe and skipped; otherwise the key is the normalised path up
@@ -43,6 +45,7 @@ META_KEY = "json"
 SEG_KEY = "seg.png"
 DEPTH_KEY = "depth.npy"
 ANN_KEY = "ann.json"
+TEACHER_KEY = "npz"
 
 SIZES_FILE = "sizes.json"
 DUPLICATE_IMAGES_FILE = "duplicate_images.txt"
@@ -114,6 +117,33 @@ def decode_syn(data: bytes | str) -> list[str]:
     return [t for t in texts if isinstance(t, str) and t.strip()]
 
 
+def encode_npz(arrays: Mapping[str, Any]) -> bytes:
+    """A ``.npz`` of named arrays that numpy's ``np.load`` reads, with fixed zip timestamps (``np.savez``
+    stamps the current time, so its bytes differ between runs)."""
+    import io
+    import zipfile
+
+    import numpy as np
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as z:
+        for name in sorted(arrays):
+            member = io.BytesIO()
+            np.save(member, np.asarray(arrays[name]), allow_pickle=False)
+            z.writestr(zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0)), member.getvalue())
+    return buf.getvalue()
+
+
+def decode_npz(data: bytes) -> dict[str, Any]:
+    """``{name: array}`` of an ``.npz`` member."""
+    import io
+
+    import numpy as np
+
+    with np.load(io.BytesIO(data), allow_pickle=False) as z:
+        return {name: z[name] for name in z.files}
+
+
 def safe_member_name(name: str) -> str | None:
     """The normalised tar member name, or ``None`` when it is absolute, escapes upwards or has NUL / backslash."""
     if not name or "\x00" in name or "\\" in name:
@@ -165,6 +195,8 @@ def encode_member(ext: str, value: Any) -> bytes:
         return encode_syn(list(value))
     if ext.endswith("json") and isinstance(value, (dict, list)):
         return json.dumps(value, sort_keys=ext != SYN_KEY, ensure_ascii=False).encode("utf-8")
+    if ext.endswith("npz") and isinstance(value, Mapping):
+        return encode_npz(value)
     if ext.endswith("npy") and hasattr(value, "dtype"):
         import io
 
@@ -204,6 +236,8 @@ def decode_member(ext: str, data: bytes) -> Any:
         import numpy as np
 
         return np.load(io.BytesIO(data), allow_pickle=False)
+    if ext.endswith("npz"):
+        return decode_npz(data)
     return data
 
 

@@ -273,6 +273,9 @@ class Point:
     subset_size: int | None
     seed: int
     run_dir: str
+    shards: str = ""
+    """The point's own shard set: data prep's materialised subset (``<subsets_dir>/<name>/``, read instead of
+    filtering the full shards by ``subset_uids``); "" = ``pretrain.shards``."""
 
     def labels(self) -> dict[str, Any]:
         return {
@@ -326,6 +329,15 @@ def subset_file(cfg: ScalingConfig, subset: str) -> str:
     return io.join(folder, f"{subset}.txt")
 
 
+def materialised_subset(uids: str) -> str:
+    """The shard set data prep materialised beside the uid list ``<dir>/<name>.txt`` (``<dir>/<name>/``, complete
+    once its ``sizes.json`` exists), or ""."""
+    if not uids.endswith(".txt"):
+        return ""
+    folder = uids[: -len(".txt")]
+    return folder if io.exists(io.join(folder, "sizes.json")) else ""
+
+
 def plan_points(cfg: ScalingConfig) -> list[Point]:
     """Every grid point in a fixed order (model, source, subset, seed)."""
     points = []
@@ -340,11 +352,11 @@ def plan_points(cfg: ScalingConfig) -> list[Point]:
                     total = total if total is not None else total_samples(cfg)
                     size = total
                 label = Path(subset).stem if (subset.endswith(".txt") or "/" in subset) else subset
+                shards = materialised_subset(uids)
                 for seed in cfg.grid.seeds:
                     name = safe_label(f"{model}-{source}-{label}-s{seed}")
-                    points.append(
-                        Point(name, model, source, label, uids, size, seed, str(cfg.pretrain_dir / name))
-                    )
+                    run_dir = str(cfg.pretrain_dir / name)
+                    points.append(Point(name, model, source, label, uids, size, seed, run_dir, shards))
     return points
 
 

@@ -13,7 +13,8 @@ differ only in shape words, kept together in a batch by the loader (``data.group
 Data written under ``<out>/data``: ``shards/NNNNN.tar`` (our WebDataset schema: ``jpg``, ``txt`` = the noisy
 web caption, ``syn.json`` = paraphrases of the precise caption, ``json``) and ``sizes.json``; nested subsets
 ``subsets/n<size>.txt`` (the first ``size`` samples of the pool: whole hard-negative groups, each subset a
-prefix of the next); ``zero_shot/<shape>/<uid>.png`` (held-out world split ``val``: zero-shot evaluation
+prefix of the next), each also materialised as its own shard set ``subsets/n<size>/`` (tars + ``sizes.json``:
+the study's points read only their subset's bytes); ``zero_shot/<shape>/<uid>.png`` (held-out world split ``val``: zero-shot evaluation
 during pretraining, and the images of the attention-distance analysis); ``data.json`` (what was written,
 and the config it was written from: a changed config rewrites the data).
 """
@@ -98,6 +99,7 @@ def write_toy_data(cfg: ToyDataConfig, folder: str | Path) -> dict[str, Any]:
     """Write (or reuse, when ``data.json`` matches ``cfg``) the toy data; returns ``data.json``'s content."""
     from PIL import Image
 
+    from pipeline.data.prep.subsets import repack
     from pipeline.data.synth_export import write_pretraining_shards
 
     folder = Path(folder)
@@ -128,10 +130,19 @@ def write_toy_data(cfg: ToyDataConfig, folder: str | Path) -> dict[str, Any]:
     }
     io.write_json(str(shards / schema.SIZES_FILE), sizes)
     subsets = {}
+    per = cfg.samples_per_shard
     for size in cfg.subset_sizes:
         path = folder / "subsets" / f"n{size}.txt"
         io.write_text(str(path), "".join(u + "\n" for u in uids[:size]))
-        subsets[f"n{size}"] = {"size": size, "uids": str(path)}
+        # materialised: the subset as its own shard set (a prefix of the pool: its first shards' samples)
+        sources = [
+            (str(shards / f"{s:05d}.tar"), max(0, min(per, size - s * per))) for s in range(num_shards)
+        ]
+        subset_shards = folder / "subsets" / f"n{size}"
+        repack(
+            sources, frozenset(uids[:size]).__contains__, str(subset_shards), per, name_format="{index:05d}"
+        )
+        subsets[f"n{size}"] = {"size": size, "uids": str(path), "shards": str(subset_shards)}
     eval_world = dataclasses.replace(world, group_size=1)
     zero_shot = folder / "zero_shot"
     for index in range(cfg.num_eval):

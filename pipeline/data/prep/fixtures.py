@@ -1,6 +1,7 @@
 """Small synthetic inputs for the shard job's tests and benchmark: good images from the synthetic world,
 hand-made bad files (zero-byte, truncated, not an image, decompression bomb, CMYK, palette, 16-bit,
-EXIF-rotated), DataComp-style parquet tables, and a loopback HTTP server to fetch them from.
+EXIF-rotated), DataComp-style parquet tables, DataCompDR-style caption tars (:func:`write_datacompdr_tars`),
+and a loopback HTTP server to fetch them from.
 
     url, stop = serve_directory(images_dir, delay_s=0.01)   # or LoopbackServer(dir) with a settable delay
 """
@@ -20,7 +21,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.data import synthworld
+from pipeline.data import schema, synthworld
+from pipeline.data.tar import TarBuilder
 
 
 def encode(im: Image.Image, fmt: str = "JPEG", **kwargs: object) -> bytes:
@@ -109,3 +111,58 @@ def serve_directory(directory: str | Path, delay_s: float = 0.0) -> tuple[str, C
     """Serve ``directory`` over HTTP on 127.0.0.1 (a free port) in a thread: returns (base URL, stop)."""
     server = LoopbackServer(directory, delay_s)
     return server.url, server.stop
+
+
+def write_datacompdr_tars(
+    root: str | Path,
+    records: list[dict[str, object]],
+    samples_per_tar: int = 4,
+    tars_per_folder: int = 2,
+    emb_dim: int = 8,
+    seed: int = 0,
+) -> list[Path]:
+    """DataCompDR's published layout: numbered folders of numbered tars plus ``manifest.jsonl``; returns the tars.
+
+    ``records``: dicts with ``uid``, ``syn_text`` (list) and optionally ``sha256`` and ``url``. Each sample is
+    ``<key>.url.txt``, ``<key>.syn.json`` ({"syn_text"}), ``<key>.paug.json`` ({"param_aug"}), ``<key>.npz``
+    (teacher ``image_emb`` [2, emb_dim] / ``text_emb`` [1 + captions, emb_dim], float16, seeded by the uid)
+    and ``<key>.json`` ({"uid", "sha256"}); the member key is a running sample number, not the uid.
+    """
+    import json
+
+    root = Path(root)
+    tars: list[Path] = []
+    manifest = []
+    for t, start in enumerate(range(0, len(records), samples_per_tar)):
+        folder = root / f"{t // tars_per_folder:08d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{t:08d}.tar"
+        chunk = records[start : start + samples_per_tar]
+        with TarBuilder.open(path) as tar:
+            for i, rec in enumerate(chunk):
+                meta = {"uid": rec["uid"], **({"sha256": rec["sha256"]} if rec.get("sha256") else {})}
+                tar.write(
+                    {
+                        schema.KEY: f"{start + i:09d}",
+                        "url.txt": str(rec.get("url", f"http://example.com/{rec['uid']}.jpg")),
+                        schema.SYN_KEY: {"syn_text": list(rec["syn_text"])},  # type: ignore[arg-type]
+                        "paug.json": {"param_aug": f"rrc-{seed}-{start + i}"},
+                        schema.TEACHER_KEY: teacher_embeddings(
+                            str(rec["uid"]), len(rec["syn_text"]), emb_dim
+                        ),  # type: ignore[arg-type]
+                        schema.META_KEY: meta,
+                    }
+                )
+        tars.append(path)
+        manifest.append({"shard": f"{t // tars_per_folder:08d}/{t:08d}", "num_samples": len(chunk)})
+    (root / "manifest.jsonl").write_text("".join(json.dumps(m) + "\n" for m in manifest))
+    return tars
+
+
+def teacher_embeddings(uid: str, num_captions: int, dim: int = 8) -> dict[str, np.ndarray]:
+    """The fixture's teacher embeddings of ``uid``: fixed by the uid, so a test can recompute them."""
+    rng = np.random.default_rng(int.from_bytes(uid.encode()[:8].ljust(8, b"\0"), "little"))
+    return {
+        "image_emb": rng.standard_normal((2, dim)).astype(np.float16),
+        "text_emb": rng.standard_normal((1 + num_captions, dim)).astype(np.float16),
+    }

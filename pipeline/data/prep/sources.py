@@ -6,7 +6,10 @@
 * Images by URL (``http(s)://``, ``s3://`` or any fsspec URL, or a local path, optionally relative to
   ``source.image_root``), fetched by a thread pool with timeouts, retries and a size cap; or from an
   img2dataset output folder (tars or files), joined by uid (or url) through an index of byte ranges.
-* DataCompDR-style synthetic captions (``{"syn_text": [...]}``) from JSONL files or sidecar tars.
+* DataCompDR-style synthetic captions (``{"syn_text": [...]}``) from JSONL files, our sidecar tars, or
+  DataCompDR's published tars as they are (``<key>.syn.json``, ``<key>.json`` with the uid and sha256,
+  ``<key>.npz`` teacher embeddings, ...: joined by the json's uid, not the member key). The shard job joins
+  them per shard through :mod:`pipeline.data.prep.index` (or, ``syn.join=memory``, from one dict per worker).
 
 Everything external is read through fsspec (``pipeline.io.filesystem``), tars through ``safe_tar``.
 """
@@ -24,14 +27,14 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import io
 from pipeline.data.prep import safe_tar
-from pipeline.data.schema import SYN_KEY
+from pipeline.data.schema import META_KEY, SYN_KEY, TEACHER_KEY
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
 MISSING = object()  # a column the file does not have
@@ -62,8 +65,18 @@ class FetchConfig:
 @dataclass(frozen=True)
 class SynConfig:
     paths: tuple[str, ...] = ()
-    """DataCompDR-style synthetic captions: JSONL files ({"uid"|"key": ..., "syn_text": [...]}, .gz ok) and/or
-    sidecar tars with <uid>.syn.json members; globs and URLs allowed. Joined by uid."""
+    """DataCompDR-style synthetic captions: JSONL files ({"uid"|"key": ..., "syn_text": [...]}, .gz ok),
+    sidecar tars with <uid>.syn.json members, or DataCompDR's tars (<key>.syn.json beside <key>.json holding
+    the uid and sha256; folders are searched, manifest.jsonl skipped); globs and URLs allowed. Joined by uid."""
+    join: Literal["index", "memory"] = "index"
+    """index: an index step partitions the caption records by the shard plan and each shard task reads only
+    its own rows' captions (memory independent of the caption set); memory: every worker loads all of them
+    into one dict (small caption sets)."""
+    partition_mb: int = 1024
+    """Index step: the caption files are hash-partitioned into ceil(their bytes / partition_mb) partitions;
+    a join task holds one partition (and its rows' uids) in memory."""
+    teacher_embeddings: bool = False
+    """Carry DataCompDR's <key>.npz teacher embeddings (image_emb, text_emb) into each sample as an npz member."""
     required: bool = False
     """Rows without synthetic captions fail as syn_missing (otherwise they get no syn.json)."""
     max_captions: int = 0
@@ -72,6 +85,10 @@ class SynConfig:
     def __post_init__(self) -> None:
         if self.max_captions < 0:
             raise ValueError(f"max_captions must be >= 0, got {self.max_captions}")
+        if self.join not in ("index", "memory"):
+            raise ValueError(f"join must be index or memory, got {self.join!r}")
+        if self.partition_mb < 1:
+            raise ValueError(f"partition_mb must be >= 1, got {self.partition_mb}")
 
 
 @dataclass(frozen=True)
@@ -419,6 +436,15 @@ def _parse_syn(obj: Any, max_captions: int) -> list[str] | None:
     return clean[:max_captions] if max_captions else clean
 
 
+class SynRecord(NamedTuple):
+    """One caption record: the sample's synthetic captions, and from DataCompDR's tars the sha256 of the image
+    the captions describe and the teacher-embedding npz bytes (when asked for)."""
+
+    texts: list[str]
+    sha256: str | None = None
+    teacher: bytes | None = None
+
+
 @dataclass
 class SynReport:
     loaded: int = 0
@@ -427,50 +453,84 @@ class SynReport:
     tar: safe_tar.TarReport = field(default_factory=safe_tar.TarReport)
 
 
-def iter_syn_records(cfg: SynConfig, max_member_bytes: int, report: SynReport) -> Iterator[tuple[str, Any]]:
-    """``(uid, parsed json or None)`` from every JSONL file and sidecar tar in ``cfg.paths``."""
-    urls = expand_urls(cfg.paths, suffixes=(".jsonl", ".jsonl.gz", ".tar", ".tar.gz", ".tgz"))
-    for url in urls:
-        fs, path = io.filesystem(url)
-        if path.endswith((".tar", ".tar.gz", ".tgz")):
-            with fs.open(path, "rb") as f:
-                for key, members in safe_tar.iter_tar_samples(f, max_member_bytes, report.tar):
-                    if SYN_KEY in members:
-                        try:
-                            yield posixpath.basename(key), json.loads(members[SYN_KEY])
-                        except ValueError:
-                            report.invalid += 1
-            continue
-        with fs.open(path, "rb") as raw:
-            stream = gzip.open(raw) if path.endswith(".gz") else raw
-            for line in _io.TextIOWrapper(stream, encoding="utf-8", errors="replace"):
-                if not line.strip():
+SYN_SUFFIXES = (".jsonl", ".jsonl.gz", ".tar", ".tar.gz", ".tgz")
+MANIFEST_NAME = "manifest.jsonl"  # DataCompDR's list of its tars, not caption records
+
+
+def syn_files(cfg: SynConfig) -> list[str]:
+    """The caption files of ``cfg.paths`` in read order (DataCompDR's ``manifest.jsonl`` left out)."""
+    return [
+        u for u in expand_urls(cfg.paths, suffixes=SYN_SUFFIXES) if posixpath.basename(u) != MANIFEST_NAME
+    ]
+
+
+def _tar_record(
+    key: str, members: dict[str, bytes], teacher: bool
+) -> tuple[str, Any, str | None, bytes | None]:
+    """(uid, parsed syn.json, sha256, npz) of one sidecar / DataCompDR sample. The uid is the ``json``
+    member's (DataCompDR's member keys are not uids), else the member key (our sidecars)."""
+    uid, sha = posixpath.basename(key), None
+    if META_KEY in members:
+        try:
+            meta = json.loads(members[META_KEY])
+        except ValueError:
+            meta = None
+        if isinstance(meta, dict) and meta.get("uid") is not None:
+            uid = str(meta["uid"])
+            sha = meta.get("sha256") if isinstance(meta.get("sha256"), str) else None
+    return uid, json.loads(members[SYN_KEY]), sha, members.get(TEACHER_KEY) if teacher else None
+
+
+def iter_file_records(
+    url: str, cfg: SynConfig, max_member_bytes: int, report: SynReport
+) -> Iterator[tuple[str, Any]]:
+    """``(uid, SynRecord | None)`` of one caption file in file order (None: the record is not valid)."""
+    fs, path = io.filesystem(url)
+    if path.endswith((".tar", ".tar.gz", ".tgz")):
+        with fs.open(path, "rb") as f:
+            for key, members in safe_tar.iter_tar_samples(f, max_member_bytes, report.tar):
+                if SYN_KEY not in members:
                     continue
                 try:
-                    obj = json.loads(line)
-                    uid = obj.get("uid", obj.get("key"))
-                except (ValueError, AttributeError):
+                    uid, obj, sha, teacher = _tar_record(key, members, cfg.teacher_embeddings)
+                except ValueError:
                     report.invalid += 1
                     continue
-                if uid is None:
-                    report.invalid += 1
-                    continue
-                yield str(uid), obj
+                texts = _parse_syn(obj, cfg.max_captions)
+                yield uid, None if texts is None else SynRecord(texts, sha, teacher)
+        return
+    with fs.open(path, "rb") as raw:
+        stream = gzip.open(raw) if path.endswith(".gz") else raw
+        for line in _io.TextIOWrapper(stream, encoding="utf-8", errors="replace"):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+                uid = obj.get("uid", obj.get("key"))
+            except (ValueError, AttributeError):
+                report.invalid += 1
+                continue
+            if uid is None:
+                report.invalid += 1
+                continue
+            texts = _parse_syn(obj, cfg.max_captions)
+            sha = obj.get("sha256") if isinstance(obj.get("sha256"), str) else None
+            yield str(uid), None if texts is None else SynRecord(texts, sha)
 
 
-def load_syn(cfg: SynConfig, max_member_bytes: int = 64 << 20) -> tuple[dict[str, list[str]], SynReport]:
-    """uid -> synthetic captions (the first record of a uid wins), plus what was skipped."""
+def load_syn(cfg: SynConfig, max_member_bytes: int = 64 << 20) -> tuple[dict[str, SynRecord], SynReport]:
+    """uid -> caption record (the first record of a uid wins), plus what was skipped: the in-memory join."""
     report = SynReport()
-    out: dict[str, list[str]] = {}
-    for uid, obj in iter_syn_records(cfg, max_member_bytes, report):
-        texts = _parse_syn(obj, cfg.max_captions)
-        if texts is None:
-            report.invalid += 1
-        elif uid in out:
-            report.duplicates += 1
-        else:
-            out[uid] = texts
-            report.loaded += 1
+    out: dict[str, SynRecord] = {}
+    for url in syn_files(cfg):
+        for uid, rec in iter_file_records(url, cfg, max_member_bytes, report):
+            if rec is None:
+                report.invalid += 1
+            elif uid in out:
+                report.duplicates += 1
+            else:
+                out[uid] = rec
+                report.loaded += 1
     return out, report
 
 

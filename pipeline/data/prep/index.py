@@ -1,0 +1,406 @@
+"""The caption index step of the shard job: synthetic captions joined to the plan's rows per shard, in memory
+that does not grow with the caption set. Run by ``data_prep.shard`` after planning (``--stage plan`` too)
+when ``syn.paths`` is set and ``syn.join=index`` (the default); see docs/data-prep.md.
+
+Three kinds of array tasks (local pool, Ray or in-process, through ``executors.run_units``), each idempotent
+and atomic (a task whose output exists is skipped, so a killed index step is finished by running again):
+
+1. **rows** (one per input file): each row's normalised uid and shard unit, hash-partitioned by uid
+   -> ``_plan/syn_index/rows/<input>.parquet`` (sorted by partition).
+2. **records** (one per caption file): JSONL lines, sidecar tars or DataCompDR's tars (uid from each
+   sample's ``json``, sha256, optionally the ``npz`` teacher embeddings), hash-partitioned the same way
+   -> ``_plan/syn_index/records/<file>.parquet`` + ``.json`` (its counts).
+3. **join** (one per partition): the partition's rows and records (first record of a uid wins, in file
+   order, as the in-memory join) -> ``_plan/syn_index/joined/<part>.parquet`` sorted by unit, + ``.json``
+   (matched rows, unmatched records per caption file).
+
+Then ``_plan/syn_index/index.json`` (the totals) marks the index complete. A shard task reads only its own
+unit's records from each partition (:func:`load_unit`; row groups of other units are skipped by their
+statistics). The number of partitions is ``ceil(caption bytes / syn.partition_mb)``: a join task holds one
+partition's records and uids.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline import io
+from pipeline.data.prep import sources
+from pipeline.data.prep.executors import ExecutorConfig, run_units
+from pipeline.data.prep.filters import normalise_uid
+from pipeline.data.prep.sources import SourceConfig, SynConfig, SynRecord, SynReport
+from pipeline.data.prep.writer import public_url, write_json
+from pipeline.data.tar import atomic_file
+
+INDEX_DIR = "syn_index"
+INDEX_FILE = "index.json"
+CHUNK_ROWS = 1 << 16  # records buffered before a row-group batch is written
+ROW_GROUP = 4096  # small row groups: a reader of one partition / unit skips the others by statistics
+
+_ROWS_SCHEMA = pa.schema([("part", pa.int32()), ("uid", pa.string()), ("unit", pa.int32())])
+_RECORD_SCHEMA = pa.schema(
+    [
+        ("part", pa.int32()),
+        ("uid", pa.string()),
+        ("texts", pa.list_(pa.string())),
+        ("sha256", pa.string()),
+        ("teacher", pa.binary()),
+    ]
+)
+_JOINED_SCHEMA = pa.schema(
+    [
+        ("unit", pa.int32()),
+        ("uid", pa.string()),
+        ("texts", pa.list_(pa.string())),
+        ("sha256", pa.string()),
+        ("teacher", pa.binary()),
+    ]
+)
+
+
+def partition_of(uid: str, num_partitions: int) -> int:
+    digest = hashlib.blake2b(uid.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % num_partitions
+
+
+def num_partitions(files: list[str], partition_mb: int) -> int:
+    total = 0
+    for url in files:
+        fs, path = io.filesystem(url)
+        total += int(fs.size(path) or 0)
+    return max(1, math.ceil(total / (partition_mb << 20)))
+
+
+def _dir(plan_dir: str, *parts: str) -> str:
+    return io.join(plan_dir, INDEX_DIR, *parts)
+
+
+def _write_table(layout: IndexLayout, table: pa.Table, url: str) -> None:
+    with atomic_file(url, layout.tmp_dir, layout.owner) as f:
+        pq.write_table(table, f, row_group_size=ROW_GROUP)
+
+
+def _read(url: str, column: str, value: int) -> pa.Table:
+    """Rows of a parquet file whose ``column`` equals ``value``, reading only the row groups whose statistics
+    can hold it."""
+    fs, path = io.filesystem(url)
+    with fs.open(path, "rb") as f:
+        pf = pq.ParquetFile(f)
+        idx = pf.schema_arrow.get_field_index(column)
+        groups = []
+        for g in range(pf.metadata.num_row_groups):
+            st = pf.metadata.row_group(g).column(idx).statistics
+            if st is None or not st.has_min_max or st.min <= value <= st.max:
+                groups.append(g)
+        if not groups:
+            return pf.schema_arrow.empty_table()
+        t = pf.read_row_groups(groups)
+    return t.filter(pc.equal(t.column(column), value))
+
+
+# ---------------------------------------------------------------------------------------------- tasks
+
+
+@dataclass(frozen=True)
+class IndexLayout:
+    """Where the index lives and how it is cut (what every task needs to know)."""
+
+    plan_dir: str
+    num_partitions: int
+    tmp_dir: str = ""
+    """Where temporaries are written (the job's ``<output>/_tmp/``), tagged with ``owner``."""
+    owner: str = ""
+
+    def rows_url(self, i: int) -> str:
+        return _dir(self.plan_dir, "rows", f"{i:06d}.parquet")
+
+    def records_url(self, j: int, ext: str = "parquet") -> str:
+        return _dir(self.plan_dir, "records", f"{j:06d}.{ext}")
+
+    def joined_url(self, k: int, ext: str = "parquet") -> str:
+        return _dir(self.plan_dir, "joined", f"{k:05d}.{ext}")
+
+
+@dataclass(frozen=True)
+class RowsTask:
+    """Input file ``i`` -> (partition, uid, unit) of its rows, sorted by partition (row order kept)."""
+
+    layout: IndexLayout
+    source: SourceConfig
+    uid_column: str
+    samples_per_shard: int
+
+    def __call__(self, item: tuple[int, str, int]) -> dict[str, Any]:
+        i, url, first_unit = item
+        if io.exists(self.layout.rows_url(i)):
+            return {"ok": True}
+        parts, uids, units = [], [], []
+        try:
+            fs, path = io.filesystem(url)
+            with fs.open(path, "rb") as f:
+                pf = pq.ParquetFile(f)
+                row = 0
+                has = self.uid_column in pf.schema_arrow.names
+                for g in range(pf.metadata.num_row_groups):
+                    n = pf.metadata.row_group(g).num_rows
+                    values = sources._values(pf.read_row_group(g, [self.uid_column]).column(0)) if has else []
+                    for r, v in enumerate(values):
+                        uid = normalise_uid(v)
+                        if uid is not None:
+                            parts.append(partition_of(uid, self.layout.num_partitions))
+                            uids.append(uid)
+                            units.append(first_unit + (row + r) // self.samples_per_shard)
+                    row += n
+        except Exception:  # noqa: BLE001 - its rows fail in their units (unreadable_input); none has captions
+            parts, uids, units = [], [], []
+        t = pa.table({"part": parts, "uid": uids, "unit": units}, schema=_ROWS_SCHEMA)
+        t = t.take(pc.sort_indices(t, [("part", "ascending")]))  # stable: row order within a part
+        _write_table(self.layout, t, self.layout.rows_url(i))
+        return {"ok": True}
+
+
+@dataclass(frozen=True)
+class RecordsTask:
+    """Caption file ``j`` -> its records (partition, uid, captions, sha256, teacher npz), plus its counts."""
+
+    layout: IndexLayout
+    syn: SynConfig
+    max_member_bytes: int
+
+    def __call__(self, item: tuple[int, str]) -> dict[str, Any]:
+        j, url = item
+        if io.exists(self.layout.records_url(j, "json")):
+            return {"ok": True}
+        report = SynReport()
+        lay = self.layout
+        num_records = 0
+        with atomic_file(lay.records_url(j), lay.tmp_dir, lay.owner) as f:
+            writer = pq.ParquetWriter(f, _RECORD_SCHEMA)
+            for chunk in _chunks(sources.iter_file_records(url, self.syn, self.max_member_bytes, report)):
+                cols: dict[str, list[Any]] = {n: [] for n in _RECORD_SCHEMA.names}
+                for uid, rec in chunk:
+                    if rec is None:
+                        report.invalid += 1
+                        continue
+                    cols["part"].append(partition_of(uid, self.layout.num_partitions))
+                    cols["uid"].append(uid)
+                    cols["texts"].append(rec.texts)
+                    cols["sha256"].append(rec.sha256)
+                    cols["teacher"].append(rec.teacher)
+                t = pa.table(cols, schema=_RECORD_SCHEMA)
+                num_records += t.num_rows
+                writer.write_table(t.take(pc.sort_indices(t, [("part", "ascending")])), ROW_GROUP)
+            writer.close()
+        counts = {
+            "records": num_records,
+            "invalid": report.invalid,
+            "tar_skipped": dict(sorted(report.tar.skipped.items())),
+        }
+        write_json(lay.records_url(j, "json"), counts, lay.tmp_dir, lay.owner)
+        return {"ok": True}
+
+
+def _chunks(it: Iterator[Any]) -> Iterator[list[Any]]:
+    chunk: list[Any] = []
+    for x in it:
+        chunk.append(x)
+        if len(chunk) == CHUNK_ROWS:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+@dataclass(frozen=True)
+class JoinTask:
+    """Partition ``k``: every row's first caption record, by unit; counts of matches per caption file."""
+
+    layout: IndexLayout
+    num_inputs: int
+    num_files: int
+
+    def __call__(self, k: int) -> dict[str, Any]:
+        lay = self.layout
+        if io.exists(lay.joined_url(k, "json")):
+            return {"ok": True}
+        rows = pa.concat_tables(
+            [_read(lay.rows_url(i), "part", k) for i in range(self.num_inputs)]
+            or [_ROWS_SCHEMA.empty_table()]
+        )
+        row_uids = set(rows.column("uid").to_pylist())
+        first: dict[str, dict[str, Any]] = {}
+        matched = [0] * self.num_files
+        unmatched = [0] * self.num_files
+        duplicates = 0
+        for j in range(self.num_files):
+            for rec in _read(lay.records_url(j), "part", k).to_pylist():
+                if rec["uid"] in first:
+                    duplicates += 1
+                elif rec["uid"] in row_uids:
+                    first[rec["uid"]] = rec
+                    matched[j] += 1
+                else:
+                    unmatched[j] += 1
+        cols: dict[str, list[Any]] = {n: [] for n in _JOINED_SCHEMA.names}
+        seen: set[tuple[int, str]] = set()
+        rows_with_syn = 0
+        for uid, unit in zip(rows.column("uid").to_pylist(), rows.column("unit").to_pylist()):
+            rec = first.get(uid)
+            if rec is None:
+                continue
+            rows_with_syn += 1
+            if (unit, uid) in seen:
+                continue
+            seen.add((unit, uid))
+            cols["unit"].append(unit)
+            for name in ("uid", "texts", "sha256", "teacher"):
+                cols[name].append(rec[name])
+        t = pa.table(cols, schema=_JOINED_SCHEMA)
+        t = t.take(pc.sort_indices(t, [("unit", "ascending")]))
+        _write_table(lay, t, lay.joined_url(k))
+        counts = {
+            "rows": rows.num_rows,
+            "rows_with_syn": rows_with_syn,
+            "matched": matched,
+            "unmatched": unmatched,
+            "duplicates": duplicates,
+        }
+        write_json(lay.joined_url(k, "json"), counts, lay.tmp_dir, lay.owner)
+        return {"ok": True}
+
+
+@dataclass(frozen=True)
+class _Safe:
+    """A picklable task wrapper that returns errors as data (the driver raises once all tasks ran)."""
+
+    task: Any
+
+    def __call__(self, item: Any) -> dict[str, Any]:
+        try:
+            return self.task(item)
+        except Exception:  # noqa: BLE001 - reported by the driver; a re-run retries the task
+            return {"ok": False, "item": repr(item), "error": traceback.format_exc(limit=8)}
+
+
+# ---------------------------------------------------------------------------------------------- driver
+
+
+class CaptionIndexError(RuntimeError):
+    """Some index tasks failed; re-run to retry them."""
+
+
+def build_index(
+    plan_dir: str,
+    inputs: list[dict[str, Any]],
+    first_units: list[int],
+    source: SourceConfig,
+    uid_column: str,
+    samples_per_shard: int,
+    syn: SynConfig,
+    executor: ExecutorConfig,
+    url_query: str = "strip",
+    log: Callable[[str], None] = print,
+    tmp_dir: str = "",
+    owner: str = "",
+) -> dict[str, Any]:
+    """Build (or load, when complete) the caption index under ``<plan_dir>/syn_index/``; returns its totals.
+
+    ``inputs``: the plan's input files (``{"url", "num_rows"}`` or ``{"url", "error"}``), ``first_units``:
+    the shard unit number of each file's first rows; ``tmp_dir``/``owner``: where the job's temporaries go and
+    the run's tag for them. Logs the join's counts and warns (in ``log``) for every
+    caption file that matched no row.
+    """
+    marker = _dir(plan_dir, INDEX_FILE)
+    if io.exists(marker):
+        return io.read_json(marker)
+    files = sources.syn_files(syn)
+    layout = IndexLayout(plan_dir, num_partitions(files, syn.partition_mb), tmp_dir, owner)
+    errors: list[dict[str, Any]] = []
+
+    def run(task: Any, items: list[Any]) -> None:
+        for _, r in run_units(_Safe(task), items, executor):
+            if not r["ok"]:
+                errors.append(r)
+        if errors:
+            raise CaptionIndexError(
+                f"caption index: {len(errors)} task(s) failed (first: {errors[0]['item']}):\n"
+                f"{errors[0]['error']}re-run the same command to retry them"
+            )
+
+    row_items = [(i, inp["url"], first_units[i]) for i, inp in enumerate(inputs) if "error" not in inp]
+    bad = [i for i, inp in enumerate(inputs) if "error" in inp]
+    run(RowsTask(layout, source, uid_column, samples_per_shard), row_items)
+    for i in bad:  # unreadable files have no rows to join
+        if not io.exists(layout.rows_url(i)):
+            _write_table(layout, _ROWS_SCHEMA.empty_table(), layout.rows_url(i))
+    run(RecordsTask(layout, syn, source.max_member_bytes), list(enumerate(files)))
+    run(JoinTask(layout, len(inputs), len(files)), list(range(layout.num_partitions)))
+    source_of = {url: p for p in reversed(syn.paths) for url in sources.syn_files(SynConfig(paths=(p,)))}
+    per_file = []
+    for j, url in enumerate(files):
+        counts = io.read_json(layout.records_url(j, "json"))
+        per_file.append(
+            {"url": url, "source": source_of.get(url, ""), **counts, "matched": 0, "unmatched": 0}
+        )
+    rows_with_syn = duplicates = 0
+    for k in range(layout.num_partitions):
+        c = io.read_json(layout.joined_url(k, "json"))
+        rows_with_syn += c["rows_with_syn"]
+        duplicates += c["duplicates"]
+        for j in range(len(files)):
+            per_file[j]["matched"] += c["matched"][j]
+            per_file[j]["unmatched"] += c["unmatched"][j]
+    totals = {
+        "num_partitions": layout.num_partitions,
+        "rows_with_syn": rows_with_syn,
+        "records": sum(f["records"] for f in per_file),
+        "matched": sum(f["matched"] for f in per_file),
+        "unmatched": sum(f["unmatched"] for f in per_file),
+        "duplicates": duplicates,
+        "invalid": sum(f["invalid"] for f in per_file),
+        "files": per_file,
+    }
+    write_json(marker, totals, tmp_dir, owner)
+    log_report(totals, url_query, log)
+    return totals
+
+
+def log_report(totals: dict[str, Any], url_query: str, log: Callable[[str], None]) -> None:
+    """One line of join counts, then one warning per ``syn.paths`` entry whose files matched no row."""
+    log(
+        f"synthetic captions: {totals['rows_with_syn']:,} rows got captions; {totals['records']:,} records, "
+        f"{totals['unmatched']:,} matched no row, {totals['duplicates']:,} repeated a uid, "
+        f"{totals['invalid']:,} invalid"
+    )
+    by_source: dict[str, list[int]] = {}
+    for f in totals["files"]:
+        n = by_source.setdefault(f["source"], [0, 0, 0])
+        n[0], n[1], n[2] = n[0] + 1, n[1] + f["records"], n[2] + f["matched"]
+    for source, (num_files, records, matched) in by_source.items():
+        where = f"{public_url(source, url_query)} ({num_files:,} file(s), {records:,} records)"
+        if not records:
+            log(f"warning: syn.paths: {where} holds no caption record")
+        elif not matched:
+            log(
+                f"warning: syn.paths: {where} matched no row (joined by uid: the json member's uid in "
+                "DataCompDR tars, the key of our sidecars, the uid / key field of JSONL lines)"
+            )
+
+
+def load_unit(plan_dir: str, unit: int, num_partitions: int) -> dict[str, SynRecord]:
+    """uid -> caption record of shard unit ``unit``'s rows (only that unit's row groups are read)."""
+    out: dict[str, SynRecord] = {}
+    layout = IndexLayout(plan_dir, num_partitions)
+    for k in range(num_partitions):
+        for rec in _read(layout.joined_url(k), "unit", unit).to_pylist():
+            out[rec["uid"]] = SynRecord(rec["texts"], rec["sha256"], rec["teacher"])
+    return out
