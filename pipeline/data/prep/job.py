@@ -9,7 +9,11 @@
   row order and writes one tar atomically, then its ``.stats.json`` (the completion marker). A re-run skips
   units whose stats exist for the same config; a killed unit is simply redone and gives the same bytes.
 * **Merge** (when every unit is done): ``sizes.json``, ``failures.parquet``, ``duplicate_images.txt``,
-  subset uid lists and ``manifest.json``; checks ``kept + failed == input`` and raises if not.
+  subset uid lists and ``manifest.json``; checks ``kept + failed == input`` and raises if not. It streams
+  the shards' stats (the cross-shard duplicate-image list through sha256 partitions), never all uids at once.
+
+The global uid dedupe of the plan and the image dedupe of the merge run as array tasks over hash partitions
+on disk (:mod:`pipeline.data.prep.partition`), so no process holds more than ``plan.max_memory_gb`` of them.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import time
 import traceback
 import uuid
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,6 +49,18 @@ from pipeline.data.prep.filters import (
     normalise_uid,
 )
 from pipeline.data.prep.images import ImageConfig, ImageError, process_image
+from pipeline.data.prep.partition import (
+    BYTES_PER_SHA_ROW,
+    BYTES_PER_UID_ROW,
+    ImageDedupe,
+    MergeStep,
+    PlanConfig,
+    PlanStep,
+    UidDedupe,
+    num_partitions,
+    read_duplicate_rows,
+    write_lines,
+)
 from pipeline.data.prep.sources import (
     MISSING,
     FetchConfig,
@@ -57,6 +73,7 @@ from pipeline.data.prep.sources import (
 )
 from pipeline.data.prep.subsets import SubsetConfig, materialize, read_uid_list, write_subsets
 from pipeline.data.prep.writer import (
+    DUPLICATE_IMAGES_FILE,
     FAILURES_FILE,
     OutputConfig,
     OutputFolder,
@@ -67,15 +84,16 @@ from pipeline.data.prep.writer import (
     remove_stale_temp_files,
     shard_pattern,
     stats_url,
-    write_dataset_files,
     write_json,
 )
 from pipeline.data.schema import (
     CAPTION_KEY,
     IMAGE_KEY,
     KEY,
+    MANIFEST_FILE,
     META_KEY,
     SCHEMA_VERSION,
+    SIZES_FILE,
     SYN_KEY,
     TEACHER_KEY,
     SampleMeta,
@@ -83,7 +101,15 @@ from pipeline.data.schema import (
 
 PLAN_DIR = "_plan"
 PLAN_FILE = "plan.json"
-STAGES = ("all", "plan", "shard", "merge")
+PLAN_STEPS = {
+    "plan-partition": "partition_input",
+    "plan-dedupe": "dedupe_partition",
+    "plan-gather": "gather_bucket",
+}
+MERGE_STEPS = {"merge-partition": "partition_group", "merge-dedupe": "dedupe_partition"}
+STAGES = ("all", "plan", *PLAN_STEPS, "shard", *MERGE_STEPS, "merge")
+"""``plan`` and ``merge`` run all their steps through the executor; ``plan-*`` / ``merge-*`` run one step's
+share of array task ``task_index`` (SLURM arrays chained with ``--dependency=afterok``)."""
 
 
 @dataclass(frozen=True)
@@ -96,6 +122,7 @@ class ShardJobConfig:
     output: OutputConfig = field(default_factory=OutputConfig)
     subsets: SubsetConfig = field(default_factory=SubsetConfig)
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
 
     def __post_init__(self) -> None:
         self.source.check_required()
@@ -113,9 +140,11 @@ class ShardJobError(RuntimeError):
 
 def content_config(cfg: ShardJobConfig) -> dict[str, Any]:
     """The config keys that decide the shards' content: not the executor, fetch.threads, output.path or
-    output.overwrite (so a re-run may change those and still resume)."""
+    output.overwrite, plan (so a re-run may change those and still resume; the plan's partitioning never
+    changes which rows are kept)."""
     d = to_dict(cfg)
     d.pop("executor")
+    d.pop("plan")
     d["fetch"].pop("threads")
     d["output"].pop("overwrite")
     d["output"].pop("path")
@@ -137,6 +166,8 @@ class Unit:
     url: str
     start: int
     end: int
+    duplicates: str = ""
+    """The file listing this unit's duplicate-uid rows (``""``: no uid dedupe)."""
 
 
 @dataclass(frozen=True)
@@ -144,17 +175,41 @@ class Plan:
     config_hash: str
     inputs: list[dict[str, Any]]
     """One entry per input file: {"url", "num_rows"} or {"url", "error"} for unreadable files."""
+    dedupe: dict[str, Any] = field(default_factory=dict)
+    """How the uid dedupe was planned: {"mode", "num_partitions", "num_buckets"} ({} when off)."""
 
     def units(self, out: OutputConfig) -> list[Unit]:
         units: list[Unit] = []
+        dd = _uid_dedupe_layout(out.path, self)
         for i, inp in enumerate(self.inputs):
             n = inp.get("num_rows", 0)
+            dups = ""
+            if self.dedupe.get("mode") == "memory":
+                dups = io.join(out.path, PLAN_DIR, "duplicates.parquet")
+            elif dd is not None:
+                dups = dd.bucket_url(dd.bucket_of(i))
             for start in range(0, n, out.samples_per_shard):
                 k = len(units)
-                units.append(
-                    Unit(k, out.shard_name(k), i, inp["url"], start, min(n, start + out.samples_per_shard))
-                )
+                end = min(n, start + out.samples_per_shard)
+                units.append(Unit(k, out.shard_name(k), i, inp["url"], start, end, dups))
         return units
+
+
+def _uid_dedupe_layout(
+    output: str, plan: Plan, owner: str = "", cfg: PlanConfig | None = None
+) -> UidDedupe | None:
+    if plan.dedupe.get("mode") != "partitioned":
+        return None
+    batch = cfg.batch_rows if cfg else PlanConfig().batch_rows
+    return UidDedupe(
+        output,
+        plan.config_hash,
+        tuple(plan.inputs),
+        plan.dedupe["uid_column"],
+        plan.dedupe["num_partitions"],
+        batch,
+        owner,
+    )
 
 
 def _plan_url(cfg: ShardJobConfig, name: str) -> str:
@@ -216,21 +271,72 @@ def _write_plan_parquet(out: OutputFolder, name: str, table: pa.Table) -> None:
         pq.write_table(table, f)
 
 
-def make_plan(cfg: ShardJobConfig, chash: str, log: Callable[[str], None] = print, owner: str = "") -> Plan:
+def make_plan(
+    cfg: ShardJobConfig,
+    chash: str,
+    log: Callable[[str], None] = print,
+    owner: str = "",
+    stage: str = "plan",
+    task_index: int = 0,
+    num_tasks: int = 1,
+) -> Plan | None:
     """Load ``<output>/_plan/plan.json`` if it was made with this config, else build and write it
-    (``owner``: the run's tag for its temporaries)."""
+    (``owner``: the run's tag for its temporaries). ``stage`` ``plan-partition`` / ``plan-dedupe`` /
+    ``plan-gather`` runs only array task ``task_index``'s share of that step and returns None."""
     out = OutputFolder(cfg.output.path, owner)
     plan_url = _plan_url(cfg, PLAN_FILE)
     if io.exists(plan_url):
         old = io.read_json(plan_url)
         if old.get("config_hash") == chash:
-            return Plan(old["config_hash"], old["inputs"])
+            return Plan(old["config_hash"], old["inputs"], old.get("dedupe", {}))
         if not cfg.output.overwrite:
             raise ConfigError(
                 f"output.path: {cfg.output.path} was planned with another config ({old.get('config_hash')} != "
                 f"{chash}); use a new output.path or set output.overwrite=true"
             )
     t0 = time.time()
+    inputs = _plan_inputs(cfg, chash, out)
+    uid_column = "uid" if cfg.source.kind == "folder" else cfg.source.uid_column
+    dedupe: dict[str, Any] = {}
+    if cfg.filters.dedupe_uid and cfg.plan.dedupe == "memory":
+        dedupe = {"mode": "memory"}
+        if stage == "plan":
+            _write_plan_parquet(out, "duplicates.parquet", find_duplicate_rows(inputs, uid_column))
+    elif cfg.filters.dedupe_uid:
+        rows = sum(i.get("num_rows", 0) for i in inputs)
+        parts = num_partitions(rows, BYTES_PER_UID_ROW, cfg.plan.max_memory_gb)
+        dedupe = {"mode": "partitioned", "uid_column": uid_column, "num_partitions": parts}
+        dd = _uid_dedupe_layout(cfg.output.path, Plan(chash, inputs, dedupe), owner, cfg.plan)
+        assert dd is not None
+        dedupe["num_buckets"] = dd.num_buckets
+        counts = {"partition_input": len(inputs), "dedupe_partition": parts, "gather_bucket": dd.num_buckets}
+        for step, n in counts.items():
+            if stage == "plan":
+                items = list(range(n))
+            elif PLAN_STEPS[stage] == step:
+                items = list(task_range(n, task_index, num_tasks))
+            else:
+                continue
+            _run_steps(PlanStep(dd, step), items, cfg, f"plan {step}", log)
+    if stage != "plan":
+        return None
+    if cfg.source.images == "img2dataset":
+        index, report = sources.build_img2dataset_index(cfg.source)
+        _write_plan_parquet(out, "img2dataset_index.parquet", index)
+        if report.skipped:
+            log(f"img2dataset index: skipped members {dict(report.skipped)}")
+    out.write_json({"config_hash": chash, "inputs": inputs, "dedupe": dedupe}, PLAN_DIR, PLAN_FILE)
+    rows = sum(i.get("num_rows", 0) for i in inputs)
+    log(f"planned {len(inputs)} input file(s), {rows} rows in {time.time() - t0:.1f}s")
+    return Plan(chash, inputs, dedupe)
+
+
+def _plan_inputs(cfg: ShardJobConfig, chash: str, out: OutputFolder) -> list[dict[str, Any]]:
+    """The input files and their row counts (cached in ``_plan/<config hash>/inputs.json``, so every
+    array task of a plan step sees the same list)."""
+    cached = _plan_url(cfg, f"{chash}/inputs.json")
+    if io.exists(cached):
+        return io.read_json(cached)["inputs"]
     if cfg.source.kind == "folder":
         folder_url = _plan_url(cfg, "folder.parquet")
         _write_plan_parquet(out, "folder.parquet", sources.list_folder(cfg.source))
@@ -244,24 +350,37 @@ def make_plan(cfg: ShardJobConfig, chash: str, log: Callable[[str], None] = prin
         if not urls:
             patterns = public_json(list(cfg.source.parquet), cfg.output.url_query)
             raise ConfigError(f"source.parquet: no files match {patterns}")
-    inputs: list[dict[str, Any]] = []
-    for url in urls:
+
+    def count(url: str) -> dict[str, Any]:
         try:
-            inputs.append({"url": url, "num_rows": sources.count_rows(url)})
+            return {"url": url, "num_rows": sources.count_rows(url)}
         except Exception as e:  # noqa: BLE001 - a broken file is reported, not fatal
-            inputs.append({"url": url, "error": f"{type(e).__name__}: {e}"[:500]})
-    uid_column = "uid" if cfg.source.kind == "folder" else cfg.source.uid_column
-    if cfg.filters.dedupe_uid:
-        _write_plan_parquet(out, "duplicates.parquet", find_duplicate_rows(inputs, uid_column))
-    if cfg.source.images == "img2dataset":
-        index, report = sources.build_img2dataset_index(cfg.source)
-        _write_plan_parquet(out, "img2dataset_index.parquet", index)
-        if report.skipped:
-            log(f"img2dataset index: skipped members {dict(report.skipped)}")
-    out.write_json({"config_hash": chash, "inputs": inputs}, PLAN_DIR, PLAN_FILE)
-    rows = sum(i.get("num_rows", 0) for i in inputs)
-    log(f"planned {len(inputs)} input file(s), {rows} rows in {time.time() - t0:.1f}s")
-    return Plan(chash, inputs)
+            return {"url": url, "error": f"{type(e).__name__}: {e}"[:500]}
+
+    with ThreadPoolExecutor(16) as pool:  # footers only; threads hide object-store latency
+        inputs = list(pool.map(count, urls))
+    out.write_json({"config_hash": chash, "inputs": inputs}, PLAN_DIR, chash, "inputs.json")
+    return inputs
+
+
+def _run_steps(
+    fn: Callable[[int], dict[str, Any]],
+    items: list[int],
+    cfg: ShardJobConfig,
+    what: str,
+    log: Callable[[str], None],
+) -> None:
+    """Run a plan or merge step's tasks through the executor; raise naming the first failed task."""
+    t0 = time.time()
+    errors = [(i, r["error"]) for i, r in run_units(fn, items, cfg.executor) if not r["ok"]]
+    if errors:
+        i, error = min(errors)
+        log(f"{what} task {i} failed:\n{public_text(error, cfg.output.url_query)}")
+        raise ShardJobError(
+            f"{len(errors)} of {len(items)} {what} tasks failed; re-run the same command to retry"
+        )
+    if items:
+        log(f"{what}: {len(items)} task(s) in {time.time() - t0:.1f}s")
 
 
 # ---------------------------------------------------------------------------------------------- shard units
@@ -280,10 +399,6 @@ class _Resources:
         elif cfg.syn.paths:
             marker = _plan_url(cfg, f"{caption_index.INDEX_DIR}/{caption_index.INDEX_FILE}")
             self.syn_partitions = io.read_json(marker)["num_partitions"]
-        self.duplicates: set[tuple[int, int]] = set()
-        if cfg.filters.dedupe_uid:
-            t = pq.read_table(_open_bytes(_plan_url(cfg, "duplicates.parquet")))
-            self.duplicates = set(zip(t.column("input").to_pylist(), t.column("row").to_pylist()))
         self.include: set[str] | None = None
         if cfg.filters.include_uids:
             self.include = set(read_uid_list(cfg.filters.include_uids))
@@ -355,6 +470,11 @@ def _select(
             fail(r, None, "unreadable_input", f"{type(e).__name__}: {e}"[:300], unit.url)
         return []
     folder = cfg.source.kind == "folder"
+    duplicates = (
+        read_duplicate_rows(unit.duplicates, unit.input_index, unit.start, unit.end)
+        if unit.duplicates
+        else set()
+    )
     out: list[_Candidate] = []
     seen: set[str] = set()
     for r in rows:
@@ -365,7 +485,7 @@ def _select(
         if uid is None:
             fail(r.row, None if r.uid is None else str(r.uid)[:200], "bad_uid")
             continue
-        if (unit.input_index, r.row) in res.duplicates or uid in seen:
+        if r.row in duplicates or uid in seen:
             fail(r.row, uid, "duplicate_uid")
             continue
         seen.add(uid)
@@ -569,57 +689,138 @@ class UnitTask:
 # ---------------------------------------------------------------------------------------------- merge
 
 
-def merge(cfg: ShardJobConfig, plan: Plan, units: list[Unit], owner: str = "") -> dict[str, Any] | None:
+FAILURE_SCHEMA = pa.schema(
+    [
+        ("shard", pa.string()),
+        ("input", pa.string()),
+        ("row", pa.int64()),
+        ("uid", pa.string()),
+        ("reason", pa.string()),
+        ("detail", pa.string()),
+    ]
+)
+FAILURE_ROWS_PER_GROUP = 65_536
+
+
+def _iter_stats(
+    out: str, units: list[Unit], window: int = 16
+) -> Iterator[tuple[Unit, dict[str, Any] | None]]:
+    """``(unit, stats or None)`` in unit order, read ``window`` at a time (never all at once)."""
+    with ThreadPoolExecutor(window) as pool:
+        for first in range(0, len(units), window):
+            chunk = units[first : first + window]
+            yield from zip(chunk, pool.map(lambda u: read_stats(out, u.name), chunk))
+
+
+class _KeptUids:
+    """(shard name, kept uids) of every shard, re-read from the stats on each pass (for the subset lists)."""
+
+    def __init__(self, out: str, units: list[Unit]) -> None:
+        self.out, self.units = out, units
+
+    def __iter__(self) -> Iterator[tuple[str, list[str]]]:
+        for unit, st in _iter_stats(self.out, self.units):
+            assert st is not None
+            yield unit.name, st["uids"]
+
+
+def _image_dedupe_layout(cfg: ShardJobConfig, plan: Plan, units: list[Unit], owner: str) -> ImageDedupe:
+    rows = sum(i.get("num_rows", 0) for i in plan.inputs)
+    parts = num_partitions(rows, BYTES_PER_SHA_ROW, cfg.plan.max_memory_gb)
+    rows_per_group = max(1, int(cfg.plan.max_memory_gb * 2**30 / BYTES_PER_SHA_ROW))
+    group = max(1, rows_per_group // cfg.output.samples_per_shard)
+    names = tuple(u.name for u in units)
+    return ImageDedupe(cfg.output.path, plan.config_hash, names, group, parts, owner)
+
+
+def merge(
+    cfg: ShardJobConfig,
+    plan: Plan,
+    units: list[Unit],
+    owner: str = "",
+    stage: str = "merge",
+    task_index: int = 0,
+    num_tasks: int = 1,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any] | None:
     """Write the dataset files if every unit is done (else return None); check the accounting. ``owner``:
-    the run's tag for its temporaries."""
+    the run's tag for its temporaries. ``stage`` ``merge-partition`` / ``merge-dedupe`` runs only array task
+    ``task_index``'s share of that step of the cross-shard image dedupe (and returns None)."""
     out = cfg.output.path
-    with ThreadPoolExecutor(16) as pool:
-        all_stats = list(pool.map(lambda u: read_stats(out, u.name), units))
-    if any(s is None or s.get("config_hash") != plan.config_hash for s in all_stats):
+    if any(st is None or st.get("config_hash") != plan.config_hash for _, st in _iter_stats(out, units)):
         return None
-    sizes: dict[str, int] = {}
-    failures: list[dict[str, Any]] = []
-    reasons: Counter[str] = Counter()
-    shards, subset_input = [], []
-    first_by_sha: dict[str, str] = {}
-    duplicate_images: list[str] = []
-    total_bytes = 0
-    for unit, st in zip(units, all_stats):
-        assert st is not None
-        if st["num_kept"] + st["num_failed"] != unit.end - unit.start:
-            raise ShardJobError(f"{unit.name}: stats do not add up to its {unit.end - unit.start} input rows")
-        sizes[unit.name] = st["num_kept"]
-        total_bytes += st["bytes"]
-        shards.append({"name": unit.name, "num_samples": st["num_kept"], "bytes": st["bytes"]})
-        subset_input.append((unit.name, st["uids"]))
-        reasons.update(st["failed"])
-        for f in st["failures"]:
-            failures.append({"shard": unit.name, "input": public_url(unit.url, cfg.output.url_query), **f})
-        for uid, sha in zip(st["uids"], st["sha256"]) if cfg.filters.dedupe_image else ():
-            if sha in first_by_sha:
-                duplicate_images.append(uid)
+    dedupe: ImageDedupe | None = None
+    if cfg.filters.dedupe_image and cfg.plan.dedupe == "partitioned":
+        dedupe = _image_dedupe_layout(cfg, plan, units, owner)
+        counts = {"partition_group": dedupe.num_groups, "dedupe_partition": dedupe.num_parts}
+        for step, n in counts.items():
+            if stage == "merge":
+                items = list(range(n))
+            elif MERGE_STEPS[stage] == step:
+                items = list(task_range(n, task_index, num_tasks))
             else:
-                first_by_sha[sha] = uid
-    for inp in plan.inputs:
-        if "error" in inp:
-            failures.append(
-                {
-                    "shard": None,
-                    "input": public_url(inp["url"], cfg.output.url_query),
-                    "row": -1,
-                    "uid": None,
-                    "reason": "unreadable_input",
-                    "detail": public_text(inp["error"], cfg.output.url_query, inp["url"]),
-                }
-            )
-            reasons["unreadable_input"] += 1
-    num_input = sum(i.get("num_rows", 1 if "error" in i else 0) for i in plan.inputs)
-    num_kept = sum(sizes.values())
-    num_failed = len(failures)
-    if num_kept + num_failed != num_input or sum(reasons.values()) != num_failed:
-        raise ShardJobError(f"accounting: kept {num_kept} + failed {num_failed} != input {num_input}")
+                continue
+            _run_steps(MergeStep(dedupe, step), items, cfg, f"merge {step}", log)
+    if stage != "merge":
+        return None
     folder = OutputFolder(out, owner)
-    subsets = write_subsets(folder, subset_input, cfg.subsets) if cfg.subsets.fractions else {}
+    sizes: dict[str, int] = {}
+    reasons: Counter[str] = Counter()
+    shards = []
+    total_bytes = num_failed = 0
+    first_by_sha: dict[str, str] = {}  # only for plan.dedupe=memory (the old path)
+    duplicate_images: list[str] = []
+    num_input = sum(i.get("num_rows", 1 if "error" in i else 0) for i in plan.inputs)
+    with folder.open(FAILURES_FILE) as f, pq.ParquetWriter(f, FAILURE_SCHEMA) as writer:
+        failures: list[dict[str, Any]] = []
+        for unit, st in _iter_stats(out, units):
+            assert st is not None
+            if st["num_kept"] + st["num_failed"] != unit.end - unit.start:
+                raise ShardJobError(
+                    f"{unit.name}: stats do not add up to its {unit.end - unit.start} input rows"
+                )
+            sizes[unit.name] = st["num_kept"]
+            total_bytes += st["bytes"]
+            shards.append({"name": unit.name, "num_samples": st["num_kept"], "bytes": st["bytes"]})
+            reasons.update(st["failed"])
+            num_failed += len(st["failures"])
+            for fr in st["failures"]:
+                failures.append(
+                    {"shard": unit.name, "input": public_url(unit.url, cfg.output.url_query), **fr}
+                )
+            if len(failures) >= FAILURE_ROWS_PER_GROUP:
+                writer.write_table(pa.Table.from_pylist(failures, schema=FAILURE_SCHEMA))
+                failures.clear()
+            for uid, sha in (
+                zip(st["uids"], st["sha256"]) if cfg.filters.dedupe_image and dedupe is None else ()
+            ):
+                if sha in first_by_sha:
+                    duplicate_images.append(uid)
+                else:
+                    first_by_sha[sha] = uid
+        for inp in plan.inputs:
+            if "error" in inp:
+                failures.append(
+                    {
+                        "shard": None,
+                        "input": public_url(inp["url"], cfg.output.url_query),
+                        "row": -1,
+                        "uid": None,
+                        "reason": "unreadable_input",
+                        "detail": public_text(inp["error"], cfg.output.url_query, inp["url"]),
+                    }
+                )
+                reasons["unreadable_input"] += 1
+                num_failed += 1
+        writer.write_table(pa.Table.from_pylist(failures, schema=FAILURE_SCHEMA))
+        num_kept = sum(sizes.values())
+        if num_kept + num_failed != num_input or sum(reasons.values()) != num_failed:
+            raise ShardJobError(f"accounting: kept {num_kept} + failed {num_failed} != input {num_input}")
+    subsets = write_subsets(folder, _KeptUids(out, units), cfg.subsets) if cfg.subsets.fractions else {}  # type: ignore[arg-type]
+    num_duplicate_images = 0
+    with folder.open(DUPLICATE_IMAGES_FILE) as f:
+        lines = dedupe.iter_duplicates() if dedupe is not None else iter(duplicate_images)
+        num_duplicate_images = write_lines(f, lines)
     names = [u.name for u in units]
     manifest = {
         "schema_version": SCHEMA_VERSION,
@@ -635,7 +836,7 @@ def merge(cfg: ShardJobConfig, plan: Plan, units: list[Unit], owner: str = "") -
             "failed": num_failed,
             "failed_by_reason": dict(sorted(reasons.items())),
             "bytes": total_bytes,
-            "duplicate_images_across_shards": len(duplicate_images),
+            "duplicate_images_across_shards": num_duplicate_images,
         },
         "failures_file": FAILURES_FILE,
         "subsets": subsets,
@@ -646,7 +847,8 @@ def merge(cfg: ShardJobConfig, plan: Plan, units: list[Unit], owner: str = "") -
             "json": "metadata",
         },
     }
-    write_dataset_files(folder, sizes, failures, duplicate_images, manifest)
+    folder.write_json(sizes, SIZES_FILE)
+    folder.write_json(manifest, MANIFEST_FILE)
     remove_stale_temp_files(out, owner=owner)
     return manifest
 
@@ -713,14 +915,20 @@ def _run_stages(
 ) -> dict[str, Any]:
     t0 = time.time()
     chash = config_hash(cfg)
-    plan = make_plan(cfg, chash, log, owner)
+    plan_stage = stage if stage in PLAN_STEPS else "plan"
+    plan = make_plan(cfg, chash, log, owner, plan_stage, task_index, num_tasks)
+    if plan is None:  # one plan step's share of an array task
+        return {"plan": None, "units_run": 0, "units_skipped": 0, "manifest": None}
     units = plan.units(cfg.output)
-    syn_index = None  # totals of the caption join (None without syn.paths / with syn.join=memory)
-    if cfg.syn.paths and cfg.syn.join == "index":
-        syn_index = _caption_index(cfg, plan, units, log, owner)
+    syn_index = (
+        _caption_index(cfg, plan, units, log, owner) if cfg.syn.paths and cfg.syn.join == "index" else None
+    )
     result: dict[str, Any] = {"plan": plan, "units_run": 0, "units_skipped": 0, "manifest": None}
-    result["syn_index"] = syn_index
+    result["syn_index"] = syn_index  # totals of the caption join (None without syn.paths / with join=memory)
     if stage == "plan":
+        return result
+    if stage in MERGE_STEPS:  # one merge step's share of an array task
+        merge(cfg, plan, units, owner, stage, task_index, num_tasks, log)
         return result
     this_run: Counter[str] = Counter()
     if stage in ("all", "shard"):
@@ -736,7 +944,7 @@ def _run_stages(
     elapsed = time.time() - t0
     result["this_run"] = {**this_run, "seconds": round(elapsed, 3)}
     if stage in ("all", "merge"):
-        result["manifest"] = merge(cfg, plan, units, owner)
+        result["manifest"] = merge(cfg, plan, units, owner, log=log)
         if result["manifest"] is None:
             if stage == "merge" or num_tasks == 1:
                 raise ShardJobError(
