@@ -8,6 +8,12 @@
 Stages: classification, detection, segmentation, depth, region, denseclip (see docs/finetune.md). Each
 writes config.toml, metrics.jsonl, checkpoints/ and summary.json into ``--run_dir``; running the same
 command again resumes from the newest checkpoint. SIGUSR1 / SIGTERM checkpoint and exit with code 124.
+Data-parallel on N processes with any launcher that sets the ranks (``pipeline.dist``):
+
+    torchrun --nproc_per_node 4 -m jobs.finetune --stage detection --preset coco_vitdet ...
+    srun --ntasks 8 python -m jobs.finetune --stage segmentation --preset ade20k_upernet ...
+
+``train.batch_size`` is the global batch (each rank trains on ``batch_size / N``).
 """
 
 from __future__ import annotations
@@ -16,10 +22,12 @@ import argparse
 import json
 import sys
 
+import torch.distributed as dist
+
 from pipeline.cli import job_main, parse_config
-from pipeline.dist import PreemptionFlag
+from pipeline.dist import PreemptionFlag, close_distributed, init_distributed, world_info_from_env
 from pipeline.finetune.common import Preempted
-from pipeline.finetune.stages import STAGES, load_stage
+from pipeline.finetune.stages import STAGES, load_stage, run_stage
 
 
 @job_main("python -m jobs.finetune")
@@ -46,11 +54,19 @@ def main(argv: list[str] | None = None) -> int:
         job=f"finetune/{known.stage}",
         extra_args=extra,
     )
+    owns_group = not dist.is_initialized()
+    world = init_distributed(world_info_from_env())
     try:
-        summary = stage.run_stage(cfg, args.run_dir, preemption=PreemptionFlag())
+        summary = run_stage(known.stage, cfg, args.run_dir, world=world, preemption=PreemptionFlag())
     except Preempted as e:
-        print(f"{e}; run the same command again to resume", file=sys.stderr)
+        if world.is_main:
+            print(f"{e}; run the same command again to resume", file=sys.stderr)
         return PreemptionFlag.EXIT_CODE
+    else:
+        if owns_group:  # after an error the process exits instead: a barrier could wait on a dead rank
+            close_distributed()
+    if not world.is_main:
+        return 0
     keys = ("stage", "status", "steps", "primary_metric", "primary_value", "train_flops")
     print(json.dumps({k: summary.get(k) for k in keys} | {"metrics": summary.get("metrics")}, sort_keys=True))
     return 0

@@ -34,7 +34,7 @@ from pipeline.finetune.common import (
     seed_everything,
 )
 from pipeline.finetune.datasets import DataConfig, build_datasets, collate
-from pipeline.finetune.metrics import topk_accuracy
+from pipeline.finetune.metrics import all_gather_objects, topk_accuracy
 from pipeline.model.backbone import BackboneConfig, ViTBackbone, build_backbone
 from pipeline.model.heads import LinearHead
 
@@ -161,7 +161,10 @@ def run_stage(cfg: ClassificationConfig, run_dir: str | Path, preemption: Any = 
         for batch in batches:
             logits.append(m(batch["image"]).float())
             labels.append(batch["label"])
-        acc = topk_accuracy(torch.cat(logits), torch.cat(labels), (1, 5))
+        parts = [p for rank in all_gather_objects((logits, labels)) for p in zip(*rank)]  # in rank order
+        acc = topk_accuracy(
+            torch.cat([lg.cpu() for lg, _ in parts]), torch.cat([lb.cpu() for _, lb in parts]), (1, 5)
+        )
         return {"top1": acc[1], "top5": acc[5]}
 
     spec = StageSpec(

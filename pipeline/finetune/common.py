@@ -1,39 +1,28 @@
-"""What every fine-tuning stage shares: config pieces, AdamW with layer-wise lr decay, schedules, FLOPs
-counting, checkpoint / resume, and the training loop behind the ``run_stage`` contract.
+"""What is fine-tuning-specific and shared by the stages: config pieces, the encoder's layer-wise lr groups,
+the step-indexed sampler, the per-rank data splits, and the ``StageSpec`` a stage hands to the trainer.
 
 The contract (each module in ``pipeline/finetune/`` follows it; a Ray Tune sweep only needs this):
 
     summary = run_stage(stage_cfg, run_dir)   # trains, evaluates, writes the run directory, returns summary.json
 
-``run_dir`` gets ``config.toml``, ``metrics.jsonl`` (loss / lr every ``train.log_every`` steps, evaluations),
-``checkpoints/<step>/state.pt`` + ``checkpoints/latest`` and, when training finishes, ``summary.json`` with
-the final metrics, the stage's primary metric and the training FLOPs. Calling ``run_stage`` again on the same
-directory resumes from the newest checkpoint (a finished run returns its summary at once). A resumed run
-reproduces the uninterrupted one exactly: each step reseeds the RNG from (seed, step) and draws its batch
-from a sampler that is a pure function of (seed, step), and augmentation seeds come with the indices.
+The loop itself is :class:`pipeline.finetune.trainer.FinetuneTrainer` (``fit`` here is its one-line entry),
+built on the training toolkit every loop shares: ``pipeline.train.optim`` (parameter groups, layer-wise lr
+decay, lr multipliers, frozen parts, schedules), ``pipeline.train.ema``, ``pipeline.train.checkpoint``
+(``latest``, retention, sha256 manifests), ``pipeline.train.state.TrainState``, ``pipeline.train.flops``.
 
-Learning rates: AdamW; parameter ``p`` at depth ``layer_id(p)`` of a ViT with ``L`` blocks gets
+Learning rates: parameter ``p`` at depth ``layer_id(p)`` of a ViT with ``L`` blocks gets
 ``lr * layer_decay ** (L + 1 - layer_id(p))`` (BEiT / MAE layer-wise decay; heads have depth ``L + 1``),
-times ``backbone_lr_mult`` inside the image encoder (DenseCLIP's 0.1). Weight decay skips biases, norm
-layers, embeddings and every parameter with fewer than two dimensions (the rule of ``pipeline.train.optim``).
-Schedules: linear warmup from ``lr / warmup_steps`` (as the pretraining trainer does), then ``cosine`` (to
-``min_lr_ratio * lr``), ``const``, ``linear``, ``poly`` (mmseg's, power ``poly_power``) or ``step`` (x
-``gamma`` at each of ``milestones``).
+times ``backbone_lr_mult`` inside the image encoder (DenseCLIP's 0.1; 0 freezes it).
 
-Training FLOPs: one training-shaped forward pass is traced; each matmul / conv is charged to the innermost
-module that ran it; a step costs forward C, plus backward 2C for modules with trainable parameters and C for
-frozen modules that gradients flow through (their outputs require grad), 0 where no gradient flows (e.g. a
-linear probe's encoder run under ``no_grad``). ``summary.json["flops"]`` holds per-step and total figures.
+Data order: the global batch of step ``s`` is a pure function of ``(seed, s)`` (:class:`StepBatchSampler`),
+each sample's augmentation seed comes with its position in the global batch, and rank ``r`` of ``N`` takes the
+``r``-th contiguous ``batch_size / N`` of it (:func:`rank_slice`), so the global batch does not depend on how
+many processes train it. Evaluation splits the validation set into ``N`` contiguous shards (:func:`eval_batches`).
 """
 
 from __future__ import annotations
 
-import copy
-import io as _io
 import math
-import shutil
-import time
-from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,13 +31,14 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
-from torch.utils.flop_counter import flop_registry
 
-from pipeline import io
 from pipeline.model.backbone import ViTBackbone
-from pipeline.run_dir import RunDir
+from pipeline.train.checkpoint import latest_state_file
+from pipeline.train.flops import count_training_flops
+from pipeline.train.optim import ScheduleConfig, freeze, layered_param_groups, lr_factor
+from pipeline.train.optim import build_optimizer as _build_optimizer
+
+__all__ = ["ScheduleConfig", "count_training_flops", "lr_factor"]  # re-exported: stage configs and tests
 
 # ------------------------------------------------------------------------------------------ configs
 
@@ -84,30 +74,6 @@ class FinetuneOptimConfig:
         for name in ("beta1", "beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be in [0, 1), got {getattr(self, name)}")
-
-
-@dataclass(frozen=True)
-class ScheduleConfig:
-    name: Literal["cosine", "const", "linear", "poly", "step"] = "cosine"
-    """Shape after warmup: cosine / linear / poly decay to min_lr_ratio * lr, const, or step (x gamma)."""
-    warmup_steps: int = 0
-    """Optimizer steps of linear warmup (lr * (step + 1) / warmup_steps)."""
-    min_lr_ratio: float = 0.0
-    """Final learning rate as a fraction of lr (cosine, linear, poly)."""
-    poly_power: float = 1.0
-    """Exponent of the poly schedule (mmsegmentation uses 1.0 for ADE20K)."""
-    milestones: tuple[int, ...] = ()
-    """Steps at which the step schedule multiplies lr by gamma."""
-    gamma: float = 0.1
-    """Factor of the step schedule."""
-
-    def __post_init__(self) -> None:
-        if self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps: must be >= 0, got {self.warmup_steps}")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
-        if list(self.milestones) != sorted(self.milestones):
-            raise ValueError(f"milestones: must be increasing, got {self.milestones}")
 
 
 @dataclass(frozen=True)
@@ -149,40 +115,6 @@ class FinetuneTrainConfig:
 # ----------------------------------------------------------------------------- optimiser + schedule
 
 
-def lr_factor(step: int, total_steps: int, cfg: ScheduleConfig) -> float:
-    """Multiplier of the peak lr for optimizer step ``step`` (0-based) of ``total_steps``."""
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    if cfg.name == "const":
-        return 1.0
-    if cfg.name == "step":
-        return cfg.gamma ** sum(step >= m for m in cfg.milestones)
-    decay_steps = max(1, total_steps - cfg.warmup_steps - 1)
-    progress = min(1.0, (step - cfg.warmup_steps) / decay_steps)
-    lo = cfg.min_lr_ratio
-    if cfg.name == "cosine":
-        return lo + (1 - lo) * 0.5 * (1 + math.cos(math.pi * progress))
-    if cfg.name == "linear":
-        return lo + (1 - lo) * (1 - progress)
-    if cfg.name == "poly":
-        return lo + (1 - lo) * (1 - progress) ** cfg.poly_power
-    raise ValueError(f"name: unknown schedule {cfg.name!r}")
-
-
-_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
-
-
-def no_decay_names(model: nn.Module) -> set[str]:
-    """Parameters without weight decay: norms, biases / 1-d tensors, embeddings."""
-    names = set()
-    for module_name, module in model.named_modules():
-        for pname, p in module.named_parameters(recurse=False):
-            full = f"{module_name}.{pname}" if module_name else pname
-            if isinstance(module, _NORMS) or p.ndim < 2 or "embedding" in full or full.endswith("ctx"):
-                names.add(full)
-    return names
-
-
 def find_backbone(model: nn.Module) -> tuple[str, ViTBackbone] | None:
     """The (prefix, module) of the first image encoder with trainable parameters (else the first one)."""
     found = [(n, m) for n, m in model.named_modules() if isinstance(m, ViTBackbone)]
@@ -193,133 +125,41 @@ def find_backbone(model: nn.Module) -> tuple[str, ViTBackbone] | None:
 
 
 def param_groups(model: nn.Module, cfg: FinetuneOptimConfig) -> list[dict[str, Any]]:
-    """AdamW groups keyed by (lr scale, weight decay); each group carries ``lr_scale`` and ``layer_id``."""
-    skip = no_decay_names(model)
+    """AdamW groups (:func:`pipeline.train.optim.layered_param_groups`): image-encoder layer ``l`` of ``L``
+    gets ``lr_scale = layer_decay ** (L + 1 - l) * backbone_lr_mult``, everything else (heads) is layer
+    ``L + 1`` at scale 1."""
     found = find_backbone(model)
     prefix, backbone = (found[0] + ".", found[1]) if found else ("\0", None)
     num_layers = backbone.num_layers if backbone is not None else 0
-    groups: dict[tuple[int, bool, bool], dict[str, Any]] = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        in_backbone = backbone is not None and name.startswith(prefix)
-        layer = backbone.layer_id(name[len(prefix) :]) if in_backbone else num_layers + 1
-        decay = name not in skip
-        key = (layer, decay, in_backbone)
-        if key not in groups:
-            scale = cfg.layer_decay ** (num_layers + 1 - layer) * (
-                cfg.backbone_lr_mult if in_backbone else 1.0
-            )
-            groups[key] = {
-                "params": [],
-                "weight_decay": cfg.weight_decay if decay else 0.0,
-                "lr_scale": scale,
-                "layer_id": layer,
-            }
-        groups[key]["params"].append(p)
-    return [g for g in groups.values() if g["lr_scale"] > 0]
+
+    def layer_of(name: str) -> int:
+        if backbone is not None and name.startswith(prefix):
+            return backbone.layer_id(name[len(prefix) :])
+        return num_layers + 1
+
+    def lr_mult(name: str) -> float:
+        return cfg.backbone_lr_mult if backbone is not None and name.startswith(prefix) else 1.0
+
+    return layered_param_groups(
+        model,
+        cfg.weight_decay,
+        layer_of=layer_of,
+        num_layers=num_layers,
+        layer_decay=cfg.layer_decay,
+        lr_mult=lr_mult,
+    )
 
 
 def freeze_zero_lr(model: nn.Module, cfg: FinetuneOptimConfig) -> int:
-    """With ``backbone_lr_mult = 0`` (a frozen encoder) turn the image encoder's gradients off, so it costs no
-    weight-gradient work and its (never applied) gradients stay out of gradient clipping. Returns the number
-    of parameter tensors frozen."""
+    """With ``backbone_lr_mult = 0`` (a frozen encoder) turn the image encoder's gradients off
+    (:func:`pipeline.train.optim.freeze`). Returns the number of parameter tensors frozen."""
     found = find_backbone(model) if cfg.backbone_lr_mult == 0 else None
-    if found is None:
-        return 0
-    params = [p for p in found[1].parameters() if p.requires_grad]
-    for p in params:
-        p.requires_grad_(False)
-    return len(params)
+    return 0 if found is None else freeze(list(found[1].parameters()))
 
 
-def build_optimizer(model: nn.Module, cfg: FinetuneOptimConfig) -> torch.optim.AdamW:
-    groups = param_groups(model, cfg)
-    if not groups:
-        raise ValueError("the model has no trainable parameters")
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
-
-
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)
-
-
-class ModelEma:
-    """Exponential moving average of a model's floating-point state (params and buffers), for evaluation."""
-
-    def __init__(self, model: nn.Module, decay: float) -> None:
-        self.decay = decay
-        self.module = copy.deepcopy(model).eval()
-        for p in self.module.parameters():
-            p.requires_grad_(False)
-
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        ema_state = self.module.state_dict()
-        for name, value in model.state_dict().items():
-            target = ema_state[name]
-            if value.dtype.is_floating_point:
-                target.lerp_(value.detach(), 1.0 - self.decay)
-            else:
-                target.copy_(value)
-
-
-# -------------------------------------------------------------------------------------------- FLOPs
-
-
-class _FlopMode(TorchDispatchMode):
-    def __init__(self, owner: _FlopTracer) -> None:
-        super().__init__()
-        self.owner = owner
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        packet = func._overloadpacket
-        if packet in flop_registry:
-            self.owner.counts[self.owner.stack[-1]] += int(
-                flop_registry[packet](*args, **kwargs, out_val=out)
-            )
-        return out
-
-
-class _FlopTracer:
-    def __init__(self, root: nn.Module) -> None:
-        self.stack: list[nn.Module] = [root]
-        self.counts: dict[nn.Module, int] = defaultdict(int)
-        self.grad_out: dict[nn.Module, bool] = defaultdict(bool)
-
-    def pre(self, module: nn.Module, args: Any) -> None:
-        self.stack.append(module)
-
-    def post(self, module: nn.Module, args: Any, output: Any) -> None:
-        if len(self.stack) > 1 and self.stack[-1] is module:
-            self.stack.pop()
-        if any(isinstance(t, torch.Tensor) and t.requires_grad for t in tree_leaves(output)):
-            self.grad_out[module] = True
-
-
-def count_training_flops(root: nn.Module, forward: Callable[[], Any]) -> dict[str, int]:
-    """Trace ``forward()`` (a training-shaped forward of ``root``) and apply the C / 2C / C rule."""
-    tracer = _FlopTracer(root)
-    pre = nn.modules.module.register_module_forward_pre_hook(tracer.pre)
-    post = nn.modules.module.register_module_forward_hook(tracer.post, always_call=True)
-    try:
-        with _FlopMode(tracer):
-            forward()
-    finally:
-        pre.remove()
-        post.remove()
-    fwd = bwd = 0
-    for module, flops in tracer.counts.items():
-        fwd += flops
-        trainable = any(p.requires_grad for p in module.parameters(recurse=False))
-        if trainable:
-            bwd += 2 * flops
-        elif tracer.grad_out[module] or (module is root and any(tracer.grad_out.values())):
-            bwd += flops
-    return {"forward_per_step": fwd, "backward_per_step": bwd, "per_step": fwd + bwd}
+def build_optimizer(model: nn.Module, cfg: FinetuneOptimConfig) -> torch.optim.Optimizer:
+    """AdamW over :func:`param_groups` (``pipeline.train.optim.build_optimizer``)."""
+    return _build_optimizer(param_groups(model, cfg), cfg)
 
 
 # --------------------------------------------------------------------------------------- data order
@@ -363,9 +203,36 @@ class StepBatchSampler:
         return self.end - self.start
 
 
-def eval_batches(num_samples: int, batch_size: int) -> list[list[tuple[int, None]]]:
-    keys = [(i, None) for i in range(num_samples)]
-    return [keys[i : i + batch_size] for i in range(0, num_samples, batch_size)]
+def rank_slice(batch: list[Any], rank: int, world_size: int) -> list[Any]:
+    """Rank ``rank``'s contiguous ``len(batch) / world_size`` share of a global batch."""
+    if len(batch) % world_size:
+        raise ValueError(f"batch_size: {len(batch)} does not divide over {world_size} ranks")
+    per_rank = len(batch) // world_size
+    return batch[rank * per_rank : (rank + 1) * per_rank]
+
+
+class RankBatchSampler:
+    """This rank's share (:func:`rank_slice`) of each global batch of a :class:`StepBatchSampler`."""
+
+    def __init__(self, sampler: StepBatchSampler, rank: int, world_size: int) -> None:
+        self.sampler, self.rank, self.world_size = sampler, rank, world_size
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for batch in self.sampler:
+            yield rank_slice(batch, self.rank, self.world_size)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+def eval_batches(
+    num_samples: int, batch_size: int, rank: int = 0, world_size: int = 1
+) -> list[list[tuple[int, None]]]:
+    """Rank ``rank``'s evaluation batches: the ``rank``-th of ``world_size`` contiguous, near-equal shards of
+    the validation indices (every index exactly once over the ranks), in batches of ``batch_size``."""
+    shard = np.array_split(np.arange(num_samples), world_size)[rank]
+    keys = [(int(i), None) for i in shard]
+    return [keys[i : i + batch_size] for i in range(0, len(keys), batch_size)]
 
 
 def to_device(batch: Any, device: torch.device) -> Any:
@@ -411,28 +278,13 @@ class StageSpec:
 
 
 class Preempted(Exception):
-    """Raised inside :func:`fit` when a checkpoint was written because of ``stop_after_step`` or a signal."""
-
-
-def _save_checkpoint(rd: RunDir, step: int, state: dict[str, Any], keep: int) -> Path:
-    path = rd.checkpoints / str(step) / "state.pt"
-    buffer = _io.BytesIO()
-    torch.save(state, buffer)
-    with io.atomic_write(str(path), "wb") as f:
-        f.write(buffer.getvalue())
-    io.write_text(str(rd.checkpoints / "latest"), f"{step}\n")
-    steps = sorted(int(p.name) for p in rd.checkpoints.iterdir() if p.is_dir() and p.name.isdigit())
-    for old in steps[:-keep]:
-        shutil.rmtree(rd.checkpoints / str(old), ignore_errors=True)
-    return path
+    """Raised by the fine-tuning trainer when a checkpoint was written because of ``stop_after_step`` or a
+    signal."""
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    latest = Path(run_dir) / "checkpoints" / "latest"
-    if not latest.is_file():
-        return None
-    path = latest.parent / latest.read_text().strip() / "state.pt"
-    return path if path.is_file() else None
+    """The newest complete checkpoint file (``checkpoints/<step>/state.pt``) of a fine-tuning run."""
+    return latest_state_file(Path(run_dir) / "checkpoints")
 
 
 def finite_or_none(value: Any) -> Any:
@@ -446,135 +298,12 @@ def finite_or_none(value: Any) -> Any:
     return value
 
 
-def _model_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
-
-
 def fit(spec: StageSpec, cfg: Any, run_dir: str | Path, preemption: Any = None) -> dict[str, Any]:
-    """Train ``spec`` with ``cfg.optim`` / ``cfg.schedule`` / ``cfg.train``, evaluate, write ``run_dir``."""
-    rd = RunDir(run_dir)
-    done = rd.read_summary()
-    if done is not None and done.get("status") == "complete":
-        return done
-    tcfg: FinetuneTrainConfig = cfg.train
-    log = rd.logger(f"finetune.{spec.name}")
-    rd.write_config(cfg)
-    device = resolve_device(tcfg.device)
-    model = spec.model.to(device)
-    if frozen := freeze_zero_lr(model, cfg.optim):
-        log.info("%s: backbone_lr_mult = 0, image encoder frozen (%d parameter tensors)", spec.name, frozen)
-    optimizer = build_optimizer(model, cfg.optim)
-    ema = ModelEma(model, spec.ema_decay) if spec.ema_decay > 0 else None
-    step, flops = 0, None
-    ckpt = latest_checkpoint(rd.path)
-    if ckpt is not None:
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if ema is not None and state.get("ema") is not None:
-            ema.module.load_state_dict(state["ema"])
-        step, flops = int(state["step"]), state.get("flops")
-        rd.truncate_metrics_after(step)
-        log.info("resumed %s from %s at step %d", spec.name, ckpt, step)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=tcfg.precision == "bf16")
-    sampler = StepBatchSampler(len(spec.train_set), tcfg.batch_size, tcfg.seed, step, tcfg.steps)
-    loader = torch.utils.data.DataLoader(
-        spec.train_set, batch_sampler=sampler, collate_fn=spec.collate, num_workers=tcfg.num_workers
-    )
+    """Train ``spec`` with ``cfg.optim`` / ``cfg.schedule`` / ``cfg.train``, evaluate, write ``run_dir``
+    (:class:`pipeline.finetune.trainer.FinetuneTrainer`; data-parallel inside an initialised process group)."""
+    from pipeline.finetune.trainer import FinetuneTrainer
 
-    if flops is None:  # trace one training-shaped forward (buffers such as BN statistics are restored)
-        buffers = {k: v.clone() for k, v in model.state_dict().items()}
-        sample = to_device(spec.collate([spec.train_set[k] for k in sampler.batch(1)]), device)
-        model.train()
-        with autocast:
-            flops = count_training_flops(model, lambda: spec.loss_fn(model, sample))
-        model.load_state_dict(buffers)
-        optimizer.zero_grad(set_to_none=True)
-
-    def state_dict() -> dict[str, Any]:
-        return {
-            "model": _model_state(model),
-            "optimizer": optimizer.state_dict(),
-            "ema": _model_state(ema.module) if ema is not None else None,
-            "step": step,
-            "flops": flops,
-        }
-
-    def run_eval() -> dict[str, Any]:
-        batches = eval_batches(len(spec.val_set), tcfg.eval_batch_size)
-        val_loader = torch.utils.data.DataLoader(
-            spec.val_set, batch_sampler=batches, collate_fn=spec.collate, num_workers=tcfg.num_workers
-        )
-        out = {}
-        for prefix, module in [("", model)] + ([("ema_", ema.module)] if ema is not None else []):
-            module.eval()
-            with torch.no_grad(), autocast:
-                metrics = spec.evaluate(module, (to_device(b, device) for b in val_loader))
-            out.update({prefix + k: v for k, v in metrics.items()})
-        model.train()
-        return out
-
-    started = time.time()
-    model.train()
-    for batch in loader:
-        step += 1
-        torch.manual_seed(sample_seed(tcfg.seed, step, 2**32 - 1))  # model-side randomness of this step
-        lr = cfg.optim.lr * lr_factor(step - 1, tcfg.steps, cfg.schedule)
-        set_lr(optimizer, lr)
-        batch = to_device(batch, device)
-        with autocast:
-            loss, report = spec.loss_fn(model, batch)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"{spec.name}: loss became {loss.item()} at step {step}")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.optim.grad_clip_norm > 0:
-            trainable = [p for p in model.parameters() if p.grad is not None]
-            torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.grad_clip_norm)
-        optimizer.step()
-        if ema is not None:
-            ema.update(model)
-        if step % tcfg.log_every == 0 or step == tcfg.steps:
-            rd.log({"loss": round(loss.item(), 6), "lr": lr, **report}, step)
-        if tcfg.eval_every and step % tcfg.eval_every == 0 and step < tcfg.steps:
-            metrics = run_eval()
-            rd.log(
-                finite_or_none({f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}),
-                step,
-            )
-        stop = step == tcfg.stop_after_step or (preemption is not None and preemption.is_set())
-        if (tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0) or step == tcfg.steps or stop:
-            _save_checkpoint(rd, step, state_dict(), tcfg.keep_checkpoints)
-        if stop and step < tcfg.steps:
-            log.info("%s: checkpointed at step %d and stopping (preempted)", spec.name, step)
-            raise Preempted(f"{spec.name} stopped after step {step}")
-
-    metrics = finite_or_none(run_eval())
-    rd.log({f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float)) or v is None}, step)
-    params = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    primary = metrics.get(spec.primary_metric)
-    summary = {
-        "stage": spec.name,
-        "status": "complete",
-        "steps": step,
-        "samples_seen": step * tcfg.batch_size,
-        "primary_metric": spec.primary_metric,
-        "primary_value": primary,
-        "higher_is_better": spec.higher_is_better,
-        "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float)) or v is None},
-        "per_class": {k: v for k, v in metrics.items() if isinstance(v, list)},
-        "flops": {**flops, "train_total": flops["per_step"] * step},
-        "train_flops": flops["per_step"] * step,
-        "params": params,
-        "trainable_params": trainable,
-        "wall_s_last_session": round(time.time() - started, 3),
-        "final_checkpoint": str(latest_checkpoint(rd.path)),
-        **spec.info,
-    }
-    rd.write_summary(summary)
-    log.info("%s finished: %s = %s", spec.name, spec.primary_metric, primary)
-    return summary
+    return FinetuneTrainer(spec, cfg, run_dir, preemption).train()
 
 
 def seed_everything(seed: int) -> None:

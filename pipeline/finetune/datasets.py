@@ -471,6 +471,8 @@ class TaskDataset(torch.utils.data.Dataset):
         if flip:
             image = image[:, ::-1]
         out: dict[str, Any] = {"image": normalize(image), "index": index}
+        if seed is not None:  # per-sample randomness inside the model (the detector's sampling) draws from it
+            out["seed"] = int(seed)
         task = self.task
         if task == "classification":
             out["label"] = int(rec.label)

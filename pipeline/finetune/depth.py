@@ -100,7 +100,7 @@ def run_stage(cfg: DepthConfig, run_dir: str | Path, preemption: Any = None) -> 
         metrics = DepthMetrics(min_depth, max_depth, cfg.head.eval_crop)
         for batch in batches:
             metrics.update(m(batch["image"]), batch["depth"])
-        return metrics.compute()
+        return metrics.all_reduce().compute()
 
     spec = StageSpec(
         name="depth",

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 from torchvision.models.detection import MaskRCNN
+from torchvision.models.detection._utils import BalancedPositiveNegativeSampler
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
@@ -37,7 +38,7 @@ from pipeline.finetune.common import (
     seed_everything,
 )
 from pipeline.finetune.datasets import DataConfig, build_datasets, collate
-from pipeline.finetune.metrics import coco_evaluate, mask_to_rle
+from pipeline.finetune.metrics import broadcast_from_main, coco_evaluate, gather_objects_to_main, mask_to_rle
 from pipeline.model.backbone import BackboneConfig, ViTBackbone, build_backbone
 from pipeline.model.heads import SimpleFeaturePyramid, pyramid_scales
 
@@ -101,6 +102,46 @@ class ViTDetBackbone(nn.Module):
         return self.pyramid(self.vit.forward_features(x)[-1])
 
 
+class SeededSampler(BalancedPositiveNegativeSampler):
+    """torchvision's balanced positive / negative sampler, drawing image ``k``'s sample from its own generator
+    seeded by ``seeds[k]`` (the sample's augmentation seed) when :attr:`seeds` is set: an image's RPN / RoI
+    sample then does not depend on which other images share its batch or process, so data-parallel training
+    on any number of processes draws what one process would."""
+
+    def __init__(self, batch_size_per_image: int, positive_fraction: float, stream: int) -> None:
+        super().__init__(batch_size_per_image, positive_fraction)
+        self.stream = stream
+        self.seeds: list[int] | None = None
+
+    def __call__(self, matched_idxs: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        if self.seeds is None:
+            return super().__call__(matched_idxs)
+        if len(self.seeds) != len(matched_idxs):
+            raise ValueError(f"SeededSampler: {len(self.seeds)} seeds for {len(matched_idxs)} images")
+        pos_idx, neg_idx = [], []
+        for matched, seed in zip(matched_idxs, self.seeds):
+            gen = torch.Generator().manual_seed((2 * int(seed) + self.stream) % 2**63)
+            positive = torch.where(matched >= 1)[0]
+            negative = torch.where(matched == 0)[0]
+            num_pos = min(positive.numel(), int(self.batch_size_per_image * self.positive_fraction))
+            num_neg = min(negative.numel(), self.batch_size_per_image - num_pos)
+            perm1 = torch.randperm(positive.numel(), generator=gen)[:num_pos].to(positive.device)
+            perm2 = torch.randperm(negative.numel(), generator=gen)[:num_neg].to(negative.device)
+            pos_mask = torch.zeros_like(matched, dtype=torch.uint8)
+            neg_mask = torch.zeros_like(matched, dtype=torch.uint8)
+            pos_mask[positive[perm1]] = 1
+            neg_mask[negative[perm2]] = 1
+            pos_idx.append(pos_mask)
+            neg_idx.append(neg_mask)
+        return pos_idx, neg_idx
+
+
+def _seeded_samplers(model: MaskRCNN) -> list[SeededSampler]:
+    return [
+        s for s in (model.rpn.fg_bg_sampler, model.roi_heads.fg_bg_sampler) if isinstance(s, SeededSampler)
+    ]
+
+
 def build_mask_rcnn(vit: ViTBackbone, head: DetHeadConfig, num_classes: int, image_size: int) -> MaskRCNN:
     """Mask R-CNN for ``num_classes`` thing classes (+ background) on square ``image_size`` inputs that are
     already normalised (the detector's own transform neither resizes nor renormalises them)."""
@@ -108,7 +149,7 @@ def build_mask_rcnn(vit: ViTBackbone, head: DetHeadConfig, num_classes: int, ima
     c = head.fpn_channels
     anchors = AnchorGenerator(tuple((s,) for s in head.anchor_sizes), (tuple(head.aspect_ratios),) * 5)
     levels = ["0", "1", "2", "3"]
-    return MaskRCNN(
+    model = MaskRCNN(
         backbone,
         num_classes=None,
         min_size=image_size,
@@ -128,6 +169,14 @@ def build_mask_rcnn(vit: ViTBackbone, head: DetHeadConfig, num_classes: int, ima
         mask_head=MaskRCNNHeads(c, [head.mask_head_channels] * 4, 1),
         mask_predictor=MaskRCNNPredictor(head.mask_head_channels, head.mask_head_channels, num_classes + 1),
     )
+    rpn_sampler, roi_sampler = model.rpn.fg_bg_sampler, model.roi_heads.fg_bg_sampler
+    model.rpn.fg_bg_sampler = SeededSampler(
+        rpn_sampler.batch_size_per_image, rpn_sampler.positive_fraction, 0
+    )
+    model.roi_heads.fg_bg_sampler = SeededSampler(
+        roi_sampler.batch_size_per_image, roi_sampler.positive_fraction, 1
+    )
+    return model
 
 
 def _targets(batch: dict[str, Any]) -> list[dict[str, torch.Tensor]]:
@@ -138,14 +187,23 @@ def _targets(batch: dict[str, Any]) -> list[dict[str, torch.Tensor]]:
 
 
 def detection_loss(model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
-    losses = model(list(batch["image"]), _targets(batch))
+    samplers = _seeded_samplers(model)
+    for sampler in samplers:
+        sampler.seeds = batch.get("seed")
+    try:
+        losses = model(list(batch["image"]), _targets(batch))
+    finally:
+        for sampler in samplers:
+            sampler.seeds = None
     return sum(losses.values()), {k: round(v.item(), 6) for k, v in losses.items()}
 
 
 def evaluate_detection(
     model: nn.Module, batches: Iterable[dict[str, Any]], class_names: list[str]
 ) -> dict[str, Any]:
-    """COCO box and mask mAP of ``model`` on ``batches`` (ground truth built from the batches)."""
+    """COCO box and mask mAP of ``model`` on ``batches`` (ground truth built from the batches). Under a
+    process group each rank passes its shard: images, annotations and detections are gathered to rank 0 in
+    rank order (annotation ids renumbered as one process would), evaluated there, and broadcast."""
     images, annotations, detections = [], [], []
     for batch in batches:
         outputs = model(list(batch["image"]))
@@ -181,12 +239,19 @@ def evaluate_detection(
                         "segmentation": mask_to_rle(np.asarray(mask)),
                     }
                 )
-    gt = {
-        "images": images,
-        "annotations": annotations,
-        "categories": [{"id": i + 1, "name": n} for i, n in enumerate(class_names)],
-    }
-    return coco_evaluate(gt, detections)
+    gathered = gather_objects_to_main((images, annotations, detections))
+    metrics = None
+    if gathered is not None:
+        images = [x for g in gathered for x in g[0]]
+        annotations = [{**a, "id": i + 1} for i, a in enumerate(a for g in gathered for a in g[1])]
+        detections = [d for g in gathered for d in g[2]]
+        gt = {
+            "images": images,
+            "annotations": annotations,
+            "categories": [{"id": i + 1, "name": n} for i, n in enumerate(class_names)],
+        }
+        metrics = coco_evaluate(gt, detections)
+    return broadcast_from_main(metrics)
 
 
 def run_stage(cfg: DetectionConfig, run_dir: str | Path, preemption: Any = None) -> dict[str, Any]:

@@ -10,6 +10,12 @@
   over images): delta < 1.25^k, AbsRel, SqRel, RMSE, RMSE(log), log10, SILog.
 - :func:`coco_evaluate`: COCO box / mask mAP with pycocotools' ``COCOeval`` on in-memory ground truth.
 
+Distributed evaluation: each rank evaluates a shard of the split and reduces before computing: confusion
+matrices (:meth:`ConfusionMatrix.all_reduce`) and depth sums (:meth:`DepthMetrics.all_reduce`) are summed
+with ``all_reduce``; logits are gathered (:func:`all_gather_objects`); COCO results are gathered to rank 0
+(:func:`gather_objects_to_main`) for pycocotools and the metrics broadcast (:func:`broadcast_from_main`).
+Each helper is the identity without an initialised process group of more than one rank.
+
 Run the sanity tests with ``.venv/bin/pytest tests/test_metrics.py``.
 """
 
@@ -22,6 +28,51 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum ``tensor`` over the ranks in place (through the GPU under NCCL) and return it."""
+    if not _distributed():
+        return tensor
+    if dist.get_backend() == "nccl":
+        on_device = tensor.cuda()
+        dist.all_reduce(on_device)
+        tensor.copy_(on_device.cpu())
+    else:
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Every rank's ``obj``, in rank order, on every rank (``[obj]`` on one process)."""
+    if not _distributed():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def gather_objects_to_main(obj: Any) -> list[Any] | None:
+    """Every rank's ``obj`` in rank order on rank 0; None on the other ranks."""
+    if not _distributed():
+        return [obj]
+    out: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
+def broadcast_from_main(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank."""
+    if not _distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def topk_accuracy(
@@ -68,6 +119,11 @@ class ConfusionMatrix:
         keep = (target != self.ignore_index) & (target >= 0) & (target < self.num_classes)
         idx = target[keep] * self.num_classes + pred[keep].clamp(0, self.num_classes - 1)
         self.matrix += torch.bincount(idx, minlength=self.num_classes**2).reshape(self.num_classes, -1)
+
+    def all_reduce(self) -> ConfusionMatrix:
+        """Sum the matrix over the ranks (every rank then holds the split's matrix)."""
+        all_reduce_sum_(self.matrix)
+        return self
 
     def compute(self) -> dict[str, Any]:
         """``aAcc``, ``mIoU``, ``mAcc`` (percent) and per-class ``IoU`` / ``Acc`` lists (NaN = class absent)."""
@@ -151,6 +207,14 @@ class DepthMetrics:
             "log10": float(np.mean(np.abs(np.log10(p) - np.log10(t)))),
             "silog": float(np.sqrt(max(0.0, np.mean(err_log**2) - np.mean(err_log) ** 2)) * 100),
         }
+
+    def all_reduce(self) -> DepthMetrics:
+        """Sum the per-image sums and the image count over the ranks (float64)."""
+        totals = torch.tensor([self.sums[n] for n in self.NAMES] + [self.count], dtype=torch.float64)
+        all_reduce_sum_(totals)
+        self.sums = {n: float(v) for n, v in zip(self.NAMES, totals[:-1].tolist())}
+        self.count = int(round(float(totals[-1])))
+        return self
 
     def compute(self) -> dict[str, float]:
         if self.count == 0:

@@ -47,7 +47,7 @@ from pipeline.finetune.common import (
     seed_everything,
 )
 from pipeline.finetune.datasets import DataConfig, build_datasets, collate
-from pipeline.finetune.metrics import mean_class_topk_accuracy
+from pipeline.finetune.metrics import all_gather_objects, mean_class_topk_accuracy
 from pipeline.finetune.text import build_tokenizer, class_text_embeddings
 from pipeline.model.backbone import BackboneConfig, ViTBackbone, build_backbone, build_clip_model
 
@@ -263,6 +263,14 @@ def evaluate_regions(model: RegionModel, batches: Iterable[dict[str, Any]]) -> d
             text = model.thing_text if kind == BOX else all_text
             logits[kind].append(F.normalize(feats[sel], dim=-1) @ text.float().T)
             targets[kind].append(regions["labels"][sel] + (num_things if kind == STUFF_MASK else 0))
+    gathered = all_gather_objects(  # every rank's region logits, in rank order
+        (
+            {k: [t.cpu() for t in v] for k, v in logits.items()},
+            {k: [t.cpu() for t in v] for k, v in targets.items()},
+        )
+    )
+    logits = {k: [t for g in gathered for t in g[0][k]] for k in logits}
+    targets = {k: [t for g in gathered for t in g[1][k]] for k in targets}
     out: dict[str, Any] = {}
     for kind, name in ((BOX, "box"), (THING_MASK, "thing_mask"), (STUFF_MASK, "stuff_mask")):
         if logits[kind]:

@@ -96,7 +96,7 @@ def evaluate_segmentation(
     cm = ConfusionMatrix(num_classes, IGNORE_INDEX)
     for batch in batches:
         cm.update(model(batch["image"]).argmax(1), batch["semantic"])
-    return cm.compute()
+    return cm.all_reduce().compute()
 
 
 def run_stage(cfg: SegmentationConfig, run_dir: str | Path, preemption: Any = None) -> dict[str, Any]:

@@ -11,6 +11,8 @@
 - :class:`SemanticFPNHead`: FPN neck + Panoptic-FPN semantic branch (Kirillov et al. 2019, mmseg ``FPNHead``).
 - :class:`SimpleDepthHead`: transposed-conv upsampling head for depth (the light head used in MIM depth
   studies) with a sigmoid times ``max_depth`` output; :func:`silog_loss` is its scale-invariant log loss.
+- :class:`SyncBatchNorm` / :func:`convert_sync_batchnorm`: batch norm over the *global* batch of a data-parallel
+  run on any backend (torch's ``nn.SyncBatchNorm`` refuses CPU tensors, so gloo runs could not use it).
 """
 
 from __future__ import annotations
@@ -20,8 +22,69 @@ from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
 import torch.nn.functional as F
 from torch import nn
+
+
+class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """Batch norm whose training statistics are those of the global batch over the default process group.
+
+    Two differentiable all-reduces (the sum, then the sum of squared deviations, with the element count), so
+    N ranks with B / N samples each normalise, back-propagate and update running statistics exactly as one
+    process with B samples would (up to fp32 summation order). Outside training, or without a process group
+    of more than one rank, it is ``F.batch_norm``. Any input of shape ``N x C x ...``; the state dict is
+    BatchNorm's, so checkpoints load either way."""
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(x)
+        sync = self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if not sync:
+            return super().forward(x)
+        dims = [0, *range(2, x.dim())]
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        count = torch.tensor([x.numel() / x.shape[1]], dtype=torch.float64, device=x.device)
+        dist.all_reduce(count)
+        n = float(count.item())
+        mean = dist_fn.all_reduce(x.float().sum(dims)) / n
+        centred = x.float() - mean.view(shape)
+        var = dist_fn.all_reduce(centred.pow(2).sum(dims)) / n
+        y = centred * torch.rsqrt(var + self.eps).view(shape)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), m)
+                unbiased = var.detach() * n / max(n - 1.0, 1.0)
+                self.running_var.lerp_(unbiased.to(self.running_var.dtype), m)
+        return y.to(x.dtype)
+
+
+def convert_sync_batchnorm(module: nn.Module) -> nn.Module:
+    """Replace every BatchNorm (1d / 2d / 3d) in ``module`` by :class:`SyncBatchNorm` with the same parameters
+    and buffers (in place for children; returns the converted root)."""
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, SyncBatchNorm):
+        out = SyncBatchNorm(
+            module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats
+        )
+        out.load_state_dict(module.state_dict())
+        out.train(module.training)
+        if module.affine:
+            out.weight.requires_grad_(module.weight.requires_grad)
+            out.bias.requires_grad_(module.bias.requires_grad)
+        return out.to(next(iter(module.state_dict().values())).device) if module.state_dict() else out
+    for name, child in module.named_children():
+        converted = convert_sync_batchnorm(child)
+        if converted is not child:
+            setattr(module, name, converted)
+    return module
 
 
 class LayerNorm2d(nn.Module):

@@ -251,3 +251,45 @@ def load(checkpoints: Path, step: int, engine: Any) -> tuple[dict[str, Any], dic
     if int(client.get("step", step)) != step:
         raise ValueError(f"resume: {folder} holds step {client.get('step')}, expected {step}")
     return read_rank_state(checkpoints, step, _rank()), meta
+
+
+# ------------------------------------------------------------------------- one-file loops (no DeepSpeed)
+
+STATE_FILE = "state.pt"
+"""The state of a loop without a DeepSpeed engine (fine-tuning, CoCa): ``<step>/state.pt``, one file."""
+
+
+def save_state(
+    checkpoints: Path, step: int, state: dict[str, Any], keep_last: int, keep_every: int = 0
+) -> Path | None:
+    """Collective: rank 0 writes ``<step>/state.pt`` (``state`` is replicated, e.g. a
+    :class:`pipeline.train.state.TrainState`'s ``state_dict()``), its ``sha256.json``, then ``latest``,
+    and applies retention; the other ranks wait. The same protocol as :func:`save`, for replicated state."""
+    folder = checkpoints / str(step)
+    if _rank() == 0:
+        with io.atomic_write(str(folder / STATE_FILE), "wb") as f:
+            torch.save(state, f)
+        write_manifest(folder)
+        io.write_text(str(checkpoints / LATEST), f"{step}\n")
+        for old in to_delete(saved_steps(checkpoints), keep_last, keep_every):
+            shutil.rmtree(checkpoints / str(old), ignore_errors=True)
+    _barrier()
+    return folder / STATE_FILE if _rank() == 0 else None
+
+
+def latest_state_file(checkpoints: Path) -> Path | None:
+    """``<step>/state.pt`` of the step ``latest`` names, or None when there is no complete checkpoint."""
+    step = latest_step(checkpoints)
+    path = None if step is None else checkpoints / str(step) / STATE_FILE
+    return path if path is not None and path.is_file() else None
+
+
+def load_state(path: Path) -> dict[str, Any]:
+    """Verify ``path``'s folder against its ``sha256.json`` (when it has one), then load it on CPU."""
+    if (path.parent / MANIFEST).is_file():
+        problems = verify_files(path.parent)
+        if problems:
+            raise ValueError(
+                "resume: refusing to load a checkpoint that fails verification: " + "; ".join(problems)
+            )
+    return torch.load(path, map_location="cpu", weights_only=True)

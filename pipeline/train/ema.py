@@ -94,6 +94,15 @@ class EMA:
             out[name] = full.cpu()
         return out
 
+    @torch.no_grad()
+    def copy_to(self, module: nn.Module) -> nn.Module:
+        """Write the EMA weights into ``module``'s parameters of the same names (e.g. an evaluation copy of the
+        model; its buffers stay as they are); a collective under ZeRO-3. Returns ``module``."""
+        for name, value in self.full_state_dict().items():
+            param = module.get_parameter(name)
+            param.copy_(value.to(device=param.device, dtype=param.dtype))
+        return module
+
     def state_dict(self) -> dict[str, Any]:
         """This rank's EMA state (the full EMA when replicated, this rank's shards under ZeRO-3)."""
         return {
