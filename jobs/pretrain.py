@@ -51,7 +51,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from pipeline.train.engine import deepspeed_config
 
         world = world_info_from_env().world_size
-        ds = deepspeed_config(cfg.engine, cfg.optim, cfg.data.micro_batch, cfg.accumulation_for(world), world)
+        split = cfg.batch_split(world)
+        ds = deepspeed_config(cfg.engine, cfg.optim, split.max_micro_batch, split.accumulation, world)
         print(json.dumps(ds, indent=2, sort_keys=True))
         return 0
     from pipeline.data.loader import ShardSpecError, resolve_shards

@@ -48,15 +48,18 @@ def test_global_batch_is_split_into_ranks_micro_batches_and_accumulation():
     assert cfg.accumulation_for(1) == 4
     assert cfg.accumulation_for(2) == 2
     assert cfg.accumulation_for(4) == 1
+    assert cfg.accumulation_for(3) == 2  # 11 + 11 + 10 samples in micro-batches of 6 + 5 (or 5 + 5)
     with pytest.raises(ValueError, match="global_batch"):
-        cfg.accumulation_for(3)
+        cfg.accumulation_for(33)
     with pytest.raises(ValueError, match="accumulation_steps"):
         debug_config(accumulation_steps=2).accumulation_for(1)
 
 
 def test_config_errors_name_the_field_to_change():
     with pytest.raises(ValueError, match="global_batch"):
-        debug_config(global_batch=36)
+        debug_config(global_batch=0)
+    with pytest.raises(ValueError, match="accumulation_steps"):
+        debug_config(accumulation_steps=33)
     with pytest.raises(ValueError, match="data.image_size"):
         debug_config(data=dataclasses.replace(DEBUG_DATA, image_size=224))
     with pytest.raises(ValueError, match="data.context_length"):

@@ -15,6 +15,15 @@
 
 Images get the evaluation transform (resize shorter side, center crop, normalise) of the model's
 preprocessing config. ``model`` is a plain open_clip model (the trainer loads EMA weights into a copy).
+
+**Distributed.** When a process group is initialised every rank calls :func:`evaluate` (no rank waits in a
+barrier while another evaluates). The work is cut into the same chunks of ``batch_size`` images or texts as on
+one process, and rank r encodes chunks r, r + W, r + 2W, ...; the embeddings (or per-chunk hit counts) are
+all-gathered and reassembled in chunk order, so every rank holds the *same* result as a single-rank
+evaluation (each chunk runs through the same kernels at the same shape). The model forward, the expensive
+part on a GPU, is split W ways; image decoding is split too for zero-shot folders and COCO-style files, but
+not for retrieval shards (every rank streams the shards, encoding only its chunks). Time per eval call is
+bounded by ``max_samples`` (per task) and falls as 1/W in the forward passes.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -85,6 +95,34 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+def map_chunks(fn: Callable[[int, Any], Any], chunks: Sequence[Any]) -> list[Any]:
+    """``[fn(k, chunk) for k, chunk in enumerate(chunks)]``, chunk k computed on rank ``k % world_size`` and
+    the results all-gathered (collective: every rank calls it with the same chunks; results go to CPU)."""
+    world_size, rank = _world()
+    mine = {k: fn(k, chunk) for k, chunk in enumerate(chunks) if k % world_size == rank}
+    if world_size == 1:
+        return [mine[k] for k in range(len(chunks))]
+    mine = {k: _to_cpu(v) for k, v in mine.items()}
+    parts: list[dict[int, Any]] = [{} for _ in range(world_size)]
+    dist.all_gather_object(parts, mine)
+    merged = {k: v for part in parts for k, v in part.items()}
+    return [merged[k] for k in range(len(chunks))]
+
+
+def _to_cpu(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    if isinstance(value, tuple):
+        return tuple(_to_cpu(v) for v in value)
+    return value
+
+
 def _image_size(preprocess: dict[str, Any]) -> int:
     size = preprocess.get("size", 224)
     return int(size[0] if isinstance(size, (tuple, list)) else size)
@@ -99,10 +137,14 @@ def encode_images(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
 def encode_texts(
     model: nn.Module, tokenizer: Tokenizer, texts: Sequence[str], batch_size: int
 ) -> torch.Tensor:
-    out = []
-    for i in range(0, len(texts), batch_size):
-        tokens = tokenizer(list(texts[i : i + batch_size])).to(_device(model))
-        out.append(F.normalize(model.encode_text(tokens).float(), dim=-1))
+    """Normalised text embeddings, on the model's device (batches split over ranks: see the module doc)."""
+
+    def encode(_: int, chunk: list[str]) -> torch.Tensor:
+        tokens = tokenizer(chunk).to(_device(model))
+        return F.normalize(model.encode_text(tokens).float(), dim=-1)
+
+    chunks = [list(texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)]
+    out = [t.to(_device(model)) for t in map_chunks(encode, chunks)]
     return torch.cat(out) if out else torch.zeros(0)
 
 
@@ -174,18 +216,18 @@ def zero_shot(
         order = rng.permutation(len(items))[: cfg.max_samples]
         items = [items[i] for i in sorted(order)]
     classifier = zero_shot_classifier(model, tokenizer, names, cfg.templates, cfg.batch_size)
-    correct1 = correct5 = total = 0
     k = min(5, len(names))
-    for i in range(0, len(items), cfg.batch_size):
-        chunk = items[i : i + cfg.batch_size]
+
+    def score(_: int, chunk: list[tuple[Path, int]]) -> tuple[int, int, int]:
         images, kept = _load_images([p for p, _ in chunk], preprocess)
         if not kept:
-            continue
+            return 0, 0, 0
         labels = torch.tensor([chunk[j][1] for j in kept], device=classifier.device)
         top = (encode_images(model, images) @ classifier.T).topk(k, dim=1).indices
-        correct1 += int((top[:, 0] == labels).sum())
-        correct5 += int((top == labels[:, None]).any(dim=1).sum())
-        total += len(kept)
+        return int((top[:, 0] == labels).sum()), int((top == labels[:, None]).any(dim=1).sum()), len(kept)
+
+    chunks = [items[i : i + cfg.batch_size] for i in range(0, len(items), cfg.batch_size)]
+    correct1, correct5, total = (sum(c) for c in zip((0, 0, 0), *map_chunks(score, chunks)))
     if total == 0:
         raise ValueError(f"zero_shot: no readable images under {cfg.zero_shot}")
     return {
@@ -251,31 +293,42 @@ def retrieval(
             image_paths = image_paths[: cfg.max_samples]
             keep = [i for i, o in enumerate(owner) if o < len(image_paths)]
             texts, owner = [texts[i] for i in keep], [owner[i] for i in keep]
+
+        def encode(_: int, paths: list[Path]) -> tuple[torch.Tensor | None, list[int]]:
+            images, kept = _load_images(paths, preprocess)
+            return (encode_images(model, images) if kept else None), kept
+
+        starts = range(0, len(image_paths), cfg.batch_size)
+        encoded = map_chunks(encode, [image_paths[i : i + cfg.batch_size] for i in starts])
         remap, base = {}, 0
-        for i in range(0, len(image_paths), cfg.batch_size):
-            images, kept = _load_images(image_paths[i : i + cfg.batch_size], preprocess)
+        for i, (emb, kept) in zip(starts, encoded):
             for j in kept:
                 remap[i + j] = base
                 base += 1
             if kept:
-                image_parts.append(encode_images(model, images))
+                image_parts.append(emb.to(_device(model)))
         pairs = [(t, remap[o]) for t, o in zip(texts, owner) if o in remap]
         text_parts.append(encode_texts(model, tokenizer, [t for t, _ in pairs], cfg.batch_size))
         owners = [o for _, o in pairs]
     else:
-        seen = 0
-        for batch in _shard_batches(cfg.retrieval, preprocess, tokenizer, cfg.batch_size):
+        world_size, rank = _world()
+        mine: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        seen = num_chunks = 0
+        for k, batch in enumerate(_shard_batches(cfg.retrieval, preprocess, tokenizer, cfg.batch_size)):
             n = batch["image"].shape[0]
             if cfg.max_samples:
                 n = min(n, cfg.max_samples - seen)
-            image_parts.append(encode_images(model, batch["image"][:n]))
-            text_parts.append(
-                F.normalize(model.encode_text(batch["text"][:n].to(_device(model))).float(), dim=-1)
-            )
+            if k % world_size == rank:  # every rank streams the shards; each encodes its chunks
+                text = F.normalize(model.encode_text(batch["text"][:n].to(_device(model))).float(), dim=-1)
+                mine[k] = (encode_images(model, batch["image"][:n]), text)
             owners.extend(range(seen, seen + n))
             seen += n
+            num_chunks = k + 1
             if cfg.max_samples and seen >= cfg.max_samples:
                 break
+        for img_k, txt_k in map_chunks(lambda k, _: mine[k], [None] * num_chunks):
+            image_parts.append(img_k.to(_device(model)))
+            text_parts.append(txt_k.to(_device(model)))
     if not image_parts or not owners:
         raise ValueError(f"retrieval: no usable pairs in {cfg.retrieval}")
     img, txt = torch.cat(image_parts), torch.cat(text_parts)
@@ -287,7 +340,9 @@ def retrieval(
 def evaluate(
     model: nn.Module, tokenizer: Tokenizer, preprocess: dict[str, Any], cfg: EvalConfig
 ) -> dict[str, float]:
-    """Every configured task; keys ``zs_*`` and ``i2t_r*`` / ``t2i_r*``."""
+    """Every configured task; keys ``zs_*`` and ``i2t_r*`` / ``t2i_r*``.
+
+    With a process group initialised, a collective: every rank calls it and gets the same result."""
     was_training = model.training
     model.eval()
     try:

@@ -3,8 +3,9 @@
     cfg = load_config(TrainConfig, "jobs/configs/pretrain/debug.toml")
     exit_code = Trainer(cfg).train()        # 0 done, 124 preempted (checkpointed; requeue)
 
-One optimizer step takes ``accumulation_steps`` micro-batches of ``data.micro_batch`` samples on each of
-``world_size`` ranks: ``global_batch = world_size x micro_batch x accumulation_steps`` (checked). Every
+One optimizer step takes ``global_batch`` samples: each of ``world_size`` ranks runs ``accumulation_steps``
+micro-batches of at most ``data.micro_batch`` samples (:class:`pipeline.train.gradcache.BatchSplit`; when the
+batch does not split evenly, ranks differ by one sample and the loss pads and masks). Every
 sample's negatives are the whole global batch: features are gathered across ranks with gradient, and with
 accumulation the micro-batches are embedded without grad first, the loss and its gradient w.r.t. all
 embeddings computed once, then each micro-batch re-embedded and back-propagated (gradient caching; see
@@ -24,7 +25,6 @@ import dataclasses
 import math
 import resource
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -40,12 +40,13 @@ from pipeline.model.clip import ModelConfig, build_clip, describe, open_clip_con
 from pipeline.model.flops import PEAK_FLOPS, forward_flops_per_sample, mfu, train_flops_per_sample
 from pipeline.run_dir import RunDir
 from pipeline.train import checkpoint
+from pipeline.train.batching import SampleQueue
 from pipeline.train.checkpoint import CheckpointConfig
 from pipeline.train.ema import EMA, EMAConfig
 from pipeline.train.engine import Engine, EngineConfig, init_distributed
 from pipeline.train.evaluate import EvalConfig, evaluate
 from pipeline.train.export import export_open_clip
-from pipeline.train.gradcache import cached_contrastive_step
+from pipeline.train.gradcache import BatchSplit, cached_contrastive_step
 from pipeline.train.loss import LossConfig, contrastive_loss
 from pipeline.train.optim import OptimConfig
 
@@ -78,9 +79,9 @@ class TrainConfig:
     steps: int = 200_000
     """Optimizer steps to train for."""
     global_batch: int = 65_536
-    """Samples per optimizer step over all ranks; must equal world_size x data.micro_batch x accumulation."""
+    """Samples per optimizer step over all ranks, exactly, on any number of ranks (>= world_size)."""
     accumulation_steps: int = 0
-    """Micro-batches per rank per step; 0 derives it from global_batch / (world_size x micro_batch)."""
+    """Micro-batches per rank per step; 0: the fewest that keep micro-batches within data.micro_batch."""
     export: bool = True
     """Export the final and EMA weights as open_clip checkpoints at the end."""
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -96,17 +97,12 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.steps < 1:
             raise ValueError(f"steps: must be >= 1, got {self.steps}")
-        if self.global_batch < 1 or self.global_batch % self.data.micro_batch:
-            raise ValueError(
-                f"global_batch: {self.global_batch} is not a multiple of data.micro_batch ({self.data.micro_batch})"
-            )
+        if self.global_batch < 1:
+            raise ValueError(f"global_batch: must be >= 1, got {self.global_batch}")
         if self.accumulation_steps < 0:
             raise ValueError(f"accumulation_steps: must be >= 0, got {self.accumulation_steps}")
-        if self.accumulation_steps and (self.global_batch // self.data.micro_batch) % self.accumulation_steps:
-            raise ValueError(
-                f"accumulation_steps: global_batch / data.micro_batch = {self.global_batch // self.data.micro_batch}"
-                f" micro-batches per step is not a multiple of {self.accumulation_steps}"
-            )
+        if self.accumulation_steps:
+            self.batch_split(1)  # an accumulation that cannot work even on one rank fails here
         model_cfg = open_clip_config(self.model)
         image_size = model_cfg["vision_cfg"]["image_size"]
         image_size = image_size[0] if isinstance(image_size, (list, tuple)) else image_size
@@ -120,21 +116,13 @@ class TrainConfig:
         if self.data.epochs is not None:
             raise ValueError("data.epochs: training reads an endless stream; leave it unset")
 
+    def batch_split(self, world_size: int) -> BatchSplit:
+        """How each step's ``global_batch`` is split over ``world_size`` ranks (ValueError naming the field)."""
+        return BatchSplit(self.global_batch, world_size, self.data.micro_batch, self.accumulation_steps)
+
     def accumulation_for(self, world_size: int) -> int:
-        """Micro-batches per rank per step for ``world_size`` ranks (ValueError when it does not divide)."""
-        per_step = self.global_batch // self.data.micro_batch
-        if per_step % world_size:
-            raise ValueError(
-                f"global_batch: {self.global_batch} = {per_step} micro-batches of {self.data.micro_batch} "
-                f"cannot be split evenly over {world_size} ranks"
-            )
-        accumulation = per_step // world_size
-        if self.accumulation_steps and self.accumulation_steps != accumulation:
-            raise ValueError(
-                f"accumulation_steps: {self.accumulation_steps}, but global_batch {self.global_batch} = "
-                f"{world_size} ranks x micro_batch {self.data.micro_batch} x {accumulation}"
-            )
-        return accumulation
+        """Micro-batches per rank per step for ``world_size`` ranks."""
+        return self.batch_split(world_size).accumulation
 
 
 def peak_flops_per_device(cfg: LogConfig) -> float:
@@ -162,7 +150,8 @@ class Trainer:
         self.preemption = PreemptionFlag()  # first: a signal during start-up must not kill the job
         self.world = init_distributed()
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
-        self.accumulation = cfg.accumulation_for(self.world_size)
+        self.split = cfg.batch_split(self.world_size)
+        self.accumulation = self.split.accumulation
         self.run = RunDir(cfg.run_dir, self.rank)
         self.log = self.run.logger("pretrain")
         if cfg.log.tensorboard:
@@ -174,12 +163,15 @@ class Trainer:
             forward_flops_per_sample(model, cfg.data.image_size, cfg.data.context_length, num_texts)
         )
         self.model_info = describe(model)
-        self.engine = Engine(model, cfg.engine, cfg.optim, cfg.steps, cfg.data.micro_batch, self.accumulation)
+        self.engine = Engine(
+            model, cfg.engine, cfg.optim, cfg.steps, self.split.max_micro_batch, self.accumulation
+        )
         self.ema = EMA(self.engine.module, cfg.ema) if cfg.ema.enabled else None
         self.loss_fn = partial(contrastive_loss, cfg=cfg.loss)
         self.peak_flops = peak_flops_per_device(cfg.log) * self.world_size
         self.step = 0
         self.data_state: dict[str, Any] | None = None
+        self.data_skip = 0
         self.eval_model: torch.nn.Module | None = None
 
     # ------------------------------------------------------------------------------------------- loop
@@ -190,15 +182,16 @@ class Trainer:
         self.loader = build_loader(
             cfg.data, self.rank, self.world_size, self.tokenizer, start=self.data_state
         )
+        self.samples = SampleQueue(self.loader, skip=self.data_skip)
         with torch.random.fork_rng(devices=[]):  # worker seeding must not shift the training RNG streams
-            batches = iter(self.loader)
+            self.samples.start(iter(self.loader))
         progress = tqdm(total=cfg.steps, initial=self.step, disable=self.rank != 0 or not cfg.log.progress,
                         desc="pretrain", dynamic_ncols=True)  # fmt: skip
         self.engine.train()
         window = {"time": 0.0, "wait": 0.0, "steps": 0}
         last = time.perf_counter()
         while self.step < cfg.steps:
-            micro_batches, wait = self.next_micro_batches(batches)
+            micro_batches, wait = self.next_micro_batches()
             out = self.train_step(micro_batches)
             self.step += 1
             if self.ema is not None:
@@ -231,12 +224,13 @@ class Trainer:
         return 0
 
     # ------------------------------------------------------------------------------------------- step
-    def next_micro_batches(self, batches: Iterator[dict[str, Any]]) -> tuple[list[dict[str, Any]], float]:
-        """This rank's ``accumulation`` micro-batches and the seconds spent waiting for them."""
+    def next_micro_batches(self) -> tuple[list[dict[str, Any]], float]:
+        """This rank's ``accumulation`` micro-batches of this step and the seconds spent waiting for them."""
         start = time.perf_counter()
+        sizes = self.split.micro_sizes(self.split.counts(self.step)[self.rank])
         try:
             with torch.random.fork_rng(devices=[]):  # loading never draws from the training RNG streams
-                micro = [next(batches) for _ in range(self.accumulation)]
+                micro = [self.samples.take(size) for size in sizes]
         except StopIteration:
             raise RuntimeError(
                 "the data loader ended; training needs an endless stream (data.epochs unset)"
@@ -262,10 +256,11 @@ class Trainer:
     def train_step(self, micro_batches: list[dict[str, Any]]) -> dict[str, Any]:
         """One optimizer step over the global batch; returns detached loss terms and the step's lr."""
         lr = self.engine.lr()
+        loss_fn = partial(self.loss_fn, counts=self.split.loss_counts(self.step))  # pad + mask when uneven
         if len(micro_batches) == 1:  # nothing to cache: one forward with grad, one backward
             features = self.embed(micro_batches[0])
             scale = features.pop("logit_scale")
-            loss, terms = self.loss_fn(features, scale)
+            loss, terms = loss_fn(features, scale)
             self._backward(loss)
             out = {
                 "loss": loss.detach(),
@@ -273,7 +268,7 @@ class Trainer:
                 **{k: v.detach() for k, v in terms.items()},
             }
         else:
-            out = cached_contrastive_step(self.embed, micro_batches, self.loss_fn, backward=self._backward)
+            out = cached_contrastive_step(self.embed, micro_batches, loss_fn, backward=self._backward)
         out["lr"] = lr
         return out
 
@@ -329,20 +324,20 @@ class Trainer:
         return evaluate(self.eval_model, self.tokenizer, self.preprocess, self.cfg.eval)
 
     def evaluate(self, final: bool) -> dict[str, float]:
-        """Evaluate (rank 0) the EMA weights, and at the end also the final weights; logs ``eval/...``."""
+        """Evaluate the EMA weights, and at the end also the final weights, split over all ranks (each gets
+        the same result); logs ``eval/...`` and ``eval/seconds``."""
         if not self.cfg.eval.enabled:
             return {}
         variants = ["ema"] if (self.cfg.eval.ema and self.ema is not None) else []
         if final or not variants:
             variants.append("final")
         results: dict[str, float] = {}
-        for variant in variants:
+        start = time.perf_counter()
+        for variant in variants:  # every rank evaluates its share (pipeline.train.evaluate); none waits idle
             weights = self._eval_weights(ema=variant == "ema")
-            if self.rank == 0:
-                results.update({f"eval/{variant}/{k}": v for k, v in self._run_eval(weights).items()})
+            results.update({f"eval/{variant}/{k}": v for k, v in self._run_eval(weights).items()})
             del weights
-        if self.world_size > 1:
-            dist.barrier()
+        results["eval/seconds"] = time.perf_counter() - start
         if self.rank == 0:
             self.run.log(results, self.step)
             self.log.info("step %d eval: %s", self.step, {k: round(v, 4) for k, v in results.items()})
@@ -353,7 +348,7 @@ class Trainer:
         state = {
             "step": self.step,
             "rng": checkpoint.rng_state(),
-            "data": self.loader.state_dict(),
+            **self.samples.state_dict(),  # data (loader state) and data_skip (see pipeline.train.batching)
         }
         if self.ema is not None and (self.ema.sharded or self.rank == 0):
             state["ema"] = self.ema.state_dict()
@@ -384,6 +379,7 @@ class Trainer:
             self.log.warning("resuming with a config that differs from the checkpoint's")
         self.step = step
         self.data_state = own["data"]
+        self.data_skip = int(own.get("data_skip", 0))
         self.run.write_config(self.cfg)
         self.run.truncate_metrics_after(step)
         checkpoint.set_rng_state(own["rng"])
