@@ -168,15 +168,18 @@ class UidDedupe:
         """Step 1 for input ``i``: its (uid, input, row) rows, one row group per partition."""
         if io.exists(self.uids_url(i)):
             return
-        tables = []
+        tables: list[pa.Table] = []
         inp = self.inputs[i]
         if "error" not in inp:
             try:
                 tables = list(self._read_uids(i, inp["url"]))
             except Exception:  # noqa: BLE001 - an unreadable column: its rows fail in their unit instead
                 tables = []
-        table = pa.concat_tables(tables) if tables else UID_SCHEMA.empty_table()
-        key = partition_of(table.column("uid").to_pylist(), self.num_parts)
+        table = pa.concat_tables([UID_SCHEMA.empty_table(), *tables]).combine_chunks()
+        keys = [np.zeros(0, np.uint64)] + [
+            partition_of(t.column("uid").to_pylist(), self.num_parts) for t in tables
+        ]
+        key = np.concatenate(keys)
         _write_grouped(self._out(), self._rel(self.uids_url(i)), table, key, self.num_parts)
 
     def _read_uids(self, i: int, url: str) -> Iterator[pa.Table]:
@@ -271,18 +274,19 @@ class ImageDedupe:
     def partition_group(self, g: int) -> None:
         if io.exists(self.group_url(g)):
             return
-        cols: dict[str, list[Any]] = {"sha": [], "shard": [], "pos": [], "uid": []}
+        tables, keys = [SHA_SCHEMA.empty_table()], [np.zeros(0, np.uint64)]
         first = g * self.group_size
         for k, name in enumerate(self.shard_names[first : first + self.group_size], start=first):
             st = read_stats(self.output, name)
             if st is None:
                 raise RuntimeError(f"{name}: not done")
-            cols["sha"] += st["sha256"]
-            cols["uid"] += st["uids"]
-            cols["shard"] += [k] * len(st["uids"])
-            cols["pos"] += range(len(st["uids"]))
-        table = pa.table(cols, schema=SHA_SCHEMA)
-        key = partition_of(cols["sha"], self.num_parts)
+            n = len(st["uids"])
+            shard, pos = np.full(n, k, np.int32), np.arange(n, dtype=np.int32)
+            cols = [pa.array(st["sha256"], pa.string()), shard, pos, pa.array(st["uids"], pa.string())]
+            tables.append(pa.table(cols, schema=SHA_SCHEMA))
+            keys.append(partition_of(st["sha256"], self.num_parts))
+            del st
+        table, key = pa.concat_tables(tables).combine_chunks(), np.concatenate(keys)
         out = OutputFolder(self.output, self.owner)
         _write_grouped(out, self._rel(self.group_url(g)), table, key, self.num_parts)
 
