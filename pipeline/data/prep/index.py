@@ -144,24 +144,26 @@ class RowsTask:
         if io.exists(self.layout.rows_url(i)):
             return {"ok": True}
         parts, uids, units = [], [], []
-        try:
-            fs, path = io.filesystem(url)
-            with fs.open(path, "rb") as f:
-                pf = pq.ParquetFile(f)
-                row = 0
-                has = self.uid_column in pf.schema_arrow.names
-                for g in range(pf.metadata.num_row_groups):
-                    n = pf.metadata.row_group(g).num_rows
+        fs, path = io.filesystem(url)
+        # storage errors raise (the task fails and a rerun retries it): an empty rows file would silently
+        # drop the file's captions for good
+        with fs.open(path, "rb") as f:
+            pf = pq.ParquetFile(f)
+            row = 0
+            has = self.uid_column in pf.schema_arrow.names
+            for g in range(pf.metadata.num_row_groups):
+                n = pf.metadata.row_group(g).num_rows
+                try:
                     values = sources._values(pf.read_row_group(g, [self.uid_column]).column(0)) if has else []
-                    for r, v in enumerate(values):
-                        uid = normalise_uid(v)
-                        if uid is not None:
-                            parts.append(partition_of(uid, self.layout.num_partitions))
-                            uids.append(uid)
-                            units.append(first_unit + (row + r) // self.samples_per_shard)
-                    row += n
-        except Exception:  # noqa: BLE001 - its rows fail in their units (unreadable_input); none has captions
-            parts, uids, units = [], [], []
+                except pa.ArrowInvalid:  # a corrupt row group: its rows fail in their unit (unreadable_input)
+                    values = []
+                for r, v in enumerate(values):
+                    uid = normalise_uid(v)
+                    if uid is not None:
+                        parts.append(partition_of(uid, self.layout.num_partitions))
+                        uids.append(uid)
+                        units.append(first_unit + (row + r) // self.samples_per_shard)
+                row += n
         t = pa.table({"part": parts, "uid": uids, "unit": units}, schema=_ROWS_SCHEMA)
         t = t.take(pc.sort_indices(t, [("part", "ascending")]))  # stable: row order within a part
         _write_table(self.layout, t, self.layout.rows_url(i))
