@@ -67,8 +67,9 @@ def det_config(checkpoint: str) -> DetectionConfig:
     )
 
 
-def run_two_processes(stage: str, cfg, run_dir: Path) -> dict:
-    """``python -m jobs.finetune`` on 2 ranks (torchrun's variables, gloo), from ``cfg`` written as TOML."""
+def start_two_processes(stage: str, cfg, run_dir: Path) -> list[subprocess.Popen]:
+    """Start ``python -m jobs.finetune`` on 2 ranks (torchrun's variables, gloo), from ``cfg`` written as TOML
+    (the 1-process references run meanwhile)."""
     config = run_dir.parent / f"{run_dir.name}.toml"
     config.write_text(to_toml(cfg))
     port = free_port()
@@ -96,6 +97,10 @@ def run_two_processes(stage: str, cfg, run_dir: Path) -> dict:
         procs.append(
             subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         )
+    return procs
+
+
+def wait_for(procs: list[subprocess.Popen], run_dir: Path) -> dict:
     outs = [p.communicate(timeout=300)[0].decode() for p in procs]
     for p, out in zip(procs, outs):
         assert p.returncode == 0, out[-4000:]
@@ -131,13 +136,14 @@ def assert_same_curve(two: np.ndarray, one: np.ndarray, perturbed: np.ndarray, f
 
 def test_segmentation_on_two_processes_matches_one_process_loss_curve_and_metrics(tmp_path, debug_checkpoint):
     cfg = seg_config(debug_checkpoint)
+    procs = start_two_processes("segmentation", cfg, tmp_path / "two")
     one = run_stage("segmentation", cfg, tmp_path / "one")
     perturbed = run_stage(
         "segmentation",
         seg_config(perturbed_checkpoint(debug_checkpoint, tmp_path / "p.pt")),
         tmp_path / "perturbed",
     )
-    two = run_two_processes("segmentation", cfg, tmp_path / "two")
+    two = wait_for(procs, tmp_path / "two")
     assert two["world_size"] == 2 and two["samples_seen"] == one["samples_seen"] == STEPS * 4
     assert_same_curve(
         loss_curve(tmp_path / "two"), loss_curve(tmp_path / "one"), loss_curve(tmp_path / "perturbed")
@@ -164,13 +170,14 @@ def test_segmentation_on_two_processes_matches_one_process_loss_curve_and_metric
 
 def test_detection_on_two_processes_matches_one_process_loss_curve_and_coco_map(tmp_path, debug_checkpoint):
     cfg = det_config(debug_checkpoint)
+    procs = start_two_processes("detection", cfg, tmp_path / "two")
     one = run_stage("detection", cfg, tmp_path / "one")
     perturbed = run_stage(
         "detection",
         det_config(perturbed_checkpoint(debug_checkpoint, tmp_path / "p.pt")),
         tmp_path / "perturbed",
     )
-    two = run_two_processes("detection", cfg, tmp_path / "two")
+    two = wait_for(procs, tmp_path / "two")
     assert_same_curve(
         loss_curve(tmp_path / "two"), loss_curve(tmp_path / "one"), loss_curve(tmp_path / "perturbed")
     )

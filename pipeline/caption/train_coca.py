@@ -24,6 +24,7 @@ import torch
 from pipeline.caption.captioners import build_coca
 from pipeline.caption.decode import EOS_TOKEN_ID, SOT_TOKEN_ID
 from pipeline.data import synthworld as sw
+from pipeline.train.optim import OptimConfig, build_optimizer, lr_at, param_groups, set_lr
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -191,19 +192,17 @@ def train_coca(cfg: TrainCocaConfig, out: str, log: Callable[[str], None] = prin
     loss_fn = CoCaLoss(
         caption_loss_weight=cfg.caption_loss_weight, clip_loss_weight=cfg.clip_loss_weight, pad_id=0
     )
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+    optim = OptimConfig(  # the training toolkit's groups (no decay on norms, biases, embeddings) and schedule
         lr=cfg.lr,
-        betas=(0.9, 0.98),
+        min_lr=0.0,
+        warmup_steps=cfg.warmup_steps,
+        weight_decay=cfg.weight_decay,
+        beta1=0.9,
+        beta2=0.98,
+        eps=1e-8,
+        grad_clip_norm=1.0,
     )
-
-    def lr_at(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return cfg.lr * (step + 1) / cfg.warmup_steps
-        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-        return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
+    opt = build_optimizer(param_groups(model, optim.weight_decay), optim)
 
     gen = torch.Generator().manual_seed(cfg.seed)
     order = torch.randperm(cfg.num_scenes, generator=gen)
@@ -214,14 +213,13 @@ def train_coca(cfg: TrainCocaConfig, out: str, log: Callable[[str], None] = prin
             order, pos = torch.randperm(cfg.num_scenes, generator=gen), 0
         idx = order[pos : pos + cfg.batch_size]
         pos += cfg.batch_size
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step)
+        set_lr(opt, lr_at(step, optim, cfg.steps))
         out_dict = model(images[idx], tokens[idx])
         clip_loss, caption_loss = loss_fn(**out_dict)
         loss = clip_loss + caption_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip_norm)
         opt.step()
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
