@@ -1,7 +1,8 @@
 """Fine-tune sweeps without Ray: the sweep config, the expanded trials, one trial's run, the results table.
 
-``jobs.finetune_sweep`` hands the trials made here to :mod:`pipeline.ray_backend` (Ray Tune + Ray Train);
-everything in this module is plain Python and testable without Ray:
+``pipeline.orchestrate.run_sweep`` (used by ``jobs.finetune_sweep``, ``jobs.pipeline`` and
+``jobs.scaling_report``) hands the trials made here to a runner (:mod:`pipeline.ray_backend`: Ray Tune + Ray
+Train, or local processes); everything in this module is plain Python and testable without Ray:
 
     cfg = load_config(SweepConfig, "jobs/configs/sweep/debug.toml", ["--sweep.segmentation.lr=[5e-4,2e-4]"])
     trials = expand_trials(cfg)                    # deterministic names, resolved stage configs
@@ -96,7 +97,9 @@ class SearchConfig:
 @dataclass(frozen=True)
 class ResourcesConfig:
     workers_per_trial: int = 1
-    """Ray Train workers per trial (> 1 needs a data-parallel stage, one declaring ``DATA_PARALLEL = True``)."""
+    """Ray Train workers per trial: > 1 trains each trial data-parallel over its own process group (every
+    registered stage can; a stage given as a module path declares ``DATA_PARALLEL = True``). The stage's
+    ``train.batch_size`` is the global batch, so the loss curve does not depend on this number."""
     cpus_per_worker: float = 1.0
     """CPUs each Ray Train worker reserves."""
     gpus_per_worker: float = 0.0
@@ -217,6 +220,14 @@ def _check_stage_name(stage: str) -> None:
             f"stages: unknown stage {stage!r}; choose from {', '.join(STAGES)} or give an importable module "
             "with the stage contract (STAGE_CONFIG, presets, run_stage)"
         )
+
+
+def is_data_parallel(stage: str, module: Any) -> bool:
+    """Whether every worker of a trial trains the stage: the registered stages do (``stages.run_stage`` is
+    data-parallel inside any process group); a stage given as a module path says so with ``DATA_PARALLEL``."""
+    from pipeline.finetune.stages import STAGES
+
+    return stage in STAGES or bool(getattr(module, "DATA_PARALLEL", False))
 
 
 def load_stage_module(stage: str) -> Any:
@@ -468,7 +479,7 @@ def expand_trials(cfg: SweepConfig) -> list[Trial]:
                         config_toml=text,
                         config_hash=digest, run_dir=run_dir, storage_dir=storage_dir,
                         fault_step=_fault(cfg.failure, name), progress_every=cfg.progress_every,
-                        data_parallel=bool(getattr(module, "DATA_PARALLEL", False)),
+                        data_parallel=is_data_parallel(stage, module),
                     )
                 )  # fmt: skip
     names = [t.name for t in trials]
@@ -605,6 +616,8 @@ def run_trial(
     CPU, NCCL on GPU, set up by ``TorchTrainer``): a data-parallel stage runs on every rank (rank 0 records
     the attempt, prints progress and uploads), a stage that trains in one process runs on rank 0 only.
     """
+    from pipeline.finetune.stages import STAGES, run_stage
+
     trial = trial if isinstance(trial, Trial) else Trial.from_dict(trial)
     done = trial_done(trial)
     if done is not None:
@@ -634,7 +647,10 @@ def run_trial(
         watched, stage_cfg.train.steps, stage_cfg.train.log_every, out if rank == 0 else _quiet
     )
     started = time.time()
-    summary = module.run_stage(stage_cfg, trial.run_dir, preemption=watch)
+    if trial.stage in STAGES:  # data-parallel over the worker group's process group, when there is one
+        summary = run_stage(trial.stage, stage_cfg, trial.run_dir, preemption=watch)
+    else:
+        summary = module.run_stage(stage_cfg, trial.run_dir, preemption=watch)
     if rank == 0:
         if not io.is_local(trial.storage_dir):
             _upload(trial)
