@@ -1,0 +1,316 @@
+"""Shard-job bookkeeping at scale: plan (global uid dedupe), shard accounting and merge on DataComp-style
+metadata of 1M / 10M / 50M rows, peak RSS per process and time per stage, partitioned vs in-memory path.
+
+The inputs are parquet files of (uid, url, text, clip_l14_similarity_score) with 2% of the rows repeating a uid
+from a shared pool, so duplicates are spread across files. No image is fetched: the ``shard`` stage here is
+the job's per-unit bookkeeping only (read the unit's rows, drop its duplicate uids, write its ``.stats.json``
+with uids, image sha256s (1% from a small pool of images: cross-shard duplicates) and failures, and an empty
+tar), so that plan and merge see exactly what a real run gives them. Each stage runs in a fresh process;
+reported: wall seconds, CPU seconds (user + sys of the stage process and its workers: the per-core figure a
+shared machine does not distort), the stage process's peak RSS and the largest peak RSS of its worker processes
+(``VmHWM`` of each process, the workers' sampled every 50 ms; ``resource.getrusage`` ``ru_maxrss`` of
+RUSAGE_SELF / RUSAGE_CHILDREN is printed too, but Linux carries the launching process's high-water mark
+across fork + exec into it, so it is only an upper bound). The in-memory path
+(``plan.dedupe=memory``) runs beside it up to ``--memory-path-max-rows``, and its duplicate rows and dataset
+files are checked to be identical to the partitioned path's.
+
+    .venv/bin/python -m benchmarks.bench_prep_scale --rows 1000000 10000000 --max-memory-gb 0.25 --processes 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+REPO = Path(__file__).resolve().parent.parent
+ROWS_PER_FILE = 250_000
+SAMPLES_PER_SHARD = 10_000
+DUP_FRACTION = 0.02
+
+
+# ----------------------------------------------------------------------------------------------- inputs
+
+
+def _hex_strings(raw: bytes, width: int) -> pa.Array:
+    """``raw`` as lowercase hex, cut into strings of ``width`` characters (vectorised)."""
+    data = raw.hex().encode()
+    n = len(data) // width
+    offsets = np.arange(0, n * width + 1, width, dtype=np.int32)
+    return pa.Array.from_buffers(pa.string(), n, [None, pa.py_buffer(offsets.tobytes()), pa.py_buffer(data)])
+
+
+def generate(folder: Path, num_rows: int, seed: int = 0) -> None:
+    """DataComp-style metadata in files of ROWS_PER_FILE rows (row groups of SAMPLES_PER_SHARD)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    pool = _hex_strings(np.random.default_rng([seed, 1]).bytes(16 * max(1, num_rows // 100)), 32)
+    for f, start in enumerate(range(0, num_rows, ROWS_PER_FILE)):
+        n = min(ROWS_PER_FILE, num_rows - start)
+        rng = np.random.default_rng([seed, 2, f])
+        uids = _hex_strings(rng.bytes(16 * n), 32)
+        dup = np.flatnonzero(rng.random(n) < DUP_FRACTION)
+        idx = np.arange(n)
+        combined = pa.concat_arrays([uids, pc.take(pool, pa.array(rng.integers(0, len(pool), len(dup))))])
+        idx[dup] = n + np.arange(len(dup))
+        uids = pc.take(combined, pa.array(idx))
+        k = pa.array(np.arange(start, start + n) % 100_003).cast(pa.string())
+        url = pc.binary_join_element_wise("https://img.example.com/", k, ".jpg", "")
+        text = pc.binary_join_element_wise("a photo of thing number ", k, "")
+        score = pa.array(rng.uniform(0.1, 0.45, n).astype(np.float32))
+        table = pa.table({"uid": uids, "url": url, "text": text, "clip_l14_similarity_score": score})
+        pq.write_table(table, folder / f"part-{f:05d}.parquet", row_group_size=SAMPLES_PER_SHARD)
+
+
+# ----------------------------------------------------------------------------------------------- stages
+
+
+def job_config(inputs: Path, out: Path, mode: str, max_memory_gb: float, processes: int) -> Any:
+    from pipeline.cli import parse_config
+    from pipeline.data.prep.job import ShardJobConfig
+
+    args = [
+        f"--source.parquet=['{inputs}/part-*.parquet']",
+        f"--output.path={out}",
+        f"--output.samples_per_shard={SAMPLES_PER_SHARD}",
+        f"--executor.processes={processes}",
+        "--executor.progress=false",
+        f"--plan.dedupe={mode}",
+        f"--plan.max_memory_gb={max_memory_gb}",
+    ]
+    cfg, _ = parse_config(ShardJobConfig, args, prog="bench", description="")
+    return cfg
+
+
+class SimUnit:
+    """The shard stage's bookkeeping for one unit, without images (picklable for the process pool)."""
+
+    def __init__(self, output: str, chash: str) -> None:
+        self.output, self.chash = output, chash
+
+    def __call__(self, unit: Any) -> dict[str, Any]:
+        from pipeline.data.prep.partition import read_duplicate_rows
+        from pipeline.data.prep.writer import stats_url, write_json
+
+        pf = pq.ParquetFile(unit.url)
+        uids = pf.read_row_group(unit.start // SAMPLES_PER_SHARD, columns=["uid"]).column(0).to_pylist()
+        dups = read_duplicate_rows(unit.duplicates, unit.input_index, unit.start, unit.end)
+        kept, sha, failures, seen = [], [], [], set()
+        for row, uid in enumerate(uids, start=unit.start):
+            if row in dups or uid in seen:
+                failures.append({"row": row, "uid": uid, "reason": "duplicate_uid", "detail": ""})
+                continue
+            seen.add(uid)
+            kept.append(uid)
+            h = zlib.crc32(uid.encode())
+            sha.append(f"{h % 1000:064x}" if h % 100 == 0 else uid + uid)  # 1%: a small shared pool
+        (Path(self.output) / unit.name).write_bytes(b"")
+        stats = {
+            "shard": unit.name,
+            "index": unit.index,
+            "config_hash": self.chash,
+            "num_input": unit.end - unit.start,
+            "num_kept": len(kept),
+            "num_failed": len(failures),
+            "failed": {"duplicate_uid": len(failures)} if failures else {},
+            "bytes": 0,
+            "uids": kept,
+            "sha256": sha,
+            "failures": failures,
+        }
+        write_json(stats_url(self.output, unit.name), stats, str(Path(self.output) / "_tmp"))
+        return {"ok": True}
+
+
+def run_stage(stage: str, inputs: Path, out: Path, mode: str, max_memory_gb: float, processes: int) -> None:
+    from pipeline.data.prep.executors import run_units
+    from pipeline.data.prep.job import config_hash, make_plan, merge
+
+    cfg = job_config(inputs, out, mode, max_memory_gb, processes)
+    chash = config_hash(cfg)
+    quiet = lambda s: None  # noqa: E731
+    if stage == "plan":
+        make_plan(cfg, chash, quiet)
+    elif stage == "shard":
+        plan = make_plan(cfg, chash, quiet)
+        units = plan.units(cfg.output)
+        for _ in run_units(SimUnit(str(out), chash), units, cfg.executor):
+            pass
+    elif stage == "merge":
+        plan = make_plan(cfg, chash, quiet)
+        assert merge(cfg, plan, plan.units(cfg.output), log=quiet) is not None
+
+
+def measure(stage: str, inputs: Path, out: Path, mode: str, max_memory_gb: float, processes: int) -> dict:
+    """Run one stage in a fresh process; wall seconds and peak RSS (MB) of it and of its workers."""
+    cmd = [sys.executable, "-m", "benchmarks.bench_prep_scale", "--one-stage", stage, "--inputs", str(inputs)]
+    cmd += ["--out", str(out), "--mode", mode, "--max-memory-gb", str(max_memory_gb)]
+    cmd += ["--processes", str(processes)]
+    t0 = time.perf_counter()
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if done.returncode:
+        raise RuntimeError(f"{stage} ({mode}) failed:\n{done.stderr[-3000:]}")
+    return {
+        "stage": stage,
+        "mode": mode,
+        "seconds": round(wall, 1),
+        **json.loads(done.stdout.splitlines()[-1]),
+    }
+
+
+def _hwm_kb(pid: int | str) -> int:
+    """The process's own peak RSS (VmHWM of its address space; 0 once it is gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+class _WorkerPeaks(threading.Thread):
+    """Samples the VmHWM of this process's children every 50 ms (the peak of each worker process)."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.peaks: dict[int, int] = {}
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.wait(0.05):
+            for task in Path("/proc/self/task").iterdir():
+                try:
+                    pids = [int(p) for p in (task / "children").read_text().split()]
+                except OSError:
+                    continue
+                for pid in pids:
+                    self.peaks[pid] = max(self.peaks.get(pid, 0), _hwm_kb(pid))
+
+
+def _one_stage(args: argparse.Namespace) -> None:
+    sampler = _WorkerPeaks()
+    sampler.start()
+    run_stage(
+        args.one_stage, Path(args.inputs), Path(args.out), args.mode, args.max_memory_gb, args.processes
+    )
+    sampler.stop.set()
+    sampler.join()
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+    out = {
+        "cpu_s": round(cpu, 1),
+        "rss_main_mb": round(_hwm_kb("self") / 1024),
+        "rss_worker_mb": round(max(sampler.peaks.values(), default=0) / 1024),
+        "num_workers": len(sampler.peaks),
+        # ru_maxrss: Linux carries the launching process's high-water mark across fork + exec into it, so
+        # these include the launcher's size (an upper bound, not the process's own peak)
+        "ru_maxrss_main_mb": round(me.ru_maxrss / 1024),
+        "ru_maxrss_worker_mb": round(kids.ru_maxrss / 1024),
+    }
+    print(json.dumps(out))
+
+
+# ----------------------------------------------------------------------------------------------- checks
+
+
+def duplicate_rows(out: Path) -> pa.Table:
+    """Every (input, row) the plan marks as a duplicate, sorted, from either path's files."""
+    files = sorted(out.glob("_plan/*/duplicates/bucket-*.parquet")) or [out / "_plan" / "duplicates.parquet"]
+    t = pa.concat_tables([pq.read_table(f) for f in files]).select(["input", "row"])
+    return t.sort_by([("input", "ascending"), ("row", "ascending")])
+
+
+DATASET_FILES = ("sizes.json", "manifest.json", "failures.parquet", "duplicate_images.txt")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rows", type=int, nargs="+", default=[1_000_000, 10_000_000])
+    p.add_argument(
+        "--max-memory-gb", type=float, default=0.25, help="plan.max_memory_gb (fixed across sizes)"
+    )
+    p.add_argument("--processes", type=int, default=2)
+    p.add_argument("--memory-path-max-rows", type=int, default=10_000_000)
+    p.add_argument("--work", default="", help="scratch folder (default: a temporary one, removed at the end)")
+    p.add_argument("--keep", action="store_true", help="keep the scratch folder")
+    p.add_argument("--one-stage", default="", help=argparse.SUPPRESS)
+    p.add_argument("--inputs", default="", help=argparse.SUPPRESS)
+    p.add_argument("--out", default="", help=argparse.SUPPRESS)
+    p.add_argument("--mode", default="partitioned", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.one_stage:
+        _one_stage(args)
+        return 0
+    import tempfile
+
+    work = Path(args.work or tempfile.mkdtemp(prefix="bench_prep_scale_"))
+    results = []
+    try:
+        for rows in args.rows:
+            inputs = work / f"in_{rows}"
+            t0 = time.perf_counter()
+            if not inputs.exists():  # generated beside, then renamed: a killed run leaves no partial input
+                shutil.rmtree(work / f"in_{rows}.part", ignore_errors=True)
+                generate(work / f"in_{rows}.part", rows)
+                (work / f"in_{rows}.part").rename(inputs)
+            print(f"{rows:,} rows: generated in {time.perf_counter() - t0:.0f}s", flush=True)
+            modes = ["partitioned"] + (["memory"] if rows <= args.memory_path_max_rows else [])
+            for mode in modes:
+                out = work / f"out_{rows}_{mode}"
+                shutil.rmtree(out, ignore_errors=True)
+                for stage in ("plan", "shard", "merge"):
+                    if stage == "shard" and mode == "memory":  # same stats: link the partitioned run's
+                        if not duplicate_rows(out).equals(duplicate_rows(work / f"out_{rows}_partitioned")):
+                            raise AssertionError(f"{rows}: the two paths mark different duplicate rows")
+                        src = work / f"out_{rows}_partitioned"
+                        for f in src.iterdir():
+                            if f.name.endswith((".tar", ".stats.json")):
+                                os.link(f, out / f.name)
+                        continue
+                    r = measure(stage, inputs, out, mode, args.max_memory_gb, args.processes)
+                    r["rows"] = rows
+                    results.append(r)
+                    print(json.dumps(r), flush=True)
+            if "memory" in modes:
+                a, b = work / f"out_{rows}_partitioned", work / f"out_{rows}_memory"
+                same = all((a / f).read_bytes() == (b / f).read_bytes() for f in DATASET_FILES)
+                print(f"{rows:,} rows: partitioned and in-memory dataset files identical: {same}", flush=True)
+                if not same:
+                    raise AssertionError(f"{rows}: dataset files differ between the two paths")
+            manifest = json.loads((work / f"out_{rows}_partitioned" / "manifest.json").read_text())
+            print(f"{rows:,} rows: totals {json.dumps(manifest['totals'])}", flush=True)
+            for mode in modes:
+                shutil.rmtree(work / f"out_{rows}_{mode}", ignore_errors=True)
+    finally:
+        if not args.keep and not args.work:
+            shutil.rmtree(work, ignore_errors=True)
+    print(
+        "\n| rows | path | stage | wall s | CPU s | rows per CPU-s | peak RSS main (MB) | peak RSS worker (MB) |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for r in results:
+        rate = r["rows"] / r["cpu_s"] if r["cpu_s"] else 0
+        print(
+            f"| {r['rows']:,} | {r['mode']} | {r['stage']} | {r['seconds']} | {r['cpu_s']} | {rate:,.0f} | "
+            f"{r['rss_main_mb']:,} | {r['rss_worker_mb']:,} |"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
