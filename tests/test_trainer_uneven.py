@@ -1,6 +1,6 @@
 """An exact global batch on a world size that does not divide it: 64 samples on 3 ranks.
 
-    .venv/bin/pytest tests/test_trainer_uneven.py -q        # the job test is marked slow (~1-2 min)
+    .venv/bin/pytest tests/test_trainer_uneven.py -q        # the job test (2 runs) is marked slow (~1-2 min)
 
 The loss-side exactness (padding + mask give the full-batch gradient) is tested in test_loss.py and
 test_gradcache.py; here: the sample queue that cuts each rank's loader batches into its share of a step
@@ -87,7 +87,7 @@ def _debug() -> dict:
 
 
 @pytest.mark.slow
-def test_pretrain_job_runs_a_64_batch_on_3_ranks_reading_each_rank_share_exactly(tmp_path) -> None:
+def test_pretrain_job_runs_a_64_batch_on_3_ranks_and_resumes_mid_loader_batch_exactly(tmp_path) -> None:
     world = make_world_data(tmp_path / "world", num_shards=3, per_shard=64, num_val=16)
     run_dir = tmp_path / "run"
     args = [
@@ -107,3 +107,10 @@ def test_pretrain_job_runs_a_64_batch_on_3_ranks_reading_each_rank_share_exactly
     used = [22 + 21, 21 + 22, 21 + 21]  # the extra sample rotates over the ranks
     assert [s["data_skip"] for s in after_two] == [u % 32 for u in used]
     assert [s["data"]["batches"] for s in after_two] == [u // 32 for u in used]
+    # A second run resumes from checkpoint 2 (every rank mid-way through a loader batch): same step-3 loss.
+    resumed = RunDir(tmp_path / "resumed")
+    more = [f"--run_dir={resumed.path}", f"--checkpoint.resume={run.checkpoints / '2'}"]
+    assert run_pretrain(args + more, world_size=3, log_dir=tmp_path / "logs-resumed") == [0, 0, 0]
+    again = [r for r in resumed.read_metrics() if "loss" in r]
+    assert [r["step"] for r in again] == [3]
+    assert again[0]["loss"] == pytest.approx(rows[2]["loss"], abs=1e-6)
