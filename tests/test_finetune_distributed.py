@@ -22,12 +22,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_finetune_detection import Oracle
 
 from pipeline.config import to_toml
 from pipeline.finetune.common import FinetuneTrainConfig, eval_batches, latest_checkpoint
 from pipeline.finetune.datasets import DataConfig, build_datasets, collate
 from pipeline.finetune.detection import DetectionConfig, DetHeadConfig, build_mask_rcnn, evaluate_detection
-from pipeline.finetune.metrics import ConfusionMatrix
+from pipeline.finetune.metrics import ConfusionMatrix, DepthMetrics
 from pipeline.finetune.segmentation import SegHeadConfig, SegmentationConfig, SegmentationModel
 from pipeline.finetune.stages import run_stage
 from pipeline.model.backbone import BackboneConfig, build_backbone
@@ -198,3 +199,48 @@ def test_detection_on_two_processes_matches_one_process_loss_curve_and_coco_map(
         single = evaluate_detection(model, batches, classes)
     for key in ("bbox_AP", "bbox_AP50", "segm_AP", "segm_AP50"):
         assert two["metrics"][key] == pytest.approx(single[key]), key
+
+
+def _evaluate_shard(rank: int, port: int, out: str) -> None:
+    """Worker of the 2-rank evaluation test: rank ``rank``'s shard through each distributed evaluator."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    try:
+        result = _evaluations(rank, 2)
+        if rank == 0:
+            torch.save(result, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def _evaluations(rank: int, world_size: int) -> dict:
+    """COCO mAP of an oracle missing every other object, a confusion matrix and depth metrics of fixed
+    pseudo-random predictions, each on this rank's evaluation shard (reduced over the ranks)."""
+    _, val = build_datasets(DataConfig(num_train=1, num_val=7), "detection")
+    batches = [collate([val[k] for k in keys]) for keys in eval_batches(len(val), 2, rank, world_size)]
+    coco = evaluate_detection(Oracle(batches, keep_every=2), batches, val.vocab.things)
+    cm, depth = ConfusionMatrix(5), DepthMetrics(0.1, 10.0, "none")
+    for batch in batches:
+        for index in batch["index"].tolist():
+            gen = torch.Generator().manual_seed(int(index))
+            cm.update(torch.randint(0, 5, (8, 8), generator=gen), torch.randint(0, 6, (8, 8), generator=gen))
+            depth.update(
+                torch.rand(1, 8, 8, generator=gen) * 9 + 0.5, torch.rand(1, 8, 8, generator=gen) * 9 + 0.5
+            )
+    return {"coco": coco, "cm": cm.all_reduce().compute(), "depth": depth.all_reduce().compute()}
+
+
+def test_evaluation_split_over_two_ranks_equals_one_rank_for_coco_confusion_matrix_and_depth(tmp_path):
+    import torch.multiprocessing as mp
+
+    single = _evaluations(0, 1)
+    assert 0.0 < single["coco"]["bbox_AP"] < 1.0  # not a trivial 0 or 1
+    out = tmp_path / "two.pt"
+    mp.spawn(_evaluate_shard, args=(free_port(), str(out)), nprocs=2, join=True)
+    two = torch.load(out, weights_only=False)
+    assert two["coco"] == pytest.approx(single["coco"], nan_ok=True)
+    for key in ("aAcc", "mIoU", "mAcc"):
+        assert two["cm"][key] == single["cm"][key]  # integer counts: exactly
+    assert two["depth"] == pytest.approx(single["depth"], rel=1e-12)
