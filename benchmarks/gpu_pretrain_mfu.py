@@ -58,13 +58,23 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     init_distributed()
     world = torch.distributed.get_world_size()
-    model_cfg = ModelConfig(name=args.model, image_size=args.image_size, context_length=args.context,
-                            grad_checkpointing=args.grad_checkpointing)  # fmt: skip
+    model_cfg = ModelConfig(
+        name=args.model,
+        image_size=args.image_size,
+        context_length=args.context,
+        grad_checkpointing=args.grad_checkpointing,
+    )
     model, _, _ = build_clip(model_cfg)
     num_texts = 1 if args.no_syn else 2
     flops = train_flops_per_sample(forward_flops_per_sample(model, args.image_size, args.context, num_texts))
-    engine = Engine(model, EngineConfig(zero_stage=args.zero_stage, precision=args.precision),
-                    OptimConfig(warmup_steps=10), 10_000, args.micro_batch, args.accumulation)  # fmt: skip
+    engine = Engine(
+        model,
+        EngineConfig(zero_stage=args.zero_stage, precision=args.precision),
+        OptimConfig(warmup_steps=10),
+        10_000,
+        args.micro_batch,
+        args.accumulation,
+    )
     loss_cfg = LossConfig(w_syn=0.0 if args.no_syn else 1.0)
     loss_fn = partial(contrastive_loss, cfg=loss_cfg)
     device = engine.device
@@ -117,17 +127,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     per_device = args.micro_batch * args.accumulation / seconds
     peak = args.peak_tflops * 1e12 if args.peak_tflops else peak_flops_per_device(LogConfig())
     result = {
-        "model": args.model, "precision": args.precision, "zero_stage": args.zero_stage, "devices": world,
-        "micro_batch": args.micro_batch, "accumulation": args.accumulation, "texts_per_image": num_texts,
+        "model": args.model,
+        "precision": args.precision,
+        "zero_stage": args.zero_stage,
+        "devices": world,
+        "micro_batch": args.micro_batch,
+        "accumulation": args.accumulation,
+        "texts_per_image": num_texts,
         "device_name": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        "step_s": round(seconds, 4), "samples_per_s_per_device": round(per_device, 1),
-        "train_gflops_per_sample": round(flops / 1e9, 2), "peak_tflops_per_device": peak / 1e12,
-        "mfu": round(per_device * flops / peak, 4), "memory_gib": round(memory_gib(), 2),
-    }  # fmt: skip
+        "step_s": round(seconds, 4),
+        "samples_per_s_per_device": round(per_device, 1),
+        "train_gflops_per_sample": round(flops / 1e9, 2),
+        "peak_tflops_per_device": peak / 1e12,
+        "mfu": round(per_device * flops / peak, 4),
+        "memory_gib": round(memory_gib(), 2),
+    }
     if torch.distributed.get_rank() == 0:
         print(json.dumps(result, indent=2))
-        print(f"{args.model} {args.precision} micro-batch {args.micro_batch}: "
-              f"{per_device:.1f} samples/s/device, MFU {100 * result['mfu']:.1f}%")  # fmt: skip
+        print(
+            f"{args.model} {args.precision} micro-batch {args.micro_batch}: "
+            f"{per_device:.1f} samples/s/device, MFU {100 * result['mfu']:.1f}%"
+        )
     close_distributed()
     return 0
 

@@ -40,9 +40,13 @@ def _extra_args(parser: argparse.ArgumentParser) -> None:
 @job_main("python -m jobs.pretrain")
 def main(argv: Sequence[str] | None = None) -> int:
     cfg, args = parse_config(
-        TrainConfig, argv, prog="python -m jobs.pretrain", description=__doc__.split("\n")[0],
-        job="pretrain", extra_args=_extra_args,
-    )  # fmt: skip
+        TrainConfig,
+        argv,
+        prog="python -m jobs.pretrain",
+        description=__doc__.split("\n")[0],
+        job="pretrain",
+        extra_args=_extra_args,
+    )
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     from pipeline.dist import close_distributed, world_info_from_env

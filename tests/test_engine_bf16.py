@@ -46,8 +46,14 @@ print("RESULT " + json.dumps(out))
 
 
 def test_bf16_engines_accumulate_and_reduce_gradients_in_fp32_at_zero_1_2_3():
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=pretrain_env(0, 1, free_port()),
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT],
+        cwd=ROOT,
+        env=pretrain_env(0, 1, free_port()),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(lines[0][len("RESULT ") :])
@@ -103,9 +109,12 @@ def _bf16_cached_step_worker(rank: int, world_size: int, store: str, out_dir: st
         model.logit_scale = nn.Parameter(model.logit_scale.detach().reshape(1))  # DeepSpeed: no 0-dim params
         accumulation, local = 4, GLOBAL_BATCH // world_size
         config = deepspeed_config(
-            EngineConfig(zero_stage=1, precision="bf16"), OptimConfig(), local // accumulation, accumulation,
+            EngineConfig(zero_stage=1, precision="bf16"),
+            OptimConfig(),
+            local // accumulation,
+            accumulation,
             world_size,
-        )  # fmt: skip
+        )
         config["gradient_clipping"] = 0.0
         engine, *_ = deepspeed.initialize(
             model=model.to(device), optimizer=torch.optim.SGD(model.parameters(), lr=1.0), config=config

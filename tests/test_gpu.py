@@ -34,8 +34,14 @@ def test_fused_adamw_steps_the_debug_clip_like_the_foreach_kernel() -> None:
     models[1].load_state_dict(models[0].state_dict())
     fused = build_optimizer(param_groups(models[0], cfg.weight_decay), cfg)
     assert fused.defaults.get("fused"), "on CUDA build_optimizer must pick the fused kernel"
-    plain = torch.optim.AdamW(param_groups(models[1], cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                              eps=cfg.eps, weight_decay=cfg.weight_decay, foreach=True)  # fmt: skip
+    plain = torch.optim.AdamW(
+        param_groups(models[1], cfg.weight_decay),
+        lr=cfg.lr,
+        betas=(cfg.beta1, cfg.beta2),
+        eps=cfg.eps,
+        weight_decay=cfg.weight_decay,
+        foreach=True,
+    )
     g = torch.Generator(device="cuda").manual_seed(0)
     for _ in range(3):
         for a, b in zip(models[0].parameters(), models[1].parameters()):

@@ -28,12 +28,24 @@ STEPS = 12
 
 def args_for(shards: str, run_dir) -> list[str]:
     return [
-        "--preset=debug", "--global_batch=32", "--data.micro_batch=8", f"--steps={STEPS}",
-        "--optim.lr=3e-3", "--optim.warmup_steps=3", "--ema.decay=0.8", "--log.interval=1",
-        "--log.progress=false", "--checkpoint.interval=4", "--checkpoint.keep_last=2", "--data.num_workers=1",
-        "--engine.zero_stage=2", "--engine.precision=fp32", "--model.patch_dropout=0.5", f"--data.shards={shards}",
+        "--preset=debug",
+        "--global_batch=32",
+        "--data.micro_batch=8",
+        f"--steps={STEPS}",
+        "--optim.lr=3e-3",
+        "--optim.warmup_steps=3",
+        "--ema.decay=0.8",
+        "--log.interval=1",
+        "--log.progress=false",
+        "--checkpoint.interval=4",
+        "--checkpoint.keep_last=2",
+        "--data.num_workers=1",
+        "--engine.zero_stage=2",
+        "--engine.precision=fp32",
+        "--model.patch_dropout=0.5",
+        f"--data.shards={shards}",
         f"--run_dir={run_dir}",
-    ]  # fmt: skip
+    ]
 
 
 def logged_steps(run: RunDir) -> list[int]:

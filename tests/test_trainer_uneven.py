@@ -39,8 +39,13 @@ class _ListLoader:
 
 def _batches(num: int, size: int) -> list[dict]:
     ids = torch.arange(num * size)
-    return [{"image": ids[k * size : (k + 1) * size], "uid": [f"u{int(i)}" for i in ids[k * size : (k + 1) * size]]}
-            for k in range(num)]  # fmt: skip
+    return [
+        {
+            "image": ids[k * size : (k + 1) * size],
+            "uid": [f"u{int(i)}" for i in ids[k * size : (k + 1) * size]],
+        }
+        for k in range(num)
+    ]
 
 
 def _queue(batches: list[dict], state: dict | None = None) -> SampleQueue:
@@ -91,10 +96,19 @@ def test_pretrain_job_runs_a_64_batch_on_3_ranks_and_resumes_mid_loader_batch_ex
     world = make_world_data(tmp_path / "world", num_shards=3, per_shard=64, num_val=16)
     run_dir = tmp_path / "run"
     args = [
-        "--preset=debug", "--global_batch=64", "--steps=3", "--log.interval=1", "--log.progress=false",
-        "--checkpoint.interval=2", "--checkpoint.keep_last=5", "--data.num_workers=0", "--eval.interval=0",
-        "--export=false", f"--data.shards={world.shards}", f"--run_dir={run_dir}",
-    ]  # fmt: skip
+        "--preset=debug",
+        "--global_batch=64",
+        "--steps=3",
+        "--log.interval=1",
+        "--log.progress=false",
+        "--checkpoint.interval=2",
+        "--checkpoint.keep_last=5",
+        "--data.num_workers=0",
+        "--eval.interval=0",
+        "--export=false",
+        f"--data.shards={world.shards}",
+        f"--run_dir={run_dir}",
+    ]
     assert run_pretrain(args, world_size=3, log_dir=tmp_path / "logs") == [0, 0, 0]
     run = RunDir(run_dir)
     rows = [r for r in run.read_metrics() if "loss" in r]

@@ -99,12 +99,25 @@ def test_no_weight_decay_on_biases_norms_logit_scale_and_embeddings(debug_model)
     no_decay = {names[id(p)] for p in groups["no_decay"]["params"]}
     decay = {names[id(p)] for p in groups["decay"]["params"]}
     assert groups["no_decay"]["weight_decay"] == 0.0 and groups["decay"]["weight_decay"] == 0.2
-    for name in ("logit_scale", "token_embedding.weight", "positional_embedding", "visual.class_embedding",
-                 "visual.positional_embedding", "ln_final.weight", "ln_final.bias", "visual.ln_pre.weight",
-                 "transformer.resblocks.0.attn.in_proj_bias"):  # fmt: skip
+    for name in (
+        "logit_scale",
+        "token_embedding.weight",
+        "positional_embedding",
+        "visual.class_embedding",
+        "visual.positional_embedding",
+        "ln_final.weight",
+        "ln_final.bias",
+        "visual.ln_pre.weight",
+        "transformer.resblocks.0.attn.in_proj_bias",
+    ):
         assert name in no_decay, name
-    for name in ("visual.conv1.weight", "transformer.resblocks.0.attn.in_proj_weight", "text_projection",
-                 "visual.proj", "transformer.resblocks.0.mlp.c_fc.weight"):  # fmt: skip
+    for name in (
+        "visual.conv1.weight",
+        "transformer.resblocks.0.attn.in_proj_weight",
+        "text_projection",
+        "visual.proj",
+        "transformer.resblocks.0.mlp.c_fc.weight",
+    ):
         assert name in decay, name
     assert len(no_decay) + len(decay) == len(list(model.parameters()))
 
@@ -197,8 +210,10 @@ def test_rng_states_round_trip_through_a_weights_only_load():
 def test_export_loads_in_stock_open_clip_and_gives_the_same_embeddings(tmp_path, debug_model):
     model, preprocess, tokenizer = debug_model
     torch.manual_seed(1)
-    weights = {k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v
-               for k, v in model.state_dict().items()}  # fmt: skip
+    weights = {
+        k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v
+        for k, v in model.state_dict().items()
+    }
     model.load_state_dict(weights)
     export_open_clip(weights, ModelConfig(name="debug"), preprocess, tmp_path / "export")
     open_clip.add_model_config(tmp_path / "export" / "debug.json")
@@ -236,8 +251,15 @@ def test_deepspeed_config_matches_the_batch_and_keeps_zero1_reduction_unoverlapp
     ) == (64, 8, 4)
     assert ds["gradient_clipping"] == 0.5 and ds["bf16"]["enabled"] is True
     assert ds["zero_optimization"]["stage"] == 1 and ds["zero_optimization"]["overlap_comm"] is False
-    ds3 = deepspeed_config(EngineConfig(zero_stage=3, precision="fp32", deepspeed={"zero_optimization": {"stage3_max_live_parameters": 7}}),
-                           optim, micro_batch=8, accumulation_steps=1, world_size=1)  # fmt: skip
+    ds3 = deepspeed_config(
+        EngineConfig(
+            zero_stage=3, precision="fp32", deepspeed={"zero_optimization": {"stage3_max_live_parameters": 7}}
+        ),
+        optim,
+        micro_batch=8,
+        accumulation_steps=1,
+        world_size=1,
+    )
     assert ds3["zero_optimization"]["overlap_comm"] is True and ds3["bf16"]["enabled"] is False
     assert (
         ds3["zero_optimization"]["stage3_max_live_parameters"] == 7 and ds3["zero_optimization"]["stage"] == 3

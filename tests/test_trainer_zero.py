@@ -24,10 +24,19 @@ pytestmark = pytest.mark.slow
 
 STEPS = 12
 COMMON = [
-    "--preset=debug", "--global_batch=32", "--data.micro_batch=8", f"--steps={STEPS}",
-    "--optim.lr=3e-3", "--optim.warmup_steps=3", "--ema.decay=0.8", "--log.interval=1", "--log.progress=false",
-    "--checkpoint.interval=0", "--data.num_workers=0", "--engine.precision=fp32",
-]  # fmt: skip
+    "--preset=debug",
+    "--global_batch=32",
+    "--data.micro_batch=8",
+    f"--steps={STEPS}",
+    "--optim.lr=3e-3",
+    "--optim.warmup_steps=3",
+    "--ema.decay=0.8",
+    "--log.interval=1",
+    "--log.progress=false",
+    "--checkpoint.interval=0",
+    "--data.num_workers=0",
+    "--engine.precision=fp32",
+]
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +52,12 @@ def stage_run(world, tmp_path_factory):
     def run(stage: int) -> RunDir:
         if stage not in done:
             path = tmp_path_factory.mktemp(f"zero{stage}")
-            args = COMMON + [f"--engine.zero_stage={stage}", f"--data.shards={world.shards}",
-                             f"--run_dir={path / 'run'}", f"--eval.retrieval={world.retrieval}"]  # fmt: skip
+            args = COMMON + [
+                f"--engine.zero_stage={stage}",
+                f"--data.shards={world.shards}",
+                f"--run_dir={path / 'run'}",
+                f"--eval.retrieval={world.retrieval}",
+            ]
             codes = run_pretrain(args, world_size=2, log_dir=path / "logs")
             assert codes == [0, 0], f"ZeRO-{stage} run failed: exit codes {codes}"
             done[stage] = RunDir(path / "run")
@@ -68,8 +81,17 @@ def test_zero_stage_trains_the_debug_model_on_two_processes_and_the_loss_falls(s
     assert len(curve) == STEPS
     assert statistics.mean(curve[-3:]) < statistics.mean(curve[:3]) - 0.3, curve
     rows = [r for r in run.read_metrics() if "loss" in r]
-    for key in ("loss_real", "loss_syn", "logit_scale", "lr", "grad_norm", "samples_per_s", "data_wait_frac",
-                "mfu", "memory_gib"):  # fmt: skip
+    for key in (
+        "loss_real",
+        "loss_syn",
+        "logit_scale",
+        "lr",
+        "grad_norm",
+        "samples_per_s",
+        "data_wait_frac",
+        "mfu",
+        "memory_gib",
+    ):
         assert rows[-1][key] is not None and rows[-1][key] >= 0, key
     summary = run.read_summary()
     assert summary["accumulation_steps"] == 2 and summary["world_size"] == 2
@@ -96,12 +118,24 @@ def test_zero_shot_accuracy_on_the_held_out_split_rises_well_above_chance(tmp_pa
     data = make_world_data(tmp_path / "world", num_shards=4, per_shard=128, num_val=200, world=world)
     run_dir = tmp_path / "run"
     args = [
-        "--preset=debug", "--global_batch=64", "--data.micro_batch=32", "--steps=80",
-        "--optim.lr=3e-3", "--optim.warmup_steps=10", "--ema.decay=0.9", "--log.interval=10",
-        "--log.progress=false", "--checkpoint.interval=0", "--data.num_workers=0", "--engine.zero_stage=2",
-        f"--data.shards={data.shards}", f"--run_dir={run_dir}", f"--eval.zero_shot={data.zero_shot}",
-        "--eval.interval=0", "--export=false",
-    ]  # fmt: skip
+        "--preset=debug",
+        "--global_batch=64",
+        "--data.micro_batch=32",
+        "--steps=80",
+        "--optim.lr=3e-3",
+        "--optim.warmup_steps=10",
+        "--ema.decay=0.9",
+        "--log.interval=10",
+        "--log.progress=false",
+        "--checkpoint.interval=0",
+        "--data.num_workers=0",
+        "--engine.zero_stage=2",
+        f"--data.shards={data.shards}",
+        f"--run_dir={run_dir}",
+        f"--eval.zero_shot={data.zero_shot}",
+        "--eval.interval=0",
+        "--export=false",
+    ]
     assert run_pretrain(args, world_size=2, log_dir=tmp_path / "logs") == [0, 0]
     result = RunDir(run_dir).read_summary()["eval"]
     chance = result["eval/final/zs_chance"]

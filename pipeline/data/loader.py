@@ -199,9 +199,16 @@ class LoaderConfig:
 
 # Fields that decide which sample comes when; a resume must keep them.
 _FINGERPRINT_FIELDS = (
-    "shards", "micro_batch", "num_workers", "shuffle_buffer", "shuffle_shards", "resampled", "seed",
-    "subset_uids", "group_size",
-)  # fmt: skip
+    "shards",
+    "micro_batch",
+    "num_workers",
+    "shuffle_buffer",
+    "shuffle_shards",
+    "resampled",
+    "seed",
+    "subset_uids",
+    "group_size",
+)
 
 
 def _hash_int(*parts: object) -> int:
@@ -502,16 +509,26 @@ class _WorkerState:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "epoch": self.epoch, "shard": self.shard, "sample": self.sample, "offset": self.offset,
-            "done": self.done, "stats": dict(self.stats), "counts": dict(self.counts),
-        }  # fmt: skip
+            "epoch": self.epoch,
+            "shard": self.shard,
+            "sample": self.sample,
+            "offset": self.offset,
+            "done": self.done,
+            "stats": dict(self.stats),
+            "counts": dict(self.counts),
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> _WorkerState:
         return cls(
-            epoch=int(d["epoch"]), shard=int(d["shard"]), sample=int(d["sample"]), offset=int(d["offset"]),
-            done=bool(d.get("done", False)), stats=dict(d.get("stats", {})), counts=dict(d.get("counts", {})),
-        )  # fmt: skip
+            epoch=int(d["epoch"]),
+            shard=int(d["shard"]),
+            sample=int(d["sample"]),
+            offset=int(d["offset"]),
+            done=bool(d.get("done", False)),
+            stats=dict(d.get("stats", {})),
+            counts=dict(d.get("counts", {})),
+        )
 
 
 class _SlotStream:

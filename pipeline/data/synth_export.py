@@ -157,9 +157,14 @@ def pretraining_sample(
     None) and the metadata."""
     jpg = encode_image(scene.image, "jpg", quality, subsampling=2)
     meta = wds_schema.SampleMeta(
-        uid=scene.uid, sha256=_sha256(jpg), original_width=scene.width, original_height=scene.height,
-        width=scene.width, height=scene.height, source="synthworld",
-    )  # fmt: skip
+        uid=scene.uid,
+        sha256=_sha256(jpg),
+        original_width=scene.width,
+        original_height=scene.height,
+        width=scene.width,
+        height=scene.height,
+        source="synthworld",
+    )
     sample: dict[str, Any] = {
         "__key__": scene.uid,
         wds_schema.IMAGE_KEY: jpg,

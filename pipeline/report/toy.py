@@ -199,7 +199,7 @@ def study_config(cfg: ReproduceConfig, data: dict[str, Any]) -> ScalingConfig:
             subsets_dir=data["subsets_dir"],
             overrides=overrides,
             total_samples=data["pool_size"],
-        ),  # fmt: skip
+        ),
         finetune=dataclasses.replace(study.finetune, base=base),
         attention=dataclasses.replace(study.attention, images=data["zero_shot"]),
     )
@@ -263,9 +263,16 @@ def toy_verdict(report: dict[str, Any], study: ScalingConfig) -> dict[str, Any]:
             )
             for r in mine
         )
-        lines.append(f"Transfer, {metric} ({'higher' if higher else 'lower'} is better): {source} vs "
-                     f"{reference}: {gains}" + ("; better at every size, but every interval includes zero"
-                                                if answer == "not significant" else "") + ".")  # fmt: skip
+        lines.append(
+            f"Transfer, {metric} ({'higher' if higher else 'lower'} is better): {source} vs "
+            f"{reference}: {gains}"
+            + (
+                "; better at every size, but every interval includes zero"
+                if answer == "not significant"
+                else ""
+            )
+            + "."
+        )
         smallest, largest = mine[0], mine[-1]
         ref_gain = sign * (largest["reference_mean"] - smallest["reference_mean"])
         matched = [r for r in mine[1:] if sign * (smallest["source_mean"] - r["reference_mean"]) >= 0]
@@ -273,22 +280,29 @@ def toy_verdict(report: dict[str, Any], study: ScalingConfig) -> dict[str, Any]:
         text = f"Data efficiency, {metric}: "
         if len(mine) < 2 or ref_gain <= tol:
             answer = "undetermined"
-            text += (f"{reference} does not improve from n={n0} to n={int(largest['subset_size'])} "
-                     f"({smallest['reference_mean']:.4g} -> {largest['reference_mean']:.4g}) at this pretraining "
-                     "budget, so more data cannot be traded against better captions here")  # fmt: skip
+            text += (
+                f"{reference} does not improve from n={n0} to n={int(largest['subset_size'])} "
+                f"({smallest['reference_mean']:.4g} -> {largest['reference_mean']:.4g}) at this pretraining "
+                "budget, so more data cannot be traded against better captions here"
+            )
         elif not better[0]:
             answer = "no"
             text += f"{source} is not better than {reference} at the smallest subset (n={n0})"
         elif matched:
             answer = "yes"
             n_match = int(max(r["subset_size"] for r in matched))
-            text += (f"{source} with {n0} samples is at least as good as {reference} with {n_match} "
-                     f"({n_match / n0:g}x the data)")  # fmt: skip
+            text += (
+                f"{source} with {n0} samples is at least as good as {reference} with {n_match} "
+                f"({n_match / n0:g}x the data)"
+            )
         else:
             answer = "mixed"
             text += f"{source} is better at n={n0} but does not reach {reference} at any larger subset"
-        mults = [r["data_multiplier"] for r in mine
-                 if isinstance(r["data_multiplier"], float) and math.isfinite(r["data_multiplier"])]  # fmt: skip
+        mults = [
+            r["data_multiplier"]
+            for r in mine
+            if isinstance(r["data_multiplier"], float) and math.isfinite(r["data_multiplier"])
+        ]
         if mults:
             text += f"; fitted data multiplier {', '.join(f'{m:.3g}x' for m in mults)} at the measured sizes"
         efficiency.append(answer)
@@ -296,8 +310,11 @@ def toy_verdict(report: dict[str, Any], study: ScalingConfig) -> dict[str, Any]:
         baseline = next(
             (p.get(metric) for p in report.get("points", []) if p.get("point") == "random init"), None
         )
-        pretrained = [p[metric] for p in report.get("points", []) if p.get("kind") == "pretrain"
-                      and isinstance(p.get(metric), float)]  # fmt: skip
+        pretrained = [
+            p[metric]
+            for p in report.get("points", [])
+            if p.get("kind") == "pretrain" and isinstance(p.get(metric), float)
+        ]
         beats_random = None
         if isinstance(baseline, float) and pretrained:
             best = max(pretrained) if higher else min(pretrained)
@@ -309,18 +326,31 @@ def toy_verdict(report: dict[str, Any], study: ScalingConfig) -> dict[str, Any]:
                     "this readout does not depend on the pretrained features at this scale and cannot show a "
                     "caption effect."
                 )
-        per_metric[metric] = {"transfer": transfer[-1], "data_efficiency": answer, "better_at": sum(better),
-                              "sizes": len(better), "multipliers": mults, "beats_random_init": beats_random}  # fmt: skip
+        per_metric[metric] = {
+            "transfer": transfer[-1],
+            "data_efficiency": answer,
+            "better_at": sum(better),
+            "sizes": len(better),
+            "multipliers": mults,
+            "beats_random_init": beats_random,
+        }
     zs = [c for c in report["comparisons"] if c["metric"] == "zs_top1"]
     if zs:
-        lines.append("Zero-shot shape accuracy after pretraining (EMA weights): " + ", ".join(
-            f"n={int(r['subset_size'])}: {r['source_mean']:.3f} vs {r['reference_mean']:.3f}" for r in zs) + ".")  # fmt: skip
+        lines.append(
+            "Zero-shot shape accuracy after pretraining (EMA weights): "
+            + ", ".join(
+                f"n={int(r['subset_size'])}: {r['source_mean']:.3f} vs {r['reference_mean']:.3f}" for r in zs
+            )
+            + "."
+        )
     seeds = len(study.grid.seeds)
-    caveat = (
-        f"{seeds} pretraining seed(s) per point" + (": no confidence interval on the differences; at this scale "
+    caveat = f"{seeds} pretraining seed(s) per point" + (
+        ": no confidence interval on the differences; at this scale "
         "a seed-to-seed spread of about 1 mIoU point was measured before (../shared/SYNTHWORLD-NOTES.md), so "
-        "differences of that size are not evidence." if seeds < 2 else ".")
-    )  # fmt: skip
+        "differences of that size are not evidence."
+        if seeds < 2
+        else "."
+    )
     return {
         "transfer": _overall(transfer),
         "data_efficiency": _overall(efficiency),

@@ -256,11 +256,19 @@ def _coco_pairs(path: Path) -> tuple[list[Path], list[str], list[int]]:
 def _shard_batches(spec: str, preprocess: dict[str, Any], tokenizer: Tokenizer, batch: int) -> Iterator[dict]:
     size = _image_size(preprocess)
     cfg = LoaderConfig(
-        shards=spec, micro_batch=batch, num_workers=0, shuffle_buffer=0, shuffle_shards=False, epochs=1,
-        drop_last=False, augment=False, image_size=size,
-        mean=tuple(preprocess.get("mean", LoaderConfig.mean)), std=tuple(preprocess.get("std", LoaderConfig.std)),
+        shards=spec,
+        micro_batch=batch,
+        num_workers=0,
+        shuffle_buffer=0,
+        shuffle_shards=False,
+        epochs=1,
+        drop_last=False,
+        augment=False,
+        image_size=size,
+        mean=tuple(preprocess.get("mean", LoaderConfig.mean)),
+        std=tuple(preprocess.get("std", LoaderConfig.std)),
         context_length=int(getattr(tokenizer, "context_length", 77)),
-    )  # fmt: skip
+    )
     yield from build_loader(cfg, 0, 1, tokenizer)
 
 

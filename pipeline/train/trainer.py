@@ -185,8 +185,13 @@ class Trainer:
         self.samples = SampleQueue(self.loader, skip=self.data_skip)
         with torch.random.fork_rng(devices=[]):  # worker seeding must not shift the training RNG streams
             self.samples.start(iter(self.loader))
-        progress = tqdm(total=cfg.steps, initial=self.step, disable=self.rank != 0 or not cfg.log.progress,
-                        desc="pretrain", dynamic_ncols=True)  # fmt: skip
+        progress = tqdm(
+            total=cfg.steps,
+            initial=self.step,
+            disable=self.rank != 0 or not cfg.log.progress,
+            desc="pretrain",
+            dynamic_ncols=True,
+        )
         self.engine.train()
         window = {"time": 0.0, "wait": 0.0, "steps": 0}
         last = time.perf_counter()
@@ -399,8 +404,13 @@ class Trainer:
                 weights = self._eval_weights(ema=variant == "ema")
                 if self.rank == 0:
                     out_dir = self.run.path / "export" / variant
-                    export_open_clip(weights, cfg.model, self.preprocess, out_dir,
-                                     info={"step": self.step, "weights_kind": variant})  # fmt: skip
+                    export_open_clip(
+                        weights,
+                        cfg.model,
+                        self.preprocess,
+                        out_dir,
+                        info={"step": self.step, "weights_kind": variant},
+                    )
                     exports[variant] = str(out_dir)
                 del weights
         rows = self.run.read_metrics() if self.rank == 0 else []
