@@ -41,9 +41,13 @@ def _extra_args(parser: argparse.ArgumentParser) -> None:
 @job_main("python -m jobs.finetune_sweep")
 def main(argv: Sequence[str] | None = None) -> int:
     cfg, args = parse_config(
-        SweepConfig, argv, prog="python -m jobs.finetune_sweep", description=__doc__.split("\n")[0],
-        job="sweep", extra_args=_extra_args,
-    )  # fmt: skip
+        SweepConfig,
+        argv,
+        prog="python -m jobs.finetune_sweep",
+        description=__doc__.split("\n")[0],
+        job="sweep",
+        extra_args=_extra_args,
+    )
     cfg = resolve_paths(cfg)
     if args.dry_run:
         for trial in expand_trials(cfg):

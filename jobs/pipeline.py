@@ -152,13 +152,21 @@ def builtin_report(root: str, points: Sequence[Point], rows: Sequence[dict[str, 
         + "".join(",".join("" if v is None else str(v) for v in line) + "\n" for line in table)
     )
     io.write_text(io.join(root, "report.csv"), csv_text)
-    md = ["# Fine-tuning transfer per pretrained checkpoint", "",
-          "Built-in table (the report job `jobs.scaling_report` was not available): the best trial of each "
-          "stage's sweep per pretrained point, points ordered by pretraining samples seen.", "",
-          "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]  # fmt: skip
+    md = [
+        "# Fine-tuning transfer per pretrained checkpoint",
+        "",
+        "Built-in table (the report job `jobs.scaling_report` was not available): the best trial of each "
+        "stage's sweep per pretrained point, points ordered by pretraining samples seen.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
     for line in table:
-        md.append("| " + " | ".join("" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))
-                                    for v in line) + " |")  # fmt: skip
+        md.append(
+            "| "
+            + " | ".join("" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v)) for v in line)
+            + " |"
+        )
     missing = [p for p in points if not p.checkpoint]
     if missing:
         md += [
@@ -243,8 +251,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if io.is_local(cfg.storage) and not os.path.isabs(cfg.storage):
         if os.environ.get(IN_RAY_JOB_ENV):
-            raise ConfigError(f"storage: {cfg.storage!r} is relative; under `ray job submit` give an absolute "
-                              "path on shared storage or an s3:// URL")  # fmt: skip
+            raise ConfigError(
+                f"storage: {cfg.storage!r} is relative; under `ray job submit` give an absolute "
+                "path on shared storage or an s3:// URL"
+            )
         cfg = dataclasses.replace(cfg, storage=os.path.abspath(cfg.storage))
     return run(cfg)
 

@@ -51,9 +51,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     import dataclasses
 
+    from pipeline.orchestrate import run_finetuning, run_pretraining
     from pipeline.report import html as H
     from pipeline.report.build import build_report
-    from pipeline.report.scaling import plan_points, resolve_paths, run_finetuning, run_pretraining
+    from pipeline.report.scaling import plan_points, resolve_paths
     from pipeline.report.toy import study_config, toy_verdict, verdict_markdown, write_toy_data
 
     out = Path(cfg.out).resolve()

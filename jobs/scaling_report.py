@@ -47,9 +47,13 @@ def _extra_args(parser: argparse.ArgumentParser) -> None:
 @job_main("python -m jobs.scaling_report")
 def main(argv: Sequence[str] | None = None) -> int:
     cfg, args = parse_config(
-        ScalingConfig, argv, prog="python -m jobs.scaling_report", description=__doc__.split("\n\n")[0],
-        job="scaling_report", extra_args=_extra_args,
-    )  # fmt: skip
+        ScalingConfig,
+        argv,
+        prog="python -m jobs.scaling_report",
+        description=__doc__.split("\n\n")[0],
+        job="scaling_report",
+        extra_args=_extra_args,
+    )
     if args.points_json:
         points_file = io.read_json(args.points_json)
         sources = [p.get("source", "") for p in points_file.values() if isinstance(p, dict)]

@@ -229,10 +229,13 @@ def pretrain_command(cfg: ScalingConfig, point: Point) -> list[str]:
     args += source_overrides(cfg, point.caption_source)
     args += [f"--run_dir={point.run_dir}", f"--model.name={point.model}"]
     args += [f"--data.seed={point.seed}", f"--model.seed={point.seed}"]
-    if cfg.pretrain.shards:
-        args.append(f"--data.shards={cfg.pretrain.shards}")
-    if point.subset_uids:
-        args.append(f"--data.subset_uids={point.subset_uids}")
+    if point.shards:  # a materialised subset: its own shard set, read whole
+        args.append(f"--data.shards={point.shards}")
+    else:
+        if cfg.pretrain.shards:
+            args.append(f"--data.shards={cfg.pretrain.shards}")
+        if point.subset_uids:
+            args.append(f"--data.subset_uids={point.subset_uids}")
     return launcher + args
 
 

@@ -222,8 +222,11 @@ def _sweep_trial_driver(config: dict[str, Any], trials: dict[str, Any], options:
     trial = Trial.from_dict(trials[config["trial"]])
     summary = trial_done(trial)
     if summary is not None:
-        print(f"[sweep] {trial.name}: already complete ({summary.get('primary_metric')} = "
-              f"{summary.get('primary_value')}); not rerun", flush=True)  # fmt: skip
+        print(
+            f"[sweep] {trial.name}: already complete ({summary.get('primary_metric')} = "
+            f"{summary.get('primary_value')}); not rerun",
+            flush=True,
+        )
     else:
         workers, cpus, gpus = (
             options["workers_per_trial"],
@@ -253,8 +256,10 @@ def _sweep_trial_driver(config: dict[str, Any], trials: dict[str, Any], options:
         summary = trial_done(trial)
         if summary is None:
             raise RuntimeError(f"trial {trial.name}: training ended without a complete summary.json")
-        print(f"[sweep] {trial.name}: complete ({summary.get('primary_metric')} = {summary.get('primary_value')})",
-              flush=True)  # fmt: skip
+        print(
+            f"[sweep] {trial.name}: complete ({summary.get('primary_metric')} = {summary.get('primary_value')})",
+            flush=True,
+        )
     ray.tune.report(_tune_metrics(summary))
 
 

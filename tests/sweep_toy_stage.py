@@ -72,10 +72,16 @@ def run_stage(cfg: ToyConfig, run_dir: str | Path, preemption: Any = None) -> di
             raise RuntimeError("preempted")
     score = 1.0 - abs(cfg.optim.lr - 1e-3) * 100 - cfg.backbone.drop_path_rate
     summary = {
-        "stage": "toy", "status": "complete", "steps": step, "primary_metric": "score", "primary_value": score,
-        "higher_is_better": True, "metrics": {"score": score, "loss": 1.0 / step}, "train_flops": 10 * step,
+        "stage": "toy",
+        "status": "complete",
+        "steps": step,
+        "primary_metric": "score",
+        "primary_value": score,
+        "higher_is_better": True,
+        "metrics": {"score": score, "loss": 1.0 / step},
+        "train_flops": 10 * step,
         "backbone_checkpoint": cfg.backbone.checkpoint,
-    }  # fmt: skip
+    }
     rd.write_summary(summary)
     (rd.path / "toy.json").write_text(json.dumps({"seed": cfg.train.seed}))
     return summary

@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 import pytest
 from report_fixtures import DEPTH_GAIN, DEPTH_SLOPE, SEG_GAIN, SEG_SLOPE, SIZES, make_study
 
+from pipeline.orchestrate import pretrain_command
 from pipeline.report import collect as col
 from pipeline.report.fit import data_multiplier, fit_curve, mean_difference, t_cdf, t_quantile
 from pipeline.report.flops import (
@@ -33,7 +34,7 @@ from pipeline.report.flops import (
     recipe_projection,
     step_flops,
 )
-from pipeline.report.scaling import ScalingConfig, plan_points, pretrain_command, resolve_paths
+from pipeline.report.scaling import ScalingConfig, plan_points, resolve_paths
 
 
 @pytest.fixture(scope="module")
@@ -216,8 +217,8 @@ def _report_config(study, **grid) -> ScalingConfig:
 
 @pytest.fixture(scope="module")
 def report(study):
+    from pipeline.orchestrate import run_pretraining
     from pipeline.report.build import build_report
-    from pipeline.report.scaling import run_pretraining
 
     cfg = _report_config(study)
     points = plan_points(cfg)
@@ -386,6 +387,24 @@ def test_pretrain_command_layers_overrides_in_order():
     assert "--data.syn_sampling=first" in cmd and cmd[-1].startswith("--model.seed") or "--data.seed=0" in cmd
 
 
+def test_a_point_with_a_materialised_subset_pretrains_on_its_own_shards_without_a_uid_filter():
+    cfg = ScalingConfig(
+        pretrain=dataclasses.replace(ScalingConfig().pretrain, shards="/data/full/{0..9}.tar")
+    )
+    point = plan_points(cfg)[0]
+    filtered = pretrain_command(cfg, dataclasses.replace(point, subset_uids="/data/full/subsets/n100.txt"))
+    own = pretrain_command(
+        cfg,
+        dataclasses.replace(point, subset_uids="/data/full/subsets/n100.txt", shards="/s/n100/{0..1}.tar"),
+    )
+    assert (
+        "--data.shards=/data/full/{0..9}.tar" in filtered
+        and "--data.subset_uids=/data/full/subsets/n100.txt" in filtered
+    )
+    assert "--data.shards=/s/n100/{0..1}.tar" in own
+    assert not any(a.startswith("--data.subset_uids") or "/data/full" in a for a in own)
+
+
 def test_report_only_mode_reports_on_runs_made_elsewhere_without_a_grid(study, tmp_path, capsys):
     from jobs.scaling_report import main
 
@@ -540,7 +559,8 @@ def test_toy_verdict_reads_transfer_and_data_efficiency_from_the_measured_means(
 
 
 def test_local_trials_run_in_parallel_worker_processes_and_are_not_rerun(study, tmp_path):
-    from pipeline.report.scaling import FinetuneGridConfig, Point, run_finetuning
+    from pipeline.orchestrate import run_finetuning
+    from pipeline.report.scaling import FinetuneGridConfig, Point
 
     cfg = ScalingConfig(
         root=str(tmp_path / "s"), finetune=FinetuneGridConfig(stages=("sweep_toy_stage",), parallel=2)

@@ -31,19 +31,35 @@ def test_scaling_report_runs_the_grid_then_reuses_every_finished_point(tmp_path,
     )
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     world = sw.shape_necessary_config()
-    data = write_toy_data(ToyDataConfig(world=world, pool_size=64, subset_sizes=(32, 64), samples_per_shard=32,
-                                        num_syn_captions=2, num_eval=8), tmp_path / "data")  # fmt: skip
+    data = write_toy_data(
+        ToyDataConfig(
+            world=world,
+            pool_size=64,
+            subset_sizes=(32, 64),
+            samples_per_shard=32,
+            num_syn_captions=2,
+            num_eval=8,
+        ),
+        tmp_path / "data",
+    )
     args = [
-        f"--root={tmp_path / 'study'}", f"--pretrain.shards={data['shards']}",
-        f"--pretrain.subsets_dir={data['subsets_dir']}", "--grid.subsets=[n32,n64]",
+        f"--root={tmp_path / 'study'}",
+        f"--pretrain.shards={data['shards']}",
+        f"--pretrain.subsets_dir={data['subsets_dir']}",
+        "--grid.subsets=[n32,n64]",
         "--grid.caption_sources=[web,web+syn]",
         '--pretrain.overrides=["--steps=2", "--global_batch=16", "--data.micro_batch=16", "--data.num_workers=0",'
         ' "--engine.zero_stage=0", "--log.interval=1", "--log.progress=false", "--checkpoint.interval=0",'
         f' "--data.group_size=8", "--eval.zero_shot={data["zero_shot"]}"]',
-        "--finetune.stages=[depth]", "--finetune.base.all.train.steps=2", "--finetune.base.all.train.batch_size=4",
-        "--finetune.base.all.data.num_train=8", "--finetune.base.all.data.num_val=4",
-        f"--attention.images={data['zero_shot']}", "--attention.num_images=4", "--report.reference_model=debug",
-    ]  # fmt: skip
+        "--finetune.stages=[depth]",
+        "--finetune.base.all.train.steps=2",
+        "--finetune.base.all.train.batch_size=4",
+        "--finetune.base.all.data.num_train=8",
+        "--finetune.base.all.data.num_val=4",
+        f"--attention.images={data['zero_shot']}",
+        "--attention.num_images=4",
+        "--report.reference_model=debug",
+    ]
     assert main(args) == 0, capsys.readouterr().out[-4000:]
     out = capsys.readouterr().out
     assert out.count(": complete in") == 4  # 4 pretraining launches, each finished

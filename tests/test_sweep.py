@@ -70,8 +70,12 @@ def test_stage_table_overrides_the_all_table(tmp_path: Path) -> None:
 
 
 def test_random_search_is_reproducible_from_its_seed_and_stays_in_bounds(tmp_path: Path) -> None:
-    space = ["--search.kind=random", "--search.num_samples=5", "--sweep.all.lr={'loguniform': [1e-5, 1e-2]}",
-             "--sweep.all.drop_path_rate=[0.0,0.3]"]  # fmt: skip
+    space = [
+        "--search.kind=random",
+        "--search.num_samples=5",
+        "--sweep.all.lr={'loguniform': [1e-5, 1e-2]}",
+        "--sweep.all.drop_path_rate=[0.0,0.3]",
+    ]
     first = sw.expand_trials(_cfg(tmp_path, *space))
     again = sw.expand_trials(_cfg(tmp_path, *space))
     other = sw.expand_trials(_cfg(tmp_path, *space, "--search.seed=1"))
@@ -172,8 +176,14 @@ def test_fault_knob_kills_the_worker_once_and_the_rerun_resumes(tmp_path: Path) 
 
 def _fake_summary(trial: sw.Trial, value: float, higher: bool) -> None:
     Path(trial.run_dir).mkdir(parents=True, exist_ok=True)
-    summary = {"status": "complete", "primary_metric": "m", "primary_value": value, "higher_is_better": higher,
-               "metrics": {"m": value, "extra": 1.0}, "steps": 3}  # fmt: skip
+    summary = {
+        "status": "complete",
+        "primary_metric": "m",
+        "primary_value": value,
+        "higher_is_better": higher,
+        "metrics": {"m": value, "extra": 1.0},
+        "steps": 3,
+    }
     io.write_json(str(Path(trial.run_dir) / "summary.json"), summary)
 
 
@@ -271,8 +281,16 @@ def test_dry_run_lists_each_trial_and_whether_it_is_done(
 def test_every_registered_stage_takes_the_lr_and_drop_path_shorthands(tmp_path: Path) -> None:
     from pipeline.finetune.stages import STAGES
 
-    cfg = load_config(sw.SweepConfig, None, [f"--stages={list(STAGES)!r}", f"--storage={tmp_path}",
-                                             "--sweep.all.lr=[3e-4]", "--sweep.all.drop_path_rate=[0.15]"])  # fmt: skip
+    cfg = load_config(
+        sw.SweepConfig,
+        None,
+        [
+            f"--stages={list(STAGES)!r}",
+            f"--storage={tmp_path}",
+            "--sweep.all.lr=[3e-4]",
+            "--sweep.all.drop_path_rate=[0.15]",
+        ],
+    )
     trials = sw.expand_trials(cfg)
     assert [t.stage for t in trials] == list(STAGES)
     for t in trials:

@@ -54,9 +54,11 @@ def test_points_come_from_exports_checkpoint_files_and_missing_ones_are_listed(t
     ckpt = tmp_path / "other.pt"
     ckpt.write_bytes(b"w")
     cfg, _ = dag.parse_config(
-        dag.PipelineConfig, _argv(tmp_path, f"--runs=['{big}','{unfinished}']", f"--points.other={ckpt}"),
-        prog="t", description="t",
-    )  # fmt: skip
+        dag.PipelineConfig,
+        _argv(tmp_path, f"--runs=['{big}','{unfinished}']", f"--points.other={ckpt}"),
+        prog="t",
+        description="t",
+    )
     points = {p.label: p for p in dag.resolve_points(cfg)}
     assert points["web-4k"].checkpoint == str(big / "export" / "final" / "visual.pt")
     assert points["web-4k"].pretrain_summary["step"] == 64

@@ -59,11 +59,24 @@ def _ray(*args: str) -> subprocess.CompletedProcess[str]:
 
 def _submit(cluster: RayCluster, submission_id: str, storage: Path) -> None:
     out = _ray(
-        "job", "submit", f"--address={cluster.dashboard_url}", "--working-dir=.", f"--submission-id={submission_id}",
-        "--no-wait", f"--runtime-env-json={json.dumps({'env_vars': JOB_ENV})}", "--",
-        "python", "-m", "jobs.finetune_sweep", "--config", "jobs/configs/sweep/debug.toml", f"--storage={storage}",
-        f"--failure.fault_injection={FAULTY}@3", "--resources.max_concurrent=2", "--resources.cpus_per_worker=0.5",
-    )  # fmt: skip
+        "job",
+        "submit",
+        f"--address={cluster.dashboard_url}",
+        "--working-dir=.",
+        f"--submission-id={submission_id}",
+        "--no-wait",
+        f"--runtime-env-json={json.dumps({'env_vars': JOB_ENV})}",
+        "--",
+        "python",
+        "-m",
+        "jobs.finetune_sweep",
+        "--config",
+        "jobs/configs/sweep/debug.toml",
+        f"--storage={storage}",
+        f"--failure.fault_injection={FAULTY}@3",
+        "--resources.max_concurrent=2",
+        "--resources.cpus_per_worker=0.5",
+    )
     assert out.returncode == 0, out.stdout + out.stderr
 
 
@@ -123,8 +136,10 @@ def sweep_run(tmp_path_factory: pytest.TempPathFactory) -> SweepRun:
             stopped = time.time()
             _submit(cluster, "sweep-second", storage)
             second = _wait(client, "sweep-second", time.time() + 400)
-            print(f"sweep test timings: first job until stopped {stopped - started:.0f} s, "
-                  f"second job {time.time() - stopped:.0f} s")  # fmt: skip
+            print(
+                f"sweep test timings: first job until stopped {stopped - started:.0f} s, "
+                f"second job {time.time() - stopped:.0f} s"
+            )
             logs = _ray("job", "logs", f"--address={cluster.dashboard_url}", "sweep-second").stdout
             logs = _ray("job", "logs", f"--address={cluster.dashboard_url}", "sweep-first").stdout + logs
     finally:
@@ -140,8 +155,11 @@ def test_stopped_sweep_job_is_restored_and_completes_with_a_results_table(sweep_
     assert sweep_run.second_status == "SUCCEEDED", sweep_run.logs[-3000:]
     rows = read_results(str(sweep_run.sweep_dir))
     assert sorted((r["stage"], r["param.optim.lr"]) for r in rows) == [
-        ("depth", 3e-4), ("depth", 1e-3), ("segmentation", 3e-4), ("segmentation", 1e-3),
-    ]  # fmt: skip
+        ("depth", 3e-4),
+        ("depth", 1e-3),
+        ("segmentation", 3e-4),
+        ("segmentation", 1e-3),
+    ]
     assert all(r["status"] == "complete" for r in rows)
     for stage, metric, better in (("segmentation", "mIoU", max), ("depth", "rmse", min)):
         members = [r for r in rows if r["stage"] == stage]

@@ -474,14 +474,20 @@ def expand_trials(cfg: SweepConfig) -> list[Trial]:
                 run_dir = storage_dir if io.is_local(storage_dir) else os.path.join(scratch, cfg.name, name)
                 trials.append(
                     Trial(
-                        name=name, stage=stage, point=point, params=params,
+                        name=name,
+                        stage=stage,
+                        point=point,
+                        params=params,
                         checkpoint=str(getattr(getattr(stage_cfg, "backbone", None), "checkpoint", "") or ""),
                         config_toml=text,
-                        config_hash=digest, run_dir=run_dir, storage_dir=storage_dir,
-                        fault_step=_fault(cfg.failure, name), progress_every=cfg.progress_every,
+                        config_hash=digest,
+                        run_dir=run_dir,
+                        storage_dir=storage_dir,
+                        fault_step=_fault(cfg.failure, name),
+                        progress_every=cfg.progress_every,
                         data_parallel=is_data_parallel(stage, module),
                     )
-                )  # fmt: skip
+                )
     names = [t.name for t in trials]
     if len(set(names)) != len(names):
         dupes = sorted({n for n in names if names.count(n) > 1})
@@ -534,9 +540,13 @@ def _record_attempt(trial: Trial, world_size: int) -> dict[str, Any]:
     path = Path(trial.run_dir) / "attempts.jsonl"
     previous = len(path.read_text().splitlines()) if path.exists() else 0
     row = {
-        "attempt": previous + 1, "time": round(time.time(), 3), "host": socket.gethostname(), "pid": os.getpid(),
-        "start_step": _latest_step(trial.run_dir), "world_size": world_size,
-    }  # fmt: skip
+        "attempt": previous + 1,
+        "time": round(time.time(), 3),
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "start_step": _latest_step(trial.run_dir),
+        "world_size": world_size,
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:  # append-only log: one writer (rank 0) at a time per trial
         f.write(json.dumps(row, sort_keys=True) + "\n")

@@ -279,9 +279,14 @@ class Point:
 
     def labels(self) -> dict[str, Any]:
         return {
-            "name": self.name, "model": self.model, "caption_source": self.caption_source, "subset": self.subset,
-            "subset_size": self.subset_size, "subset_uids": self.subset_uids, "seed": self.seed,
-        }  # fmt: skip
+            "name": self.name,
+            "model": self.model,
+            "caption_source": self.caption_source,
+            "subset": self.subset,
+            "subset_size": self.subset_size,
+            "subset_uids": self.subset_uids,
+            "seed": self.seed,
+        }
 
 
 def safe_label(text: str) -> str:
@@ -412,18 +417,6 @@ def sweep_config(cfg: ScalingConfig, points: list[Point]) -> Any:
         search=cfg.finetune.search,
         resources=cfg.finetune.resources,
     )
-
-
-_MOVED_TO_ORCHESTRATE = ("Launch", "pretrain_command", "run_pretraining", "run_finetuning")
-
-
-def __getattr__(name: str) -> Any:
-    """Launching moved to ``pipeline.orchestrate``; these names still resolve here for older callers."""
-    if name in _MOVED_TO_ORCHESTRATE:
-        from pipeline import orchestrate
-
-        return getattr(orchestrate, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = [
