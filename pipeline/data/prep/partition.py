@@ -232,6 +232,8 @@ class PlanStep:
             return {"ok": True}
         except Exception:  # noqa: BLE001 - reported by the driver; a re-run retries the task
             return {"ok": False, "error": traceback.format_exc(limit=8)}
+        finally:  # a worker runs many tasks: give what the allocator kept of this one back
+            pa.default_memory_pool().release_unused()
 
 
 def read_duplicate_rows(url: str, input_index: int, start: int, end: int) -> set[int]:
@@ -306,7 +308,7 @@ class ImageDedupe:
         def rows(p: int) -> Iterator[tuple[int, int, str]]:
             fs, path = io.filesystem(self.part_url(p))
             with fs.open(path, "rb") as f:
-                for batch in pq.ParquetFile(f).iter_batches(batch_size=65_536):
+                for batch in pq.ParquetFile(f).iter_batches(batch_size=1024):  # x P_m files open at once
                     yield from zip(*(batch.column(c).to_pylist() for c in ("shard", "pos", "uid")))
 
         for _, _, uid in heapq.merge(*(rows(p) for p in range(self.num_parts))):
@@ -326,6 +328,8 @@ class MergeStep:
             return {"ok": True}
         except Exception:  # noqa: BLE001 - reported by the driver; a re-run retries the task
             return {"ok": False, "error": traceback.format_exc(limit=8)}
+        finally:  # a worker runs many tasks: give what the allocator kept of this one back
+            pa.default_memory_pool().release_unused()
 
 
 def write_lines(f: IO[bytes], lines: Iterator[str], chunk: int = 65_536) -> int:
