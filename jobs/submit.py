@@ -1,10 +1,10 @@
-"""Submit a job to SLURM, Kubernetes or a Ray cluster, from a snapshot of the code and its resolved config.
+r"""Submit a job to SLURM, Kubernetes or a Ray cluster, from a snapshot of the code and its resolved config.
 
     python -m jobs.submit --target slurm --job pretrain --config jobs/configs/pretrain/debug.toml --dry-run
     python -m jobs.submit --target slurm --job shard --config my_shard.toml --launch.slurm.array_tasks=64
     python -m jobs.submit --target k8s --job pretrain --config jobs/configs/pretrain/vit_b16.toml \
         --launch.k8s.overlay=prod --launch.k8s.image=registry.example.com/clip-pipeline:v1
-    python -m jobs.submit --target ray --job sweep --config jobs/configs/sweep.toml \
+    python -m jobs.submit --target ray --job sweep --config jobs/configs/sweep/dense_gpu.toml \
         --launch.ray.address=http://head:8265
 
 `--config` and plain `--a.b=c` overrides are the job's (resolved by the job module itself);
