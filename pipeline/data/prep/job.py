@@ -768,9 +768,11 @@ def merge(
     the run's tag for its temporaries. ``stage`` ``merge-partition`` / ``merge-dedupe`` runs only array task
     ``task_index``'s share of that step of the cross-shard image dedupe (and returns None)."""
     out = cfg.output.path
-    with ThreadPoolExecutor(16) as pool:
-        if not all(pool.map(lambda u: _unit_done(out, u.name, plan.config_hash), units)):
-            return None
+    with ThreadPoolExecutor(16) as pool:  # in chunks: pool.map would hold a future per shard
+        for first in range(0, len(units), 1024):
+            chunk = units[first : first + 1024]
+            if not all(pool.map(lambda u: _unit_done(out, u.name, plan.config_hash), chunk)):
+                return None
     dedupe: ImageDedupe | None = None
     if cfg.filters.dedupe_image and cfg.plan.dedupe == "partitioned":
         dedupe = _image_dedupe_layout(cfg, plan, units, owner)
