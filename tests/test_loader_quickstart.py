@@ -59,8 +59,8 @@ def test_quickstart_pretrains_on_the_coca_captions_it_wrote_and_says_so(tmp_path
         return 0
 
     def pretrain(argv: list[str]) -> int:
-        overrides = [a for a in argv if not a.startswith(("--config=", "--run_dir=", "--log."))]
-        cfg = load_config(TrainConfig, ROOT / _arg(argv, "config"), overrides)
+        overrides = [a for a in argv if not a.startswith(("--preset=", "--run_dir=", "--log."))]
+        cfg = load_config(TrainConfig, job="pretrain", preset=_arg(argv, "preset"), overrides=overrides)
         data = replace(cfg.data, num_workers=0, context_length=16)
         batch = next(iter(build_loader(data, 0, 1, TOKENIZER)))
         seen["syn_text"] = [row.tolist() for row in batch["syn_text"]]
