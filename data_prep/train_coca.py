@@ -3,7 +3,9 @@
     python -m data_prep.train_coca --out=runs/coca_world.pt --steps=400
     python -m data_prep.train_coca --out=runs/coca_world.pt --loop-dir=runs/loop   # then caption the noisy
                                                                                     # split and report
-The checkpoint loads with ``python -m data_prep.caption --captioner.checkpoint=runs/coca_world.pt``.
+Checkpoints go to ``<run-dir>/checkpoints/`` (``--checkpoint_interval``; default run dir: ``--out`` without its
+suffix); rerunning the same command resumes from ``checkpoints/latest``. Exit code 124: checkpointed after a
+preemption signal (SIGTERM / SIGUSR1) or ``--stop_after_step``, rerun to resume. The checkpoint loads with ``python -m data_prep.caption --captioner.checkpoint=runs/coca_world.pt``.
 See docs/captioning.md.
 """
 
@@ -16,12 +18,19 @@ import sys
 
 from pipeline.caption.train_coca import TrainCocaConfig, train_coca
 from pipeline.cli import job_main, parse_config
+from pipeline.dist import PreemptionFlag
+from pipeline.finetune.common import Preempted
 
 PROG = "python -m data_prep.train_coca"
 
 
 def _extra_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="", help="checkpoint file to write")
+    parser.add_argument(
+        "--run-dir",
+        default="",
+        help="run directory (config, metrics.jsonl, checkpoints/ to resume from); default: --out without suffix",
+    )
     parser.add_argument(
         "--loop-dir", default="", help="also run the whole loop here: train, caption the noisy split, report"
     )
@@ -45,7 +54,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.out:
         raise ValueError("--out: name the checkpoint file to write")
-    summary = train_coca(cfg, args.out)
+    preemption = PreemptionFlag()
+    try:
+        summary = train_coca(cfg, args.out, run_dir=args.run_dir or None, preemption=preemption)
+    except Preempted as stopped:
+        print(f"{stopped}; rerun the same command to resume", file=sys.stderr)
+        return PreemptionFlag.EXIT_CODE
     print(json.dumps(summary, sort_keys=True))
     return 0
 

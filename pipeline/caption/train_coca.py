@@ -6,25 +6,41 @@ vocabulary (only the BPE tokens that occur in the training captions, so the outp
 hundred CPU steps suffice); the checkpoint carries its ``model_cfg`` and ``vocab_ids`` so
 :class:`~pipeline.caption.captioners.CocaCaptioner` (and ``python -m data_prep.caption``) load it directly.
 
-    ckpt = train_coca(TrainCocaConfig(steps=250), out="runs/coca_world.pt")
+    summary = train_coca(TrainCocaConfig(steps=250), out="runs/coca_world.pt")   # run dir runs/coca_world/
     # command line: python -m data_prep.train_coca --steps=250 --out=runs/coca_world.pt
+
+:class:`CocaTrainer` has the shape of the fine-tuning ``FinetuneTrainer.train()``: resume, then step / log /
+save / preemption check, then ``finish()`` (export ``out``, ``summary.json``), on the shared toolkit:
+``pipeline.train.optim`` (groups, schedule), ``pipeline.train.state.TrainState`` and
+``pipeline.train.checkpoint.save_state`` / ``load_state`` (``<run_dir>/checkpoints/<step>/state.pt``,
+``latest``, retention, sha256), ``pipeline.run_dir.RunDir`` (``config.toml``, ``metrics.jsonl``). Batches are a
+pure function of ``(seed, step)``, so a rerun resumes exactly where ``checkpoints/latest`` left off and ends
+with the same weights as an uninterrupted run.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
 
+from pipeline import io
 from pipeline.caption.captioners import build_coca
 from pipeline.caption.decode import EOS_TOKEN_ID, SOT_TOKEN_ID
 from pipeline.data import synthworld as sw
+from pipeline.finetune.common import Preempted
+from pipeline.run_dir import RunDir
+from pipeline.train import checkpoint
+from pipeline.train.checkpoint import seed_rngs
 from pipeline.train.optim import OptimConfig, build_optimizer, lr_at, param_groups, set_lr
+from pipeline.train.state import TrainState
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -81,15 +97,39 @@ class TrainCocaConfig:
     """Seed of initialisation and batch order."""
     threads: int = 0
     """torch intra-op threads (0: torch's default)."""
+    log_interval: int = 50
+    """Append a ``metrics.jsonl`` row (loss, caption_loss, clip_loss, lr) every this many steps, and at the
+    last."""
+    checkpoint_interval: int = 0
+    """Save ``<run_dir>/checkpoints/<step>/state.pt`` every this many optimizer steps (0: only at the end and
+    when stopped or preempted); a rerun resumes from ``checkpoints/latest``."""
+    keep_checkpoints: int = 2
+    """Keep this many newest checkpoints."""
+    stop_after_step: int = 0
+    """Checkpoint and stop after this step as if preempted (0: never); used to test resumption."""
 
     def __post_init__(self) -> None:
-        for name in ("num_scenes", "steps", "batch_size", "width", "layers", "heads", "patch_size"):
+        for name in (
+            "num_scenes",
+            "steps",
+            "batch_size",
+            "width",
+            "layers",
+            "heads",
+            "patch_size",
+            "log_interval",
+            "keep_checkpoints",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.width % self.heads:
             raise ValueError(f"heads: must divide width={self.width}, got {self.heads}")
         if self.world.image_size % self.patch_size:
             raise ValueError(f"patch_size: must divide world.image_size={self.world.image_size}")
+        if self.batch_size > self.num_scenes:
+            raise ValueError(f"batch_size: must be <= num_scenes={self.num_scenes}, got {self.batch_size}")
+        if self.checkpoint_interval < 0 or self.stop_after_step < 0:
+            raise ValueError("checkpoint_interval, stop_after_step: must be >= 0")
         if self.lr <= 0:
             raise ValueError(f"lr: must be > 0, got {self.lr}")
 
@@ -169,87 +209,196 @@ def images_to_tensor(images: Sequence[np.ndarray]) -> torch.Tensor:
     return (x - mean) / std
 
 
-def train_coca(cfg: TrainCocaConfig, out: str, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Train and save ``{"state_dict", "model_cfg", "vocab_ids", "train"}`` to ``out``; returns a summary."""
-    from open_clip.loss import CoCaLoss
+def default_run_dir(out: str | Path) -> Path:
+    """``runs/coca_world.pt`` -> ``runs/coca_world/`` (``runs/coca`` -> ``runs/coca.run/``)."""
+    path = Path(out)
+    return path.with_suffix("") if path.suffix else path.with_name(path.name + ".run")
 
-    from pipeline import io
 
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    t0 = time.time()
-    scenes = [sw.make_scene(cfg.world, i, "train") for i in range(cfg.num_scenes)]
-    texts = [training_caption(s, cfg.caption) for s in scenes]
-    vocab_ids = build_vocab(texts)
-    import open_clip
+def _trajectory(cfg: TrainCocaConfig) -> dict[str, Any]:
+    """The config fields that decide the weights (not checkpointing, logging, stopping or threads)."""
+    control = {"checkpoint_interval", "keep_checkpoints", "log_interval", "stop_after_step", "threads"}
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in control}
 
-    tok = open_clip.tokenizer.SimpleTokenizer()
-    context_length = min(max(len(tok.encode(t)) for t in texts) + 2, 76)
-    tokens = encode_texts(texts, vocab_ids, context_length)
-    images = images_to_tensor([s.image for s in scenes])
-    model_cfg = coca_cfg_for(cfg, len(vocab_ids), context_length)
-    model = build_coca(model_cfg, cfg.seed).train()
-    loss_fn = CoCaLoss(
-        caption_loss_weight=cfg.caption_loss_weight, clip_loss_weight=cfg.clip_loss_weight, pad_id=0
-    )
-    optim = OptimConfig(  # the training toolkit's groups (no decay on norms, biases, embeddings) and schedule
-        lr=cfg.lr,
-        min_lr=0.0,
-        warmup_steps=cfg.warmup_steps,
-        weight_decay=cfg.weight_decay,
-        beta1=0.9,
-        beta2=0.98,
-        eps=1e-8,
-        grad_clip_norm=1.0,
-    )
-    opt = build_optimizer(param_groups(model, optim.weight_decay), optim)
 
-    gen = torch.Generator().manual_seed(cfg.seed)
-    order = torch.randperm(cfg.num_scenes, generator=gen)
-    pos = 0
-    history = []
-    for step in range(cfg.steps):
-        if pos + cfg.batch_size > cfg.num_scenes:
-            order, pos = torch.randperm(cfg.num_scenes, generator=gen), 0
-        idx = order[pos : pos + cfg.batch_size]
-        pos += cfg.batch_size
-        set_lr(opt, lr_at(step, optim, cfg.steps))
-        out_dict = model(images[idx], tokens[idx])
-        clip_loss, caption_loss = loss_fn(**out_dict)
+class CocaTrainer:
+    """The CoCa loop on the training toolkit: ``TrainState`` + ``checkpoint.save_state`` / ``load_state``,
+    ``optim`` groups and schedule, ``RunDir`` metrics; only the data, the loss and the export are CoCa's own."""
+
+    def __init__(
+        self,
+        cfg: TrainCocaConfig,
+        out: str | Path,
+        run_dir: str | Path | None = None,
+        log: Callable[[str], None] = print,
+        preemption: Any = None,
+    ) -> None:
+        import open_clip
+        from open_clip.loss import CoCaLoss
+
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.cfg, self.out, self.log, self.preemption = cfg, Path(out), log, preemption
+        self.rd = RunDir(default_run_dir(out) if run_dir is None else run_dir)
+        self.started = time.time()
+        scenes = [sw.make_scene(cfg.world, i, "train") for i in range(cfg.num_scenes)]
+        texts = [training_caption(s, cfg.caption) for s in scenes]
+        self.vocab_ids = build_vocab(texts)
+        tok = open_clip.tokenizer.SimpleTokenizer()
+        self.context_length = min(max(len(tok.encode(t)) for t in texts) + 2, 76)
+        self.tokens = encode_texts(texts, self.vocab_ids, self.context_length)
+        self.images = images_to_tensor([s.image for s in scenes])
+        self.model_cfg = coca_cfg_for(cfg, len(self.vocab_ids), self.context_length)
+        model = build_coca(self.model_cfg, cfg.seed).train()
+        self.loss_fn = CoCaLoss(
+            caption_loss_weight=cfg.caption_loss_weight, clip_loss_weight=cfg.clip_loss_weight, pad_id=0
+        )
+        self.optim = OptimConfig(  # the toolkit's groups (no decay on norms, biases, embeddings) and schedule
+            lr=cfg.lr,
+            min_lr=0.0,
+            warmup_steps=cfg.warmup_steps,
+            weight_decay=cfg.weight_decay,
+            beta1=0.9,
+            beta2=0.98,
+            eps=1e-8,
+            grad_clip_norm=1.0,
+        )
+        self.state = TrainState(
+            model, build_optimizer(param_groups(model, self.optim.weight_decay), self.optim)
+        )
+        self.state.extra["trajectory"] = _trajectory(cfg)
+        self._order_gen = torch.Generator().manual_seed(cfg.seed)
+        self._order, self._epoch = torch.randperm(cfg.num_scenes, generator=self._order_gen), 0
+
+    # ------------------------------------------------------------------------------------------- loop
+    def train(self) -> dict[str, Any]:
+        """Train to ``steps`` (resuming from ``<run_dir>/checkpoints/latest``), export ``out``, return the
+        summary; raises :class:`Preempted` after checkpointing at ``stop_after_step`` or on a preemption signal."""
+        cfg = self.cfg
+        self.rd.write_config(cfg)
+        seed_rngs(cfg.seed, 0)
+        self.resume()
+        while self.state.step < cfg.steps:
+            self.state.step += 1
+            step = self.state.step
+            losses, lr = self.train_step(self.batch_indices(step))
+            if step % cfg.log_interval == 0 or step == cfg.steps:
+                self.log_step(losses, lr)
+            stop = step == cfg.stop_after_step or self.preempted()
+            if (cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0) or step == cfg.steps or stop:
+                self.save()
+            if stop and step < cfg.steps:
+                self.log(f"train_coca: checkpointed at step {step} in {self.rd.checkpoints} and stopping")
+                raise Preempted(f"train_coca stopped after step {step}")
+        return self.finish()
+
+    # ----------------------------------------------------------------------------------- CoCa-specific
+    def batch_indices(self, step: int) -> torch.Tensor:
+        """Scenes of ``step`` (1-based): epoch-wise permutations from one seeded generator, the remainder of
+        each epoch dropped. A pure function of ``(seed, step)``, so the step is the data position."""
+        per_epoch = self.cfg.num_scenes // self.cfg.batch_size
+        epoch, k = divmod(step - 1, per_epoch)
+        assert epoch >= self._epoch, "steps only move forward"
+        while self._epoch < epoch:
+            self._order, self._epoch = (
+                torch.randperm(self.cfg.num_scenes, generator=self._order_gen),
+                self._epoch + 1,
+            )
+        return self._order[k * self.cfg.batch_size : (k + 1) * self.cfg.batch_size]
+
+    def train_step(self, idx: torch.Tensor) -> tuple[dict[str, torch.Tensor], float]:
+        model, opt = self.state.model, self.state.optimizer
+        lr = lr_at(self.state.step - 1, self.optim, self.cfg.steps)
+        set_lr(opt, lr)
+        clip_loss, caption_loss = self.loss_fn(**model(self.images[idx], self.tokens[idx]))
         loss = clip_loss + caption_loss
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"train_coca: loss became {loss.item()} at step {self.state.step}")
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip_norm)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), self.optim.grad_clip_norm)
         opt.step()
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
-        if step % 50 == 0 or step == cfg.steps - 1:
-            history.append(
-                {
-                    "step": step,
-                    "loss": round(loss.item(), 4),
-                    "caption_loss": round(caption_loss.item(), 4),
-                    "clip_loss": round(clip_loss.item(), 4),
-                }
+        return {
+            "loss": loss.detach(),
+            "caption_loss": caption_loss.detach(),
+            "clip_loss": clip_loss.detach(),
+        }, lr
+
+    def log_step(self, losses: dict[str, torch.Tensor], lr: float) -> None:
+        values = {k: v.item() for k, v in losses.items()}
+        self.rd.log({**values, "lr": lr}, self.state.step)  # unrounded: tests compare curves
+        self.log(
+            f"train_coca: step {self.state.step} loss {values['loss']:.3f} (caption "
+            f"{values['caption_loss']:.3f}, clip {values['clip_loss']:.3f})"
+        )
+
+    def preempted(self) -> bool:
+        return self.preemption is not None and bool(self.preemption.is_set())
+
+    # ------------------------------------------------------------------------------- save / resume / end
+    def save(self) -> None:
+        checkpoint.save_state(
+            self.rd.checkpoints, self.state.step, self.state.state_dict(), self.cfg.keep_checkpoints
+        )
+
+    def resume(self) -> None:
+        path = checkpoint.latest_state_file(self.rd.checkpoints)
+        if path is None:
+            return
+        saved = checkpoint.load_state(path)
+        trained_with = (saved.get("extra") or {}).get("trajectory")
+        if trained_with != self.state.extra["trajectory"]:
+            changed = sorted(
+                k
+                for k in self.state.extra["trajectory"]
+                if (trained_with or {}).get(k) != self.state.extra["trajectory"][k]
             )
-            log(
-                f"train_coca: step {step} loss {loss.item():.3f} (caption {caption_loss.item():.3f}, "
-                f"clip {clip_loss.item():.3f})"
+            raise ValueError(
+                f"resume: {path} was trained with other values of {', '.join(changed) or 'the config'}; "
+                f"use another run directory or delete {self.rd.path}"
             )
-    model.eval()
-    summary = {
-        "steps": cfg.steps,
-        "seconds": round(time.time() - t0, 2),
-        "history": history,
-        "vocab_size": len(vocab_ids),
-        "context_length": context_length,
-    }
-    state = {
-        "state_dict": model.state_dict(),
-        "model_cfg": model_cfg,
-        "vocab_ids": vocab_ids,
-        "train": summary,
-    }
-    with io.atomic_write(out, "wb") as f:
-        torch.save(state, f)
-    return summary
+        self.state.load_state_dict(saved)
+        self.rd.truncate_metrics_after(self.state.step)
+        self.log(f"train_coca: resumed from {path} at step {self.state.step}")
+
+    def finish(self) -> dict[str, Any]:
+        """Write the captioner checkpoint ``out`` and ``summary.json``; return the summary."""
+        model = self.state.model.eval()
+        rows = [r for r in self.rd.read_metrics() if "loss" in r]
+        summary = {
+            "status": "complete",
+            "steps": self.state.step,
+            "seconds": round(time.time() - self.started, 2),
+            "history": [
+                {"step": r["step"], **{k: round(r[k], 4) for k in ("loss", "caption_loss", "clip_loss")}}
+                for r in rows
+            ],
+            "vocab_size": len(self.vocab_ids),
+            "context_length": self.context_length,
+            "run_dir": str(self.rd.path),
+        }
+        export = {
+            "state_dict": model.state_dict(),
+            "model_cfg": self.model_cfg,
+            "vocab_ids": self.vocab_ids,
+            "train": summary,
+        }
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        with io.atomic_write(str(self.out), "wb") as f:
+            torch.save(export, f)
+        self.rd.write_summary(summary)
+        return summary
+
+
+def train_coca(
+    cfg: TrainCocaConfig,
+    out: str,
+    log: Callable[[str], None] = print,
+    run_dir: str | Path | None = None,
+    preemption: Any = None,
+) -> dict[str, Any]:
+    """Train (resuming from ``<run_dir>/checkpoints/latest``) and save ``{"state_dict", "model_cfg",
+    "vocab_ids", "train"}`` to ``out``; returns the summary. ``run_dir`` defaults to ``out`` without its suffix."""
+    return CocaTrainer(cfg, out, run_dir, log, preemption).train()
