@@ -19,7 +19,7 @@ import sys
 from pipeline.caption.train_coca import TrainCocaConfig, train_coca
 from pipeline.cli import job_main, parse_config
 from pipeline.dist import PreemptionFlag
-from pipeline.finetune.common import Preempted
+from pipeline.train.state import Preempted
 
 PROG = "python -m data_prep.train_coca"
 

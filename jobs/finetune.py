@@ -26,8 +26,8 @@ import torch.distributed as dist
 
 from pipeline.cli import job_main, parse_config
 from pipeline.dist import PreemptionFlag, close_distributed, init_distributed, world_info_from_env
-from pipeline.finetune.common import Preempted
 from pipeline.finetune.stages import STAGES, load_stage, run_stage
+from pipeline.train.state import Preempted
 
 
 @job_main("python -m jobs.finetune")

@@ -14,9 +14,10 @@ from pipeline.finetune.classification import (
     run_stage,
     soft_targets,
 )
-from pipeline.finetune.common import FinetuneOptimConfig, FinetuneTrainConfig, Preempted
+from pipeline.finetune.common import FinetuneOptimConfig, FinetuneTrainConfig
 from pipeline.finetune.datasets import DataConfig
 from pipeline.model.backbone import BackboneConfig
+from pipeline.train.state import Preempted
 
 
 def config(checkpoint: str, classifier: ClassifierConfig, **train) -> ClassificationConfig:

@@ -7,11 +7,12 @@ import json
 import pytest
 import torch
 
-from pipeline.finetune.common import FinetuneTrainConfig, Preempted, eval_batches, latest_checkpoint
+from pipeline.finetune.common import FinetuneTrainConfig, eval_batches, latest_checkpoint
 from pipeline.finetune.datasets import DataConfig, build_datasets, collate
 from pipeline.finetune.metrics import ConfusionMatrix
 from pipeline.finetune.segmentation import SegHeadConfig, SegmentationConfig, SegmentationModel, run_stage
 from pipeline.model.backbone import BackboneConfig, build_backbone
+from pipeline.train.state import Preempted
 
 
 def small_config(checkpoint: str, kind: str = "upernet", **train) -> SegmentationConfig:

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from pipeline.caption.train_coca import TrainCocaConfig, train_coca
-from pipeline.finetune.common import Preempted
 from pipeline.train import checkpoint
+from pipeline.train.state import Preempted
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -35,12 +35,11 @@ from pipeline import io
 from pipeline.caption.captioners import build_coca
 from pipeline.caption.decode import EOS_TOKEN_ID, SOT_TOKEN_ID
 from pipeline.data import synthworld as sw
-from pipeline.finetune.common import Preempted
 from pipeline.run_dir import RunDir
 from pipeline.train import checkpoint
 from pipeline.train.checkpoint import seed_rngs
 from pipeline.train.optim import OptimConfig, build_optimizer, lr_at, param_groups, set_lr
-from pipeline.train.state import TrainState
+from pipeline.train.state import Preempted, TrainState
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)

@@ -277,11 +277,6 @@ class StageSpec:
     """Extra facts for summary.json (class names, head type, ...)."""
 
 
-class Preempted(Exception):
-    """Raised by the fine-tuning trainer when a checkpoint was written because of ``stop_after_step`` or a
-    signal."""
-
-
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     """The newest complete checkpoint file (``checkpoints/<step>/state.pt``) of a fine-tuning run."""
     return latest_state_file(Path(run_dir) / "checkpoints")

@@ -37,7 +37,6 @@ from torch.nn.parallel import DistributedDataParallel
 
 from pipeline.finetune.common import (
     FinetuneTrainConfig,
-    Preempted,
     RankBatchSampler,
     StageSpec,
     StepBatchSampler,
@@ -57,7 +56,7 @@ from pipeline.train import checkpoint
 from pipeline.train.ema import EMA, EMAConfig
 from pipeline.train.flops import count_training_flops
 from pipeline.train.optim import lr_factor, set_lr
-from pipeline.train.state import TrainState
+from pipeline.train.state import Preempted, TrainState
 
 
 class _LossModule(nn.Module):

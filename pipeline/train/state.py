@@ -24,6 +24,11 @@ from pipeline.train.checkpoint import rng_state, set_rng_state
 from pipeline.train.ema import EMA
 
 
+class Preempted(Exception):
+    """Raised by a training loop after it wrote a checkpoint because of ``stop_after_step`` or a preemption
+    signal: the job exits with the requeue code and a rerun resumes from that checkpoint."""
+
+
 def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu() for k, v in module.state_dict().items()}
 
