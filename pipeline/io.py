@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -42,7 +43,8 @@ def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
 
 @contextmanager
 def atomic_write(url: str, mode: str = "wb") -> Iterator[IO[Any]]:
-    """Write to a temporary sibling, then rename onto ``url`` (a put for object stores, also all-or-nothing)."""
+    """Write ``url`` all or nothing: a temporary sibling renamed onto it (local), or a local temporary uploaded
+    in one put (object stores). An exception inside the block leaves ``url`` as it was."""
     url = str(url)
     fs, path = filesystem(url)
     parent = os.path.dirname(path)
@@ -60,9 +62,16 @@ def atomic_write(url: str, mode: str = "wb") -> Iterator[IO[Any]]:
             if os.path.exists(tmp):
                 os.remove(tmp)
     else:
-        # Object stores publish an object only when its upload completes: no partial object is visible.
-        with fs.open(path, mode) as f:
-            yield f
+        # Built in a local temporary and uploaded in one put only when the block completes: an fsspec file
+        # opened on the store would commit whatever was written when an exception closes it.
+        fd, tmp = tempfile.mkstemp(suffix=".tmp")
+        try:
+            with os.fdopen(fd, mode) as f:
+                yield f
+            fs.put_file(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
 
 
 def write_text(url: str, text: str) -> None:
