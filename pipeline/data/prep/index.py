@@ -1,6 +1,8 @@
-"""The caption index step of the shard job: synthetic captions joined to the plan's rows per shard, in memory
-that does not grow with the caption set. Run by ``data_prep.shard`` after planning (``--stage plan`` too)
-when ``syn.paths`` is set and ``syn.join=index`` (the default); see docs/data-prep.md.
+"""The index steps of the shard job: synthetic captions, and the img2dataset index, joined to the plan's rows
+per shard, in memory that does not grow with the caption set or the img2dataset output. Run by
+``data_prep.shard`` after planning (``--stage plan`` too) when ``syn.paths`` is set and ``syn.join=index``
+(the default), and when ``source.images=img2dataset`` and ``source.img2dataset_index=index`` (the default);
+see docs/data-prep.md.
 
 Three kinds of array tasks (local pool, Ray or in-process, through ``executors.run_units``), each idempotent
 and atomic (a task whose output exists is skipped, so a killed index step is finished by running again):
@@ -18,6 +20,12 @@ Then ``_plan/syn_index/index.json`` (the totals) marks the index complete. A sha
 unit's records from each partition (:func:`load_unit`; row groups of other units are skipped by their
 statistics). The number of partitions is ``ceil(caption bytes / syn.partition_mb)``: a join task holds one
 partition's records and uids.
+
+The img2dataset index (:func:`build_img2dataset_index`, ``_plan/i2d_index/``) runs the same rows and join
+tasks, keyed by uid or url (``source.img2dataset_join``), with one records task per img2dataset tar or
+files-output folder (:func:`sources.index_img2dataset_item`); its partitions follow ``plan.max_memory_gb``.
+A shard task loads its own unit's entries with :func:`load_img2dataset_unit`. (The join's counts keep the
+caption names: ``rows_with_syn`` is the rows that found a record.)
 """
 
 from __future__ import annotations
@@ -34,10 +42,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import io
-from pipeline.data.prep import sources
+from pipeline.data.prep import safe_tar, sources
 from pipeline.data.prep.executors import ExecutorConfig, run_units
 from pipeline.data.prep.filters import normalise_uid
-from pipeline.data.prep.sources import SourceConfig, SynConfig, SynRecord, SynReport
+from pipeline.data.prep.partition import num_partitions as partitions_for_budget
+from pipeline.data.prep.sources import ImageRef, SourceConfig, SynConfig, SynRecord, SynReport
 from pipeline.data.prep.writer import public_url, write_json
 from pipeline.data.tar import atomic_file
 
@@ -80,8 +89,8 @@ def num_partitions(files: list[str], partition_mb: int) -> int:
     return max(1, math.ceil(total / (partition_mb << 20)))
 
 
-def _dir(plan_dir: str, *parts: str) -> str:
-    return io.join(plan_dir, INDEX_DIR, *parts)
+def _dir(plan_dir: str, *parts: str, name: str = INDEX_DIR) -> str:
+    return io.join(plan_dir, name, *parts)
 
 
 def _write_table(layout: IndexLayout, table: pa.Table, url: str) -> None:
@@ -119,25 +128,30 @@ class IndexLayout:
     tmp_dir: str = ""
     """Where temporaries are written (the job's ``<output>/_tmp/``), tagged with ``owner``."""
     owner: str = ""
+    name: str = INDEX_DIR
+    """The index's folder under the plan: ``syn_index`` (captions) or ``i2d_index`` (img2dataset)."""
 
     def rows_url(self, i: int) -> str:
-        return _dir(self.plan_dir, "rows", f"{i:06d}.parquet")
+        return _dir(self.plan_dir, "rows", f"{i:06d}.parquet", name=self.name)
 
     def records_url(self, j: int, ext: str = "parquet") -> str:
-        return _dir(self.plan_dir, "records", f"{j:06d}.{ext}")
+        return _dir(self.plan_dir, "records", f"{j:06d}.{ext}", name=self.name)
 
     def joined_url(self, k: int, ext: str = "parquet") -> str:
-        return _dir(self.plan_dir, "joined", f"{k:05d}.{ext}")
+        return _dir(self.plan_dir, "joined", f"{k:05d}.{ext}", name=self.name)
 
 
 @dataclass(frozen=True)
 class RowsTask:
-    """Input file ``i`` -> (partition, uid, unit) of its rows, sorted by partition (row order kept)."""
+    """Input file ``i`` -> (partition, uid, unit) of its rows, sorted by partition (row order kept).
+    ``uid_column`` holds the join key: a uid (normalised), or with ``key="url"`` a url (as the shard task
+    reads it: a string, or "" for any other value)."""
 
     layout: IndexLayout
     source: SourceConfig
     uid_column: str
     samples_per_shard: int
+    key: str = "uid"
 
     def __call__(self, item: tuple[int, str, int]) -> dict[str, Any]:
         i, url, first_unit = item
@@ -158,7 +172,11 @@ class RowsTask:
                 except pa.ArrowInvalid:  # a corrupt row group: its rows fail in their unit (unreadable_input)
                     values = []
                 for r, v in enumerate(values):
-                    uid = normalise_uid(v)
+                    if self.key == "url":
+                        v = sources._text(v)
+                        uid = v if isinstance(v, str) else ""
+                    else:
+                        uid = normalise_uid(v)
                     if uid is not None:
                         parts.append(partition_of(uid, self.layout.num_partitions))
                         uids.append(uid)
@@ -224,11 +242,13 @@ def _chunks(it: Iterator[Any]) -> Iterator[list[Any]]:
 
 @dataclass(frozen=True)
 class JoinTask:
-    """Partition ``k``: every row's first caption record, by unit; counts of matches per caption file."""
+    """Partition ``k``: every row's first record (caption, or img2dataset image), by unit; counts of matches
+    per record file. ``schema``: the joined file's columns (unit, uid, then the records' value columns)."""
 
     layout: IndexLayout
     num_inputs: int
     num_files: int
+    schema: pa.Schema = _JOINED_SCHEMA
 
     def __call__(self, k: int) -> dict[str, Any]:
         lay = self.layout
@@ -252,7 +272,7 @@ class JoinTask:
                     matched[j] += 1
                 else:
                     unmatched[j] += 1
-        cols: dict[str, list[Any]] = {n: [] for n in _JOINED_SCHEMA.names}
+        cols: dict[str, list[Any]] = {n: [] for n in self.schema.names}
         seen: set[tuple[int, str]] = set()
         rows_with_syn = 0
         for uid, unit in zip(rows.column("uid").to_pylist(), rows.column("unit").to_pylist()):
@@ -264,9 +284,9 @@ class JoinTask:
                 continue
             seen.add((unit, uid))
             cols["unit"].append(unit)
-            for name in ("uid", "texts", "sha256", "teacher"):
+            for name in self.schema.names[1:]:
                 cols[name].append(rec[name])
-        t = pa.table(cols, schema=_JOINED_SCHEMA)
+        t = pa.table(cols, schema=self.schema)
         t = t.take(pc.sort_indices(t, [("unit", "ascending")]))
         _write_table(lay, t, lay.joined_url(k))
         counts = {
@@ -300,6 +320,27 @@ class CaptionIndexError(RuntimeError):
     """Some index tasks failed; re-run to retry them."""
 
 
+def _run(task: Any, items: list[Any], executor: ExecutorConfig, what: str) -> None:
+    """Run every item's task; then raise naming the first failure (a rerun retries only the failed ones)."""
+    errors = [r for _, r in run_units(_Safe(task), items, executor) if not r["ok"]]
+    if errors:
+        raise CaptionIndexError(
+            f"{what}: {len(errors)} task(s) failed (first: {errors[0]['item']}):\n"
+            f"{errors[0]['error']}re-run the same command to retry them"
+        )
+
+
+def _write_rows(
+    task: RowsTask, inputs: list[dict[str, Any]], first_units: list[int], executor: ExecutorConfig
+) -> None:
+    """The rows step: one task per readable input file; an unreadable one gets an empty rows file."""
+    items = [(i, inp["url"], first_units[i]) for i, inp in enumerate(inputs) if "error" not in inp]
+    _run(task, items, executor, f"{task.layout.name} rows")
+    for i, inp in enumerate(inputs):  # unreadable files have no rows to join
+        if "error" in inp and not io.exists(task.layout.rows_url(i)):
+            _write_table(task.layout, _ROWS_SCHEMA.empty_table(), task.layout.rows_url(i))
+
+
 def build_index(
     plan_dir: str,
     inputs: list[dict[str, Any]],
@@ -326,24 +367,11 @@ def build_index(
         return io.read_json(marker)
     files = sources.syn_files(syn)
     layout = IndexLayout(plan_dir, num_partitions(files, syn.partition_mb), tmp_dir, owner)
-    errors: list[dict[str, Any]] = []
 
     def run(task: Any, items: list[Any]) -> None:
-        for _, r in run_units(_Safe(task), items, executor):
-            if not r["ok"]:
-                errors.append(r)
-        if errors:
-            raise CaptionIndexError(
-                f"caption index: {len(errors)} task(s) failed (first: {errors[0]['item']}):\n"
-                f"{errors[0]['error']}re-run the same command to retry them"
-            )
+        _run(task, items, executor, "caption index")
 
-    row_items = [(i, inp["url"], first_units[i]) for i, inp in enumerate(inputs) if "error" not in inp]
-    bad = [i for i, inp in enumerate(inputs) if "error" in inp]
-    run(RowsTask(layout, source, uid_column, samples_per_shard), row_items)
-    for i in bad:  # unreadable files have no rows to join
-        if not io.exists(layout.rows_url(i)):
-            _write_table(layout, _ROWS_SCHEMA.empty_table(), layout.rows_url(i))
+    _write_rows(RowsTask(layout, source, uid_column, samples_per_shard), inputs, first_units, executor)
     run(RecordsTask(layout, syn, source.max_member_bytes), list(enumerate(files)))
     run(JoinTask(layout, len(inputs), len(files)), list(range(layout.num_partitions)))
     source_of = {url: p for p in reversed(syn.paths) for url in sources.syn_files(SynConfig(paths=(p,)))}
@@ -405,4 +433,139 @@ def load_unit(plan_dir: str, unit: int, num_partitions: int) -> dict[str, SynRec
     for k in range(num_partitions):
         for rec in _read(layout.joined_url(k), "unit", unit).to_pylist():
             out[rec["uid"]] = SynRecord(rec["texts"], rec["sha256"], rec["teacher"])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- img2dataset
+
+I2D_INDEX_DIR = "i2d_index"
+BYTES_PER_I2D_ROW = 512
+"""A join task's memory per row of its partition: the row's key and unit plus one index entry (key, url of
+the tar, offset, size) as Python objects, with the dict and set that hold them."""
+
+_I2D_RECORD_SCHEMA = pa.schema(
+    [
+        ("part", pa.int32()),
+        ("uid", pa.string()),
+        ("url", pa.string()),
+        ("offset", pa.int64()),
+        ("size", pa.int64()),
+    ]
+)
+_I2D_JOINED_SCHEMA = pa.schema(
+    [
+        ("unit", pa.int32()),
+        ("uid", pa.string()),
+        ("url", pa.string()),
+        ("offset", pa.int64()),
+        ("size", pa.int64()),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class I2dRecordsTask:
+    """Work item ``j`` of the img2dataset output (one tar, or one folder of the files format) -> its samples'
+    (partition, join key, image url, offset, size), sorted by partition (sample order kept), plus counts."""
+
+    layout: IndexLayout
+    source: SourceConfig
+
+    def __call__(self, item: tuple[int, tuple[str, tuple[str, ...]]]) -> dict[str, Any]:
+        j, work = item
+        lay = self.layout
+        if io.exists(lay.records_url(j, "json")):
+            return {"ok": True}
+        report = safe_tar.TarReport()
+        cols: dict[str, list[Any]] = {n: [] for n in _I2D_RECORD_SCHEMA.names}
+        for key, (url, offset, size) in sources.index_img2dataset_item(self.source, work, report):
+            cols["part"].append(partition_of(key, lay.num_partitions))
+            cols["uid"].append(key)
+            cols["url"].append(url)
+            cols["offset"].append(offset)
+            cols["size"].append(size)
+        t = pa.table(cols, schema=_I2D_RECORD_SCHEMA)
+        _write_table(lay, t.take(pc.sort_indices(t, [("part", "ascending")])), lay.records_url(j))
+        counts = {"records": t.num_rows, "tar_skipped": dict(sorted(report.skipped.items()))}
+        write_json(lay.records_url(j, "json"), counts, lay.tmp_dir, lay.owner)
+        return {"ok": True}
+
+
+def build_img2dataset_index(
+    plan_dir: str,
+    inputs: list[dict[str, Any]],
+    first_units: list[int],
+    source: SourceConfig,
+    samples_per_shard: int,
+    max_memory_gb: float,
+    executor: ExecutorConfig,
+    log: Callable[[str], None] = print,
+    tmp_dir: str = "",
+    owner: str = "",
+) -> dict[str, Any]:
+    """Build (or load, when complete) the per-unit img2dataset index under ``<plan_dir>/i2d_index/``; returns
+    its totals. The same three steps as the caption index: rows (keyed by uid or url, as
+    ``source.img2dataset_join``), records (one task per img2dataset tar / files-format folder, in
+    :func:`sources.img2dataset_items` order, so the first key wins as in the in-memory index) and a join per
+    partition. Partitions: ``ceil(rows x BYTES_PER_I2D_ROW / max_memory_gb)`` (``plan.max_memory_gb``)."""
+    marker = _dir(plan_dir, INDEX_FILE, name=I2D_INDEX_DIR)
+    if io.exists(marker):
+        return io.read_json(marker)
+    # the first run's partition count holds until the index is complete (plan.max_memory_gb is not in the
+    # config hash: a rerun with another budget must not mix two partitionings)
+    fixed = _dir(plan_dir, "partitions.json", name=I2D_INDEX_DIR)
+    if not io.exists(fixed):
+        rows = sum(inp.get("num_rows", 0) for inp in inputs)
+        parts = partitions_for_budget(rows, BYTES_PER_I2D_ROW, max_memory_gb)
+        write_json(fixed, {"num_partitions": parts}, tmp_dir, owner)
+    parts = io.read_json(fixed)["num_partitions"]
+    layout = IndexLayout(plan_dir, parts, tmp_dir, owner, I2D_INDEX_DIR)
+    by_url = source.img2dataset_join == "url"
+    key_column = source.url_column if by_url else source.uid_column
+    rows_task = RowsTask(layout, source, key_column, samples_per_shard, "url" if by_url else "uid")
+    _write_rows(rows_task, inputs, first_units, executor)
+    items = sources.img2dataset_items(source)
+    _run(I2dRecordsTask(layout, source), list(enumerate(items)), executor, "img2dataset index records")
+    join = JoinTask(layout, len(inputs), len(items), _I2D_JOINED_SCHEMA)
+    _run(join, list(range(parts)), executor, "img2dataset index join")
+    skipped: dict[str, int] = {}
+    records = 0
+    for j in range(len(items)):
+        c = io.read_json(layout.records_url(j, "json"))
+        records += c["records"]
+        for reason, n in c["tar_skipped"].items():
+            skipped[reason] = skipped.get(reason, 0) + n
+    matched = duplicates = 0
+    for k in range(parts):
+        c = io.read_json(layout.joined_url(k, "json"))
+        matched += c["rows_with_syn"]
+        duplicates += c["duplicates"]
+    totals = {
+        "num_partitions": parts,
+        "num_files": len(items),
+        "records": records,
+        "rows_matched": matched,
+        "duplicates": duplicates,
+        "tar_skipped": dict(sorted(skipped.items())),
+    }
+    write_json(marker, totals, tmp_dir, owner)
+    if skipped:
+        log(f"img2dataset index: skipped members {totals['tar_skipped']}")
+    log(
+        f"img2dataset index: {records:,} images in {len(items):,} file(s)/folder(s), {matched:,} rows matched, "
+        f"{duplicates:,} repeated a key; {parts:,} partition(s)"
+    )
+    return totals
+
+
+def load_img2dataset_unit(plan_dir: str, unit: int, num_partitions: int) -> dict[str, ImageRef]:
+    """join key -> image of shard unit ``unit``'s rows (only that unit's row groups are read)."""
+    out: dict[str, ImageRef] = {}
+    layout = IndexLayout(plan_dir, num_partitions, name=I2D_INDEX_DIR)
+    for k in range(num_partitions):
+        t = _read(layout.joined_url(k), "unit", unit)
+        for key, url, offset, size in zip(
+            *(t.column(c).to_pylist() for c in ("uid", "url", "offset", "size"))
+        ):
+            out[key] = ImageRef(url, offset, size)
     return out

@@ -321,7 +321,7 @@ def make_plan(
             _run_steps(PlanStep(dd, step), items, cfg, f"plan {step}", log)
     if stage != "plan":
         return None
-    if cfg.source.images == "img2dataset":
+    if cfg.source.images == "img2dataset" and cfg.source.img2dataset_index == "memory":
         index, report = sources.build_img2dataset_index(cfg.source)
         _write_plan_parquet(out, "img2dataset_index.parquet", index)
         if report.skipped:
@@ -404,7 +404,11 @@ class _Resources:
         if cfg.filters.include_uids:
             self.include = set(read_uid_list(cfg.filters.include_uids))
         self.img2dataset: dict[str, ImageRef] = {}
-        if cfg.source.images == "img2dataset":
+        self.i2d_partitions = 0  # img2dataset_index=index: the index's partitions (entries loaded per unit)
+        if cfg.source.images == "img2dataset" and cfg.source.img2dataset_index == "index":
+            marker = _plan_url(cfg, f"{caption_index.I2D_INDEX_DIR}/{caption_index.INDEX_FILE}")
+            self.i2d_partitions = io.read_json(marker)["num_partitions"]
+        elif cfg.source.images == "img2dataset":
             t = pq.read_table(_open_bytes(_plan_url(cfg, "img2dataset_index.parquet")))
             for k, u, o, s in zip(*(t.column(c).to_pylist() for c in ("key", "url", "offset", "size"))):
                 self.img2dataset[k] = ImageRef(u, o, s)
@@ -461,9 +465,11 @@ def _select(
     res: _Resources,
     fail: Callable[..., None],
     syn: dict[str, SynRecord],
+    i2d: dict[str, ImageRef],
 ) -> list[_Candidate]:
     """Read the unit's rows and apply every check that needs no image; failures go to ``fail``. ``syn``: uid
-    -> caption record (all of them, or the unit's own from the caption index)."""
+    -> caption record (all of them, or the unit's own from the caption index); ``i2d``: the same for the
+    img2dataset index (join key -> image)."""
     try:
         rows = sources.read_rows(unit.url, unit.start, unit.end, _source_for(cfg))
     except Exception as e:  # noqa: BLE001 - a corrupt row group fails its rows, not the job
@@ -515,7 +521,7 @@ def _select(
             continue
         source = r.url if isinstance(r.url, str) else ""
         if cfg.source.images == "img2dataset":
-            ref = res.img2dataset.get(uid if cfg.source.img2dataset_join == "uid" else source)
+            ref = i2d.get(uid if cfg.source.img2dataset_join == "uid" else source)
             if ref is None:
                 fail(r.row, uid, "not_in_img2dataset")
                 continue
@@ -568,7 +574,10 @@ def process_unit(cfg: ShardJobConfig, chash: str, unit: Unit, owner: str = "") -
     syn = res.syn
     if res.syn_partitions:  # only this unit's rows' captions, from the caption index
         syn = caption_index.load_unit(_plan_url(cfg, ""), unit.index, res.syn_partitions)
-    candidates = _select(cfg, unit, res, fail, syn)
+    i2d = res.img2dataset
+    if res.i2d_partitions:  # only this unit's rows' images, from the img2dataset index
+        i2d = caption_index.load_img2dataset_unit(_plan_url(cfg, ""), unit.index, res.i2d_partitions)
+    candidates = _select(cfg, unit, res, fail, syn, i2d)
     kept_uids: list[str] = []
     kept_sha: list[str] = []
     first_by_sha: dict[str, str] = {}
@@ -791,7 +800,7 @@ def merge(
     sizes: dict[str, int] = {}
     reasons: Counter[str] = Counter()
     shards = []
-    total_bytes = num_failed = 0
+    total_bytes = num_failed = num_syn = num_syn_sha256_mismatch = 0
     first_by_sha: dict[str, str] = {}  # only for plan.dedupe=memory (the old path)
     duplicate_images: list[str] = []
     num_input = sum(i.get("num_rows", 1 if "error" in i else 0) for i in plan.inputs)
@@ -805,6 +814,8 @@ def merge(
                 )
             sizes[unit.name] = st["num_kept"]
             total_bytes += st["bytes"]
+            num_syn += st.get("num_syn", 0)
+            num_syn_sha256_mismatch += st.get("num_syn_sha256_mismatch", 0)
             shards.append({"name": unit.name, "num_samples": st["num_kept"], "bytes": st["bytes"]})
             reasons.update(st["failed"])
             num_failed += len(st["failures"])
@@ -861,6 +872,8 @@ def merge(
             "failed_by_reason": dict(sorted(reasons.items())),
             "bytes": total_bytes,
             "duplicate_images_across_shards": num_duplicate_images,
+            "syn": num_syn,
+            "syn_sha256_mismatch": num_syn_sha256_mismatch,
         },
         "failures_file": FAILURES_FILE,
         "subsets": subsets,
@@ -934,6 +947,27 @@ def _caption_index(
     )
 
 
+def _img2dataset_index(
+    cfg: ShardJobConfig, plan: Plan, units: list[Unit], log: Callable[[str], None], owner: str
+) -> dict[str, Any]:
+    """Build (or load) the per-unit img2dataset index beside the plan (pipeline.data.prep.index)."""
+    first_units = [0] * len(plan.inputs)
+    for u in reversed(units):
+        first_units[u.input_index] = u.index
+    return caption_index.build_img2dataset_index(
+        _plan_url(cfg, ""),
+        plan.inputs,
+        first_units,
+        cfg.source,
+        cfg.output.samples_per_shard,
+        cfg.plan.max_memory_gb,
+        cfg.executor,
+        log,
+        OutputFolder(cfg.output.path).tmp_dir,
+        owner,
+    )
+
+
 def _run_stages(
     cfg: ShardJobConfig, stage: str, task_index: int, num_tasks: int, log: Callable[[str], None], owner: str
 ) -> dict[str, Any]:
@@ -949,6 +983,8 @@ def _run_stages(
     )
     result: dict[str, Any] = {"plan": plan, "units_run": 0, "units_skipped": 0, "manifest": None}
     result["syn_index"] = syn_index  # totals of the caption join (None without syn.paths / with join=memory)
+    if cfg.source.images == "img2dataset" and cfg.source.img2dataset_index == "index":
+        result["i2d_index"] = _img2dataset_index(cfg, plan, units, log, owner)
     if stage == "plan":
         return result
     if stage in MERGE_STEPS:  # one merge step's share of an array task

@@ -115,6 +115,10 @@ class SourceConfig:
     """For images=img2dataset: the img2dataset output folder (webdataset tars or files format)."""
     img2dataset_join: Literal["uid", "url"] = "uid"
     """Join img2dataset samples to rows by their json's uid (needs save_additional_columns=["uid"]) or url."""
+    img2dataset_index: Literal["index", "memory"] = "index"
+    """How workers look images up: index = the img2dataset index joined to the plan's rows per shard by array
+    tasks (:mod:`pipeline.data.prep.index`; a shard task loads only its own rows' entries); memory = one
+    index built while planning and loaded whole into every worker (the old path, kept for comparison)."""
     max_member_bytes: int = 64 << 20
     """Members of external tars larger than this are skipped."""
     extras: tuple[str, ...] = ()
@@ -131,6 +135,8 @@ class SourceConfig:
             raise ValueError("source.folder: required when source.kind=folder")
         if self.images == "img2dataset" and not self.img2dataset:
             raise ValueError("source.img2dataset: required when source.images=img2dataset")
+        if self.img2dataset_index not in ("index", "memory"):
+            raise ValueError(f"source.img2dataset_index: index or memory, got {self.img2dataset_index!r}")
         if self.extras and self.kind != "folder":
             raise ValueError("source.extras: only a folder source (source.kind=folder) has extras")
         reserved = {"jpg", "txt", "json", "syn.json"}
@@ -559,34 +565,39 @@ def _index_sample(
     return str(value), image
 
 
-def build_img2dataset_index(cfg: SourceConfig) -> tuple[pa.Table, safe_tar.TarReport]:
-    """Index an img2dataset output folder: join key (uid or url) -> (file, byte offset, size) of the image.
-
-    Webdataset output: each tar's headers are read (data skipped) and each sample's small json member is
-    read to get the key. Files output: ``<shard>/<key>.jpg`` beside ``<key>.json``. First key wins.
-    """
-    report = safe_tar.TarReport()
+def img2dataset_items(cfg: SourceConfig) -> list[tuple[str, tuple[str, ...]]]:
+    """The img2dataset output's index work items, in first-key-wins order: ``("tar", (path,))`` per tar,
+    then ``("files", paths)`` per folder of the files output format (its image and json files)."""
     fs, root = io.filesystem(cfg.img2dataset)
     files = sorted(fs.find(root))
-    keys: list[str] = []
-    locs: list[tuple[str, int, int]] = []
-    seen: set[str] = set()
-
-    def add(item: tuple[str, tuple[str, int, int]] | None) -> None:
-        if item is not None and item[0] not in seen:
-            seen.add(item[0])
-            keys.append(item[0])
-            locs.append(item[1])
-
-    local = io.is_local(cfg.img2dataset)
+    items: list[tuple[str, tuple[str, ...]]] = [("tar", (p,)) for p in files if p.endswith(".tar")]
+    by_dir: dict[str, list[str]] = {}
     for path in files:
+        ext = posixpath.basename(path).partition(".")[2]
+        if ext in _IMAGE_EXT_SET or ext == "json":
+            by_dir.setdefault(posixpath.dirname(path), []).append(path)
+    for d in sorted(by_dir):  # a folder with jsons only (img2dataset's <shard>_stats.json) has no sample
+        if any(posixpath.basename(p).partition(".")[2] in _IMAGE_EXT_SET for p in by_dir[d]):
+            items.append(("files", tuple(by_dir[d])))
+    return items
+
+
+def index_img2dataset_item(
+    cfg: SourceConfig, item: tuple[str, tuple[str, ...]], report: safe_tar.TarReport
+) -> Iterator[tuple[str, tuple[str, int, int]]]:
+    """(join key, (url, byte offset, size)) of each usable sample of one work item of
+    :func:`img2dataset_items`. Tars: headers are read (data skipped) and each sample's small json member is
+    read to get the key. Files output: ``<shard>/<key>.jpg`` beside ``<key>.json`` (offset and size -1)."""
+    fs, _ = io.filesystem(cfg.img2dataset)
+    local = io.is_local(cfg.img2dataset)
+    kind, paths = item
+    if kind == "tar":
+        path = paths[0]
         url = path if local else fs.unstrip_protocol(path)
-        if not path.endswith(".tar"):
-            continue
         with fs.open(path, "rb") as f:
             entries = safe_tar.index_tar(f, cfg.max_member_bytes, report)
 
-            def read(loc: tuple[str, int, int], f: Any = f) -> bytes:
+            def read(loc: tuple[str, int, int]) -> bytes:
                 return safe_tar.read_range(f, safe_tar.TarEntry(loc[0], loc[1], loc[2]))
 
             groups: dict[str, dict[str, tuple[str, int, int]]] = {}
@@ -594,27 +605,45 @@ def build_img2dataset_index(cfg: SourceConfig) -> tuple[pa.Table, safe_tar.TarRe
                 key, ext = safe_tar.split_key(e.name)
                 groups.setdefault(key, {})[ext] = (url, e.offset, e.size)
             for key in groups:
-                add(_index_sample(groups[key], read, cfg.img2dataset_join))
-    # files output format: <root>/<shard>/<key>.<ext>
+                found = _index_sample(groups[key], read, cfg.img2dataset_join)
+                if found is not None:
+                    yield found
+        return
     by_key: dict[str, dict[str, tuple[str, int, int]]] = {}
-    for path in files:
-        base = posixpath.basename(path)
-        stem, _, ext = base.partition(".")
-        if ext in _IMAGE_EXT_SET or ext == "json":
-            url = path if local else fs.unstrip_protocol(path)
-            by_key.setdefault(posixpath.join(posixpath.dirname(path), stem), {})[ext] = (url, -1, -1)
+    for path in paths:
+        stem, _, ext = posixpath.basename(path).partition(".")
+        url = path if local else fs.unstrip_protocol(path)
+        by_key.setdefault(stem, {})[ext] = (url, -1, -1)
 
     def read_file(loc: tuple[str, int, int]) -> bytes:
         with fs.open(fs._strip_protocol(loc[0]) if not local else loc[0], "rb") as f:
             return f.read(1 << 20)
 
-    for key in sorted(by_key):
-        add(_index_sample(by_key[key], read_file, cfg.img2dataset_join))
+    for stem in sorted(by_key):
+        found = _index_sample(by_key[stem], read_file, cfg.img2dataset_join)
+        if found is not None:
+            yield found
+
+
+def build_img2dataset_index(cfg: SourceConfig) -> tuple[pa.Table, safe_tar.TarReport]:
+    """Index an img2dataset output folder in one process (``source.img2dataset_index=memory``): join key
+    (uid or url) -> (file, byte offset, size) of the image; the first key wins, in :func:`img2dataset_items`
+    order. The per-shard index (:mod:`pipeline.data.prep.index`) runs the same items as array tasks."""
+    report = safe_tar.TarReport()
+    keys: list[str] = []
+    locs: list[tuple[str, int, int]] = []
+    seen: set[str] = set()
+    for item in img2dataset_items(cfg):
+        for key, loc in index_img2dataset_item(cfg, item, report):
+            if key not in seen:
+                seen.add(key)
+                keys.append(key)
+                locs.append(loc)
     return (
         pa.table(
             {
-                "key": keys,
-                "url": [loc[0] for loc in locs],
+                "key": pa.array(keys, pa.string()),
+                "url": pa.array([loc[0] for loc in locs], pa.string()),
                 "offset": pa.array([loc[1] for loc in locs], pa.int64()),
                 "size": pa.array([loc[2] for loc in locs], pa.int64()),
             }
