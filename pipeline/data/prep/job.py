@@ -75,6 +75,7 @@ from pipeline.data.prep.sources import (
 from pipeline.data.prep.subsets import SubsetConfig, materialize, read_uid_list, write_subsets
 from pipeline.data.prep.writer import (
     DUPLICATE_IMAGES_FILE,
+    FAILURE_SCHEMA,
     FAILURES_FILE,
     OutputConfig,
     OutputFolder,
@@ -699,16 +700,6 @@ class UnitTask:
 # ---------------------------------------------------------------------------------------------- merge
 
 
-FAILURE_SCHEMA = pa.schema(
-    [
-        ("shard", pa.string()),
-        ("input", pa.string()),
-        ("row", pa.int64()),
-        ("uid", pa.string()),
-        ("reason", pa.string()),
-        ("detail", pa.string()),
-    ]
-)
 FAILURE_ROWS_PER_GROUP = 65_536
 
 

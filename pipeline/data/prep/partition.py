@@ -217,6 +217,19 @@ class UidDedupe:
             pq.write_table(t, f)
 
 
+def _run_step(dedupe: Any, step: str, index: int) -> dict[str, Any]:
+    """Run ``dedupe.<step>(index)`` as an executor task: ``{"ok": True}`` or the error for the driver."""
+    import traceback
+
+    try:
+        getattr(dedupe, step)(index)
+        return {"ok": True}
+    except Exception:  # noqa: BLE001 - reported by the driver; a re-run retries the task
+        return {"ok": False, "error": traceback.format_exc(limit=8)}
+    finally:  # a worker runs many tasks: give what the allocator kept of this one back
+        pa.default_memory_pool().release_unused()
+
+
 @dataclass(frozen=True)
 class PlanStep:
     """A picklable plan-step call for the executors (``step`` is a :class:`UidDedupe` method name)."""
@@ -225,15 +238,7 @@ class PlanStep:
     step: Literal["partition_input", "dedupe_partition", "gather_bucket"]
 
     def __call__(self, index: int) -> dict[str, Any]:
-        import traceback
-
-        try:
-            getattr(self.dedupe, self.step)(index)
-            return {"ok": True}
-        except Exception:  # noqa: BLE001 - reported by the driver; a re-run retries the task
-            return {"ok": False, "error": traceback.format_exc(limit=8)}
-        finally:  # a worker runs many tasks: give what the allocator kept of this one back
-            pa.default_memory_pool().release_unused()
+        return _run_step(self.dedupe, self.step, index)
 
 
 def read_duplicate_rows(url: str, input_index: int, start: int, end: int) -> set[int]:
@@ -321,15 +326,7 @@ class MergeStep:
     step: Literal["partition_group", "dedupe_partition"]
 
     def __call__(self, index: int) -> dict[str, Any]:
-        import traceback
-
-        try:
-            getattr(self.dedupe, self.step)(index)
-            return {"ok": True}
-        except Exception:  # noqa: BLE001 - reported by the driver; a re-run retries the task
-            return {"ok": False, "error": traceback.format_exc(limit=8)}
-        finally:  # a worker runs many tasks: give what the allocator kept of this one back
-            pa.default_memory_pool().release_unused()
+        return _run_step(self.dedupe, self.step, index)
 
 
 def write_lines(f: IO[bytes], lines: Iterator[str], chunk: int = 65_536) -> int:

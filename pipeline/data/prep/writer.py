@@ -209,19 +209,22 @@ def shard_pattern(names: Sequence[str]) -> str:
     return "::".join(names)
 
 
+FAILURE_SCHEMA = pa.schema(
+    [
+        ("shard", pa.string()),
+        ("input", pa.string()),
+        ("row", pa.int64()),
+        ("uid", pa.string()),
+        ("reason", pa.string()),
+        ("detail", pa.string()),
+    ]
+)
+"""Columns of failures.parquet: one row per failed input row."""
+
+
 def write_failures(output: str | OutputFolder, rows: Sequence[dict[str, Any]]) -> None:
     """The failure table: one row per failed input row (shard, input, row, uid, reason, detail)."""
-    schema = pa.schema(
-        [
-            ("shard", pa.string()),
-            ("input", pa.string()),
-            ("row", pa.int64()),
-            ("uid", pa.string()),
-            ("reason", pa.string()),
-            ("detail", pa.string()),
-        ]
-    )
-    table = pa.Table.from_pylist(list(rows), schema=schema)
+    table = pa.Table.from_pylist(list(rows), schema=FAILURE_SCHEMA)
     with as_output_folder(output).open(FAILURES_FILE) as f:
         pq.write_table(table, f)
 
