@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+from shard_helpers import tar_bytes
 
 from data_prep.shard import main
 from pipeline.data.prep import safe_tar
@@ -49,10 +50,6 @@ def read_shards(out: Path) -> dict[str, dict[str, bytes]]:
     for tar in sorted(out.glob("*.tar")):
         samples.update(read_tar(tar))
     return samples
-
-
-def tar_bytes(out: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(out.glob("*.tar"))}
 
 
 class Inputs:

@@ -9,17 +9,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from shard_helpers import index_files, kill_and_rerun_during_index, tar_bytes
 
 from data_prep.shard import main
 from pipeline.data import schema
@@ -38,10 +36,6 @@ def read_shards(out: Path) -> dict[str, dict[str, object]]:
             for key, members in iter_tar_samples(f):
                 samples[key] = schema.decode_sample([(f"{key}.{e}", d) for e, d in members.items()])
     return samples
-
-
-def tar_bytes(out: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(out.glob("*.tar"))}
 
 
 class Inputs:
@@ -189,24 +183,9 @@ def test_index_step_killed_with_sigkill_reruns_to_identical_output(inputs: Input
     paths = f"--syn.paths=['{inputs.root}/dr', '{many}']"
     ref, out = tmp_path / "reference", tmp_path / "killed"
     assert main(inputs.args(ref, paths)) == 0
-    cmd = [sys.executable, "-m", "data_prep.shard", *inputs.args(out, paths, "--stage=plan")]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    index_dir = out / "_plan" / "syn_index"
-    deadline = time.time() + 120
-    while len(list(index_dir.glob("records/*.json"))) < 5 and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.005)
-    assert proc.poll() is None, "the plan stage finished before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not (index_dir / "index.json").exists()
-    assert subprocess.run([*cmd[:-1], "--stage=all"], cwd=REPO, capture_output=True).returncode == 0
+    kill_and_rerun_during_index(inputs.args(out, paths, "--stage=plan"), out, "syn_index")
     assert tar_bytes(out) == tar_bytes(ref) != {}
-
-    def index_files(root: Path) -> dict[str, bytes]:
-        d = root / "_plan" / "syn_index"
-        return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
-
-    assert index_files(out) == index_files(ref)
+    assert index_files(out, "syn_index") == index_files(ref, "syn_index")
     # the killed writer's temporaries wait in <output>/_tmp/ (an hour, as the shard job's), nowhere else
     assert {p.parent for p in out.rglob("*.tmp-*")} <= {out / "_tmp"}
 

@@ -12,17 +12,13 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
-import signal
-import subprocess
-import sys
 import tarfile
-import time
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from shard_helpers import index_files, kill_and_rerun_during_index, tar_bytes
 
 from data_prep.shard import main
 from pipeline.cli import parse_config
@@ -32,10 +28,6 @@ REPO = Path(__file__).resolve().parent.parent
 NUM_ROWS = 14
 NUM_IMAGES = 12  # rows 12 and 13 have no image: not_in_img2dataset
 SHARD = 3
-
-
-def tar_bytes(out: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(out.glob("*.tar"))}
 
 
 def failures(out: Path) -> list[dict[str, object]]:
@@ -170,24 +162,9 @@ def test_img2dataset_index_step_killed_with_sigkill_reruns_to_identical_output(
             _add(tf, f"{t:05d}0000.json", _sample_json(uid, inputs.urls[i]))
     ref, out = tmp_path / "reference", tmp_path / "killed"
     assert main(inputs.args(ref, i2d=many)) == 0
-    cmd = [sys.executable, "-m", "data_prep.shard", *inputs.args(out, "--stage=plan", i2d=many)]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    index_dir = out / "_plan" / "i2d_index"
-    deadline = time.time() + 120
-    while len(list(index_dir.glob("records/*.json"))) < 5 and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.005)
-    assert proc.poll() is None, "the plan stage finished before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not (index_dir / "index.json").exists()
-    assert subprocess.run([*cmd[:-1], "--stage=all"], cwd=REPO, capture_output=True).returncode == 0
+    kill_and_rerun_during_index(inputs.args(out, "--stage=plan", i2d=many), out, "i2d_index")
     assert tar_bytes(out) == tar_bytes(ref) != {}
-
-    def index_files(root: Path) -> dict[str, bytes]:
-        d = root / "_plan" / "i2d_index"
-        return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
-
-    assert index_files(out) == index_files(ref) != {}
+    assert index_files(out, "i2d_index") == index_files(ref, "i2d_index") != {}
     assert {p.parent for p in out.rglob("*.tmp-*")} <= {out / "_tmp"}
 
 

@@ -13,17 +13,17 @@ is missing the tests fail and say how to install it: they do not skip.
 
 from __future__ import annotations
 
-import subprocess
 import tarfile
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from shard_helpers import run_img2dataset
 
 from data_prep.shard import main
 from pipeline.data.prep.fixtures import LoopbackServer, encode, scene_image
-from pipeline.tools import REPO, img2dataset_executable
+from pipeline.tools import REPO
 
 NUM_IMAGES = 24
 
@@ -62,26 +62,15 @@ def meta(tmp_path_factory: pytest.TempPathFactory):
 
 def _img2dataset(parquet: Path, output: Path, output_format: str) -> set[str]:
     """Run the img2dataset command; returns the uids it reports as downloaded."""
-    cmd = [
-        str(img2dataset_executable()),
-        f"--url_list={parquet}",
-        "--input_format=parquet",
-        "--url_col=url",
-        "--caption_col=text",
-        "--save_additional_columns=['uid']",
-        f"--output_format={output_format}",
-        f"--output_folder={output}",
-        "--processes_count=1",
-        "--thread_count=4",
-        "--image_size=64",
-        "--resize_mode=center_crop",
-        "--number_sample_per_shard=100",
-        "--enable_wandb=False",
-        "--retries=0",
-        "--timeout=5",
-    ]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
+    run_img2dataset(
+        parquet,
+        output,
+        output_format=output_format,
+        resize_mode="center_crop",
+        number_sample_per_shard=100,
+        retries=0,
+        timeout=5,
+    )
     status = pq.read_table(output / "00000.parquet").to_pylist()
     return {r["uid"] for r in status if r["status"] == "success"}
 

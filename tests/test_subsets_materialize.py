@@ -13,6 +13,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from shard_helpers import tar_bytes
 
 from data_prep.shard import main
 from pipeline.data.prep.fixtures import encode, scene_image
@@ -28,10 +29,6 @@ def samples_of(folder: Path) -> list[tuple[str, dict[str, bytes]]]:
         with open(tar, "rb") as f:
             out += list(iter_tar_samples(f))
     return out
-
-
-def tar_bytes(folder: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(folder.glob("*.tar"))}
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ import csv
 import hashlib
 import io
 import json
-import subprocess
 import tarfile
 import urllib.request
 from pathlib import Path
@@ -18,6 +17,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+from shard_helpers import run_img2dataset
 
 from data_prep import synthworld as cli
 from pipeline.data import synthworld as sw
@@ -30,7 +30,6 @@ from pipeline.data.synth_export import (
     serve_directory,
     with_base_url,
 )
-from pipeline.tools import img2dataset_executable
 
 WORLD = sw.WorldConfig(image_size=64, seed=5)
 CFG_KW = dict(
@@ -300,35 +299,19 @@ def test_cli_bad_value_exits_2_with_one_line_naming_the_key(arg, key, capsys):
     assert len(err.splitlines()) == 1 and key in err
 
 
-def _img2dataset_download(parquet: str, output: str) -> None:
-    """The plain img2dataset command (its own env, see pipeline/tools.py), as a user runs it."""
-    cmd = [
-        str(img2dataset_executable()),
-        f"--url_list={parquet}",
-        "--input_format=parquet",
-        "--url_col=url",
-        "--caption_col=text",
-        "--save_additional_columns=['uid']",
-        "--output_format=webdataset",
-        f"--output_folder={output}",
-        "--processes_count=1",
-        "--thread_count=4",
-        "--image_size=64",
-        "--resize_mode=no",
-        "--number_sample_per_shard=1000",
-        "--timeout=10",
-        "--enable_wandb=False",
-    ]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-
-
 @pytest.mark.slow
 def test_real_img2dataset_fetches_the_served_pool_and_writes_the_same_layout(exported, tmp_path):
     out, _ = exported
     with serve_directory(out / "datacomp") as base:
         meta = with_base_url(out / "datacomp", base, tmp_path / "meta.parquet")
-        _img2dataset_download(meta, str(tmp_path / "i2d"))
+        run_img2dataset(
+            meta,
+            tmp_path / "i2d",
+            output_format="webdataset",
+            resize_mode="no",
+            number_sample_per_shard=1000,
+            timeout=10,
+        )
     ours = pq.read_table(out / "img2dataset" / "00000.parquet").schema.names
     theirs = pq.read_table(tmp_path / "i2d" / "00000.parquet").schema.names
     assert set(theirs) - {"md5"} <= set(ours)
