@@ -313,13 +313,9 @@ def make_plan(
         dedupe["num_buckets"] = dd.num_buckets
         counts = {"partition_input": len(inputs), "dedupe_partition": parts, "gather_bucket": dd.num_buckets}
         for step, n in counts.items():
-            if stage == "plan":
-                items = list(range(n))
-            elif PLAN_STEPS[stage] == step:
-                items = list(task_range(n, task_index, num_tasks))
-            else:
-                continue
-            _run_steps(PlanStep(dd, step), items, cfg, f"plan {step}", log)
+            items = _step_items(stage, "plan", PLAN_STEPS, step, n, task_index, num_tasks)
+            if items is not None:
+                _run_steps(PlanStep(dd, step), items, cfg, f"plan {step}", log)
     if stage != "plan":
         return None
     if cfg.source.images == "img2dataset" and cfg.source.img2dataset_index == "memory":
@@ -363,6 +359,19 @@ def _plan_inputs(cfg: ShardJobConfig, chash: str, out: OutputFolder) -> list[dic
         inputs = list(pool.map(count, urls))
     out.write_json({"config_hash": chash, "inputs": inputs}, PLAN_DIR, chash, "inputs.json")
     return inputs
+
+
+def _step_items(
+    stage: str, whole: str, steps: dict[str, str], step: str, n: int, task_index: int, num_tasks: int
+) -> list[int] | None:
+    """The task indices of ``step`` (``n`` tasks) that this process runs: all of them when ``stage`` is the
+    whole ``whole`` stage, this array task's share when ``stage`` is ``step``'s own array stage (``steps``
+    maps array stages to steps), None when this process does not run ``step``."""
+    if stage == whole:
+        return list(range(n))
+    if steps[stage] == step:
+        return list(task_range(n, task_index, num_tasks))
+    return None
 
 
 def _run_steps(
@@ -778,13 +787,9 @@ def merge(
         dedupe = _image_dedupe_layout(cfg, plan, units, owner)
         counts = {"partition_group": dedupe.num_groups, "dedupe_partition": dedupe.num_parts}
         for step, n in counts.items():
-            if stage == "merge":
-                items = list(range(n))
-            elif MERGE_STEPS[stage] == step:
-                items = list(task_range(n, task_index, num_tasks))
-            else:
-                continue
-            _run_steps(MergeStep(dedupe, step), items, cfg, f"merge {step}", log)
+            items = _step_items(stage, "merge", MERGE_STEPS, step, n, task_index, num_tasks)
+            if items is not None:
+                _run_steps(MergeStep(dedupe, step), items, cfg, f"merge {step}", log)
     if stage != "merge":
         return None
     folder = OutputFolder(out, owner)
