@@ -1,6 +1,7 @@
 """Materialised subsets (issue 16 item 4): ``subsets.materialize`` writes each nested subset as its own shard
 set (re-packed tars + sizes.json), nested and deterministic, that a loader reads without touching the full
-set's bytes; the scaling grid and the toy reproduction point their runs at them.
+set's bytes; the scaling grid and the toy reproduction point their runs at them. The subset uid lists are
+written in one streamed pass over the shards (no process holds the dataset's uids).
 
     .venv/bin/pytest tests/test_subsets_materialize.py -q
 """
@@ -8,6 +9,9 @@ set's bytes; the scaling grid and the toy reproduction point their runs at them.
 from __future__ import annotations
 
 import json
+import sys
+import tracemalloc
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
@@ -17,6 +21,7 @@ from shard_helpers import tar_bytes
 
 from data_prep.shard import main
 from pipeline.data.prep.fixtures import encode, scene_image
+from pipeline.data.prep.subsets import SubsetConfig, in_subset, write_subsets
 from pipeline.data.tar import iter_tar_samples
 
 NUM_ROWS = 40
@@ -66,6 +71,34 @@ def dataset(inputs: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("dataset")
     assert main(args(inputs, out)) == 0
     return out
+
+
+def test_subset_uid_lists_stream_from_a_generator_without_holding_the_chosen_uids(tmp_path: Path) -> None:
+    num_shards, per_shard, fractions = 60, 1_500, (0.5, 1.0)
+
+    def shard_uids(s: int) -> Iterator[str]:  # made on demand: only what the writer keeps stays alive
+        return (f"{s:08x}{k:024x}" for k in range(per_shard))
+
+    def shards() -> Iterator[tuple[str, Iterator[str]]]:
+        return ((f"{s:06d}.tar", shard_uids(s)) for s in range(num_shards))
+
+    tracemalloc.start()
+    try:
+        summary = write_subsets(str(tmp_path), shards(), SubsetConfig(fractions))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # what holding the chosen uids would take: one str object per uid of either list (1.5 x all uids)
+    uid_bytes = sys.getsizeof(f"{0:032x}")
+    held = summary["50pct"]["num_samples"] * uid_bytes + num_shards * per_shard * uid_bytes
+    assert peak < held / 10, (peak, held)
+    for fraction, name in zip(fractions, ("50pct", "100pct")):
+        want = [u for s in range(num_shards) for u in shard_uids(s) if in_subset(u, fraction)]
+        assert (tmp_path / "subsets" / f"{name}.txt").read_text() == "".join(u + "\n" for u in want)
+        info = json.loads((tmp_path / "subsets" / f"{name}.json").read_text())
+        assert info["num_samples"] == len(want) == summary[name]["num_samples"]
+        assert sum(info["shards"].values()) == len(want) and len(info["shards"]) == num_shards
+    assert 0.45 < summary["50pct"]["num_samples"] / (num_shards * per_shard) < 0.55
 
 
 def test_each_subset_is_its_own_shard_set_in_uid_list_order(dataset: Path) -> None:

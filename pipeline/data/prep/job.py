@@ -742,16 +742,12 @@ def _unit_done(out: str, name: str, chash: str) -> bool:
     return m.group(1).decode() == chash and io.exists(io.join(out, name))
 
 
-class _KeptUids:
-    """(shard name, kept uids) of every shard, re-read from the stats on each pass (for the subset lists)."""
-
-    def __init__(self, out: str, units: list[Unit]) -> None:
-        self.out, self.units = out, units
-
-    def __iter__(self) -> Iterator[tuple[str, list[str]]]:
-        for unit, st in _iter_stats(self.out, self.units):
-            assert st is not None
-            yield unit.name, st["uids"]
+def _kept_uids(out: str, units: list[Unit]) -> Iterator[tuple[str, list[str]]]:
+    """(shard name, kept uids) of every shard, read from the stats one window at a time (for the subset
+    lists, which are streamed: no process holds the dataset's uids)."""
+    for unit, st in _iter_stats(out, units):
+        assert st is not None
+        yield unit.name, st["uids"]
 
 
 def _image_dedupe_layout(cfg: ShardJobConfig, plan: Plan, units: list[Unit], owner: str) -> ImageDedupe:
@@ -847,7 +843,7 @@ def merge(
         num_kept = sum(sizes.values())
         if num_kept + num_failed != num_input or sum(reasons.values()) != num_failed:
             raise ShardJobError(f"accounting: kept {num_kept} + failed {num_failed} != input {num_input}")
-    subsets = write_subsets(folder, _KeptUids(out, units), cfg.subsets) if cfg.subsets.fractions else {}  # type: ignore[arg-type]
+    subsets = write_subsets(folder, _kept_uids(out, units), cfg.subsets) if cfg.subsets.fractions else {}
     num_duplicate_images = 0
     with folder.open(DUPLICATE_IMAGES_FILE) as f:
         lines = dedupe.iter_duplicates() if dedupe is not None else iter(duplicate_images)

@@ -16,6 +16,8 @@ an independent, atomic unit (a killed run is finished by running again, to the s
 
 from __future__ import annotations
 
+import bisect
+import contextlib
 import hashlib
 import traceback
 from collections.abc import Callable, Iterable, Sequence
@@ -63,23 +65,34 @@ def subset_name(fraction: float) -> str:
 
 
 def write_subsets(
-    output: str | OutputFolder, shards: Sequence[tuple[str, Sequence[str]]], cfg: SubsetConfig
+    output: str | OutputFolder, shards: Iterable[tuple[str, Iterable[str]]], cfg: SubsetConfig
 ) -> dict[str, Any]:
-    """Write the uid lists for ``shards`` = [(shard file name, kept uids in order)]; returns a summary."""
+    """Write the uid lists for ``shards`` = (shard file name, kept uids in order); returns a summary.
+
+    Streamed in one pass: each shard's chosen uids are appended to every subset's list file as the shard
+    goes by (each file published atomically when the pass completes), so ``shards`` may be a generator and
+    no more than one shard's uids are held; what stays in memory is a count per (subset, shard)."""
     out = as_output_folder(output)
-    summary: dict[str, Any] = {}
-    for fraction in sorted(cfg.fractions):
-        name = subset_name(fraction)
-        lines: list[str] = []
-        per_shard: dict[str, int] = {}
+    fractions = sorted(cfg.fractions)
+    names = [subset_name(f) for f in fractions]
+    per_shard: list[dict[str, int]] = [{} for _ in fractions]
+    with contextlib.ExitStack() as stack:
+        files = [stack.enter_context(out.open("subsets", f"{name}.txt")) for name in names]
         for shard, uids in shards:
-            chosen = [u for u in uids if in_subset(u, fraction, cfg.salt)]
-            per_shard[shard] = len(chosen)
-            lines.extend(chosen)
-        out.write_text("".join(u + "\n" for u in lines), "subsets", f"{name}.txt")
-        info = {"fraction": fraction, "salt": cfg.salt, "num_samples": len(lines), "shards": per_shard}
+            chosen: list[list[str]] = [[] for _ in fractions]
+            for uid in uids:
+                x = uid_fraction(uid, cfg.salt)  # nested: in every subset from the first fraction above x
+                for k in range(bisect.bisect_right(fractions, x), len(fractions)):
+                    chosen[k].append(uid)
+            for f, counts, lines in zip(files, per_shard, chosen):
+                counts[shard] = len(lines)
+                f.write("".join(u + "\n" for u in lines).encode("utf-8"))
+    summary: dict[str, Any] = {}
+    for fraction, name, counts in zip(fractions, names, per_shard):
+        num = sum(counts.values())
+        info = {"fraction": fraction, "salt": cfg.salt, "num_samples": num, "shards": counts}
         out.write_json(info, "subsets", f"{name}.json")
-        summary[name] = {"fraction": fraction, "num_samples": len(lines), "uids": f"subsets/{name}.txt"}
+        summary[name] = {"fraction": fraction, "num_samples": num, "uids": f"subsets/{name}.txt"}
         if cfg.materialize:
             summary[name]["shards"] = f"subsets/{name}/"
     return summary
