@@ -12,7 +12,9 @@ decay, lr multipliers, frozen parts, schedules), ``pipeline.train.ema``, ``pipel
 
 Learning rates: parameter ``p`` at depth ``layer_id(p)`` of a ViT with ``L`` blocks gets
 ``lr * layer_decay ** (L + 1 - layer_id(p))`` (BEiT / MAE layer-wise decay; heads have depth ``L + 1``),
-times ``backbone_lr_mult`` inside the image encoder (DenseCLIP's 0.1; 0 freezes it).
+times ``backbone_lr_mult`` inside the image encoder (DenseCLIP's 0.1; 0 freezes it). Heavy-tail freezing
+(``optim.freeze.alpha_below_quantile``, :func:`alpha_freeze`) turns off the blocks of smallest alpha before
+the optimizer is built, so they are left out of it and counted as frozen in the FLOPs.
 
 Data order: the global batch of step ``s`` is a pure function of ``(seed, s)`` (:class:`StepBatchSampler`),
 each sample's augmentation seed comes with its position in the global batch, and rank ``r`` of ``N`` takes the
@@ -44,6 +46,24 @@ __all__ = ["ScheduleConfig", "count_training_flops", "lr_factor"]  # re-exported
 
 
 @dataclass(frozen=True)
+class FreezeConfig:
+    alpha_below_quantile: float = 0.0
+    """Heavy-tail layer freezing: freeze the floor(q * L) image-encoder blocks of smallest alpha (the power-law
+    exponent of their weight spectra, :mod:`pipeline.analysis.heavytail`), i.e. those below the q-quantile of
+    the L blocks' alphas; 0 = off, 0.5 = the paper's median rule (0.25 / 0.75 are its ablations)."""
+    write_alpha: bool = True
+    """Write every block's alpha before and after fine-tuning to ``alpha.json`` (also when nothing is frozen)."""
+    min_tail: int = 10
+    """Fewest eigenvalues the power-law fit's tail may keep (the KS search over xmin stops there)."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.alpha_below_quantile <= 1:
+            raise ValueError(f"alpha_below_quantile: must be in [0, 1], got {self.alpha_below_quantile}")
+        if self.min_tail < 2:
+            raise ValueError(f"min_tail: must be >= 2, got {self.min_tail}")
+
+
+@dataclass(frozen=True)
 class FinetuneOptimConfig:
     lr: float = 1e-4
     """Peak learning rate (after warmup) of the head / top of the network."""
@@ -61,6 +81,8 @@ class FinetuneOptimConfig:
     """Extra lr multiplier for every image-encoder parameter (DenseCLIP uses 0.1)."""
     grad_clip_norm: float = 0.0
     """Clip the global gradient norm to this value; 0 disables clipping."""
+    freeze: FreezeConfig = field(default_factory=FreezeConfig)
+    """Heavy-tail (alpha) layer freezing of the image encoder; frozen blocks are left out of the optimizer."""
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
@@ -155,6 +177,30 @@ def freeze_zero_lr(model: nn.Module, cfg: FinetuneOptimConfig) -> int:
     (:func:`pipeline.train.optim.freeze`). Returns the number of parameter tensors frozen."""
     found = find_backbone(model) if cfg.backbone_lr_mult == 0 else None
     return 0 if found is None else freeze(list(found[1].parameters()))
+
+
+def alpha_freeze(model: nn.Module, cfg: FreezeConfig) -> dict[str, Any] | None:
+    """Fit every image-encoder block's alpha and freeze the ``cfg.alpha_below_quantile`` share with the smallest
+    (:func:`pipeline.analysis.heavytail.lowest_alpha_blocks`) before the optimizer is built. Returns
+    ``{"quantile", "before": [{block, alpha, matrices}], "frozen": [block indices]}``, or None when there is
+    no trainable encoder or alpha is neither written nor needed."""
+    from pipeline.analysis.heavytail import layer_alphas, lowest_alpha_blocks
+
+    found = find_backbone(model)
+    if found is None or not (cfg.write_alpha or cfg.alpha_below_quantile > 0):
+        return None
+    backbone = found[1]
+    before = layer_alphas(backbone, cfg.min_tail)
+    frozen = lowest_alpha_blocks([r["alpha"] for r in before], cfg.alpha_below_quantile)
+    blocks = backbone.visual.transformer.resblocks
+    for i in frozen:
+        freeze(list(blocks[i].parameters()))
+    return {
+        "quantile": cfg.alpha_below_quantile,
+        "min_tail": cfg.min_tail,
+        "before": before,
+        "frozen": frozen,
+    }
 
 
 def build_optimizer(model: nn.Module, cfg: FinetuneOptimConfig) -> torch.optim.Optimizer:

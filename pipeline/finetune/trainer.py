@@ -21,6 +21,11 @@ loss curve does not depend on the number of processes), model-side randomness (d
 from ``(seed, step, rank)``, evaluation is split over ranks and each stage's evaluator reduces its own
 statistics (confusion matrices and depth sums all-reduced, logits gathered, COCO detections gathered to rank
 0). Rank 0 writes the run directory; the state is replicated, so one ``state.pt`` per checkpoint.
+
+Heavy-tail freezing (``optim.freeze``, :func:`pipeline.finetune.common.alpha_freeze`) is decided from the
+initial weights before the optimizer is built (so a resumed run freezes the same blocks); ``alpha.json`` holds
+every encoder block's alpha before and after fine-tuning and the frozen blocks, ``summary.json`` the frozen
+blocks and the FLOPs with them counted as frozen (backward C instead of 2C).
 """
 
 from __future__ import annotations
@@ -35,13 +40,16 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from pipeline import io
 from pipeline.finetune.common import (
     FinetuneTrainConfig,
     RankBatchSampler,
     StageSpec,
     StepBatchSampler,
+    alpha_freeze,
     build_optimizer,
     eval_batches,
+    find_backbone,
     finite_or_none,
     freeze_zero_lr,
     latest_checkpoint,
@@ -57,6 +65,9 @@ from pipeline.train.ema import EMA, EMAConfig
 from pipeline.train.flops import count_training_flops
 from pipeline.train.optim import lr_factor, set_lr
 from pipeline.train.state import Preempted, TrainState
+
+ALPHA_FILE = "alpha.json"
+"""Per-block heavy-tail alpha before / after fine-tuning and the frozen blocks (see ``write_alpha``)."""
 
 
 class _LossModule(nn.Module):
@@ -104,6 +115,14 @@ class FinetuneTrainer:
         model = model.to(self.device)
         if frozen := freeze_zero_lr(model, cfg.optim):
             self.log.info("%s: backbone_lr_mult = 0, image encoder frozen (%d tensors)", spec.name, frozen)
+        self.alpha = alpha_freeze(model, cfg.optim.freeze)
+        if self.alpha is not None and self.alpha["frozen"]:
+            self.log.info(
+                "%s: froze blocks %s (alpha below the %g quantile)",
+                spec.name,
+                self.alpha["frozen"],
+                self.alpha["quantile"],
+            )
         ema = EMA(model, EMAConfig(decay=spec.ema_decay)) if spec.ema_decay > 0 else None
         self.state = TrainState(model, build_optimizer(model, cfg.optim), ema)
         self.model = model
@@ -247,6 +266,16 @@ class FinetuneTrainer:
         self.rd.truncate_metrics_after(self.state.step)
         self.log.info("resumed %s from %s at step %d", self.spec.name, path, self.state.step)
 
+    def write_alpha(self) -> None:
+        """``alpha.json``: every encoder block's alpha before (the initial weights) and after fine-tuning, and
+        which blocks were frozen."""
+        from pipeline.analysis.heavytail import layer_alphas
+
+        found = find_backbone(self.model)
+        assert found is not None and self.alpha is not None
+        after = layer_alphas(found[1], self.alpha["min_tail"])
+        io.write_json(str(self.rd.path / ALPHA_FILE), {**self.alpha, "after": after})
+
     def finish(self) -> dict[str, Any]:
         spec, step = self.spec, self.state.step
         metrics = finite_or_none(self.evaluate())
@@ -274,6 +303,10 @@ class FinetuneTrainer:
             "final_checkpoint": str(latest_checkpoint(self.rd.path)),
             **spec.info,
         }
+        if self.alpha is not None:
+            summary["frozen_blocks"] = self.alpha["frozen"]
+            if self.rank == 0:
+                self.write_alpha()
         self.rd.write_summary(summary)
         if self.distributed:
             dist.barrier()

@@ -1,0 +1,1 @@
+"""Weight and representation analyses: heavy-tail spectra (``heavytail``) and CKA similarity (``cka``)."""
