@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 
 from pipeline.finetune.common import FinetuneTrainConfig, eval_batches
 from pipeline.finetune.datasets import DataConfig, build_datasets, collate
+from pipeline.finetune.distill_losses import KDConfig
 from pipeline.finetune.region import (
     BOX,
     STUFF_MASK,
@@ -16,7 +18,9 @@ from pipeline.finetune.region import (
     RegionLossConfig,
     build_region_model,
     gather_regions,
+    kept_by_confidence,
     region_loss,
+    region_terms,
     run_stage,
 )
 from pipeline.model.backbone import BackboneConfig
@@ -82,3 +86,100 @@ def test_gathered_regions_follow_the_annotations():
         for m, b in zip(regions["masks"][stuff], regions["boxes"][stuff])
     ]
     assert all(top == y0 for top, y0 in ys_inside)  # a stuff box is its mask's bounding box
+
+
+def test_kept_by_confidence_keeps_a_confidence_equal_to_the_threshold():
+    conf = torch.tensor([0.29, 0.3, 0.31])  # fp32, as the stage computes confidences
+    assert kept_by_confidence(conf, 0.3).tolist() == [False, True, True]
+
+
+def _designed_teacher(model, regions, confidences, classes=None, scale: float = 100.0):
+    """Text embeddings = basis vectors (things e_0..e_7, stuff e_8..e_15) and, per region, a unit teacher
+    embedding whose softmax over its group's names puts probability ``c`` on class ``k`` and equal mass on
+    the other seven: t = x e_k + sqrt(1 - x^2) e_63 with exp(s x) / (exp(s x) + 7) = c. ``c = None`` gives
+    t = e_63: all logits 0, a confidence of exactly 1/8. ``k`` = ``classes[r]`` or ``r % 8``."""
+    dim = model.thing_text.shape[1]
+    eye = torch.eye(dim)
+    model.thing_text, model.stuff_text, model.logit_scale = eye[:8].clone(), eye[8:16].clone(), scale
+    rows, picked = [], []
+    for r, (kind, c) in enumerate(zip(regions["kind"].tolist(), confidences)):
+        k = int(classes[r]) if classes is not None else r % 8
+        offset = 8 if kind == STUFF_MASK else 0
+        x = 0.0 if c is None else math.log(7 * c / (1 - c)) / scale
+        rows.append(x * eye[offset + k] + math.sqrt(1 - x * x) * eye[dim - 1])
+        picked.append(k)
+    return torch.stack(rows), torch.tensor(picked)
+
+
+def _losses_reached(model, batch, teacher):
+    """Which regions each loss term depends on: rows of a leaf student tensor with a nonzero gradient."""
+    regions = gather_regions(batch, model.cfg.min_region_pixels, model.cfg.max_regions_per_kind)
+    student = torch.randn(len(regions["image"]), teacher.shape[1], generator=torch.Generator().manual_seed(0))
+    student.requires_grad_(True)
+    model.pool = lambda dense, regions: student
+    model.teacher_embed = lambda images, regions, indices=None: teacher
+    _, terms = region_terms(model, batch)
+    reached = {}
+    for name, loss in terms.losses.items():
+        (grad,) = torch.autograd.grad(loss, student, retain_graph=True)
+        reached[name] = grad.abs().sum(1) > 0
+    return terms, reached
+
+
+def test_the_default_threshold_drops_regions_below_0_3_and_keeps_those_above_from_every_loss(
+    debug_checkpoint,
+):
+    cfg = dataclasses.replace(config(debug_checkpoint), kd=KDConfig(kind="tgkd"))
+    assert cfg.region.confidence_threshold == 0.3  # the DenseVLM default
+    train, _ = build_datasets(cfg.data, "region")
+    model = build_region_model(cfg, train.vocab.things, train.vocab.stuff).train()
+    batch = collate([train[(i, None)] for i in range(2)])
+    regions = gather_regions(batch, cfg.region.min_region_pixels, cfg.region.max_regions_per_kind)
+    designed = [(0.29, 0.31, 0.5, 0.2)[r % 4] for r in range(len(regions["image"]))]
+    teacher, classes = _designed_teacher(model, regions, designed)
+    terms, reached = _losses_reached(model, batch, teacher)
+    want = torch.tensor([c > 0.3 for c in designed])
+    assert 0 < int(want.sum()) < len(want)
+    assert torch.allclose(terms.confidence, torch.tensor(designed), atol=1e-5)
+    assert torch.equal(terms.kept, want)
+    assert torch.equal(terms.target[want], classes[want])  # the teacher's retrieved category
+    assert set(reached) == {"align", "distill", "kd"}
+    for name, rows in reached.items():
+        assert torch.equal(rows, want), name
+
+
+def test_a_confidence_exactly_at_the_threshold_reaches_the_losses(debug_checkpoint):
+    # 1/8 is exact in fp32, and so is a uniform softmax over 8 names. With the annotated category the
+    # confidence is that category's probability, so it can fall below 1/8 (a maximum over 8 cannot).
+    cfg = config(debug_checkpoint, confidence_threshold=0.125, use_ground_truth_labels=True)
+    train, _ = build_datasets(cfg.data, "region")
+    model = build_region_model(cfg, train.vocab.things, train.vocab.stuff).train()
+    batch = collate([train[(i, None)] for i in range(2)])
+    regions = gather_regions(batch, cfg.region.min_region_pixels, cfg.region.max_regions_per_kind)
+    designed = [(None, 0.124, 0.6)[r % 3] for r in range(len(regions["image"]))]
+    teacher, _ = _designed_teacher(model, regions, designed, classes=regions["labels"])
+    terms, reached = _losses_reached(model, batch, teacher)
+    uniform = torch.tensor([c is None for c in designed])
+    assert (terms.confidence[uniform] == 0.125).all()
+    want = torch.tensor([c != 0.124 for c in designed])
+    assert torch.equal(terms.kept, want)
+    for name, rows in reached.items():
+        assert torch.equal(rows, want), name
+
+
+def test_text_and_vision_guided_distillation_add_their_weighted_loss_and_reuse_cached_teacher_embeddings(
+    debug_checkpoint,
+):
+    cfg = config(debug_checkpoint, confidence_threshold=0.0)
+    train, _ = build_datasets(cfg.data, "region")
+    batch = collate([train[(i, None)] for i in range(2)])
+    model = build_region_model(cfg, train.vocab.things, train.vocab.stuff).train()
+    plain, _ = region_loss(model, batch)
+    assert model.cache.misses == 2 and model.cache.hits == 0
+    for kind in ("tgkd", "vgkd"):
+        model.kd = KDConfig(kind=kind, weight=0.5)
+        loss, report = region_loss(model, batch)
+        _, terms = region_terms(model, batch)
+        assert report["kd_loss"] > 0
+        assert torch.allclose(loss, plain + 0.5 * terms.losses["kd"])
+    assert model.cache.misses == 2 and model.cache.hits == 8  # 4 more passes x 2 images

@@ -14,9 +14,15 @@ and trained towards:
   group - things against thing names, stuff against stuff names (DenseVLM's decoupled alignment).
 
 Region denoising: the teacher classifies every region among its group's names; regions whose teacher
-confidence is below ``confidence_threshold`` (default 0.3) are dropped from both losses. As in DenseVLM the
-category is the teacher's retrieved one (``use_ground_truth_labels = false``); with labelled data it can be
-the annotation instead (then the confidence is the teacher's probability of the annotated category).
+confidence is below ``confidence_threshold`` (default 0.3) are dropped from every loss; a confidence equal to
+the threshold is kept (``confidence >= threshold``, compared in fp32). As in DenseVLM the category is the
+teacher's retrieved one (``use_ground_truth_labels = false``); with labelled data it can be the annotation
+instead (then the confidence is the teacher's probability of the annotated category).
+
+Optional text- / vision-guided distillation (``kd.kind = "tgkd" | "vgkd"``, :mod:`pipeline.finetune.distill_losses`):
+over the kept regions of each image, V = the student's region features, R = the teacher's crop embeddings,
+T = the text embedding of each region's category (the same category the alignment loss uses). The teacher's
+crop embeddings are cached per image (``kd.cache``, ``kd.cache_dir``; :class:`TeacherCache`) whatever the kind.
 
 Evaluation (the DenseVLM / CLIPSelf tables): top-1 / top-5 mean (per-class) accuracy of classifying the
 ground-truth boxes among the thing names, and thing masks and stuff masks among all names (things + stuff),
@@ -47,6 +53,7 @@ from pipeline.finetune.common import (
     seed_everything,
 )
 from pipeline.finetune.datasets import DataConfig, build_datasets, collate
+from pipeline.finetune.distill_losses import KDConfig, TeacherCache, kd_loss
 from pipeline.finetune.metrics import all_gather_objects, mean_class_topk_accuracy
 from pipeline.finetune.text import build_tokenizer, class_text_embeddings
 from pipeline.model.backbone import BackboneConfig, ViTBackbone, build_backbone, build_clip_model
@@ -96,6 +103,8 @@ class RegionConfig:
     """Learning-rate schedule."""
     train: FinetuneTrainConfig = field(default_factory=FinetuneTrainConfig)
     """Steps, batch size, logging, checkpoints, seed."""
+    kd: KDConfig = field(default_factory=KDConfig)
+    """Text- / vision-guided distillation over the kept regions, and the teacher-embedding cache."""
 
 
 class RegionModel(nn.Module):
@@ -109,6 +118,7 @@ class RegionModel(nn.Module):
         stuff_text: torch.Tensor,
         logit_scale: float,
         cfg: RegionLossConfig,
+        kd: KDConfig | None = None,
     ) -> None:
         super().__init__()
         self.student = student
@@ -117,6 +127,8 @@ class RegionModel(nn.Module):
         self.register_buffer("stuff_text", stuff_text)
         self.logit_scale = logit_scale
         self.cfg = cfg
+        self.kd = kd or KDConfig()
+        self.cache = TeacherCache(self.teacher, self.kd.cache, self.kd.cache_dir)
 
     def train(self, mode: bool = True) -> RegionModel:
         super().train(mode)
@@ -146,16 +158,14 @@ class RegionModel(nn.Module):
         return out
 
     @torch.no_grad()
-    def teacher_embed(self, images: torch.Tensor, regions: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Teacher embeddings of region crops (mask regions with their background blanked to the mean)."""
-        idx, boxes, masks, kind = regions["image"], regions["boxes"], regions["masks"], regions["kind"]
-        x = images[idx]
-        blank = torch.where((kind == BOX)[:, None, None], torch.ones_like(masks), masks)
-        x = x * blank[:, None].to(x.dtype)  # 0 after CLIP normalisation = the mean colour
-        size = self.teacher.visual.image_size[0]
-        rois = torch.cat([torch.arange(len(idx), device=x.device)[:, None].to(x.dtype), boxes.to(x.dtype)], 1)
-        crops = roi_align(x, rois, size, spatial_scale=1.0, sampling_ratio=2, aligned=True)
-        return self.teacher.forward_pooled(crops)
+    def teacher_embed(
+        self, images: torch.Tensor, regions: dict[str, torch.Tensor], indices: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Teacher embeddings of region crops (mask regions with their background blanked to the mean),
+        through the per-image cache (``indices``: the batch images' dataset indices, part of the key)."""
+        return self.cache.embed(
+            images, indices, regions["image"], regions["boxes"], regions["masks"], regions["kind"]
+        )
 
     def logits(self, features: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         return self.logit_scale * F.normalize(features, dim=-1) @ text.T
@@ -204,44 +214,90 @@ def gather_regions(batch: dict[str, Any], min_pixels: int, max_per_kind: int = 0
     }
 
 
-def region_loss(model: RegionModel, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+def kept_by_confidence(confidence: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Region denoising's rule: keep a region when its teacher confidence is ``>= threshold`` (a confidence
+    equal to the threshold is kept; the comparison is in the confidence's dtype, fp32)."""
+    return confidence >= threshold
+
+
+@dataclass
+class RegionTerms:
+    """Everything :func:`region_loss` computes, per region (rows follow ``regions``)."""
+
+    regions: dict[str, torch.Tensor]
+    student: torch.Tensor
+    """N x D pooled student features."""
+    teacher: torch.Tensor
+    """N x D teacher crop embeddings."""
+    confidence: torch.Tensor
+    """N teacher confidences (of the retrieved or the annotated category, within the region's group)."""
+    target: torch.Tensor
+    """N categories within the region's group (things or stuff)."""
+    kept: torch.Tensor
+    """N bools: the regions that reach the losses."""
+    losses: dict[str, torch.Tensor]
+    """``align``, ``distill`` and (with ``kd.kind``) ``kd``, unweighted; empty when no region is kept."""
+
+
+def region_terms(model: RegionModel, batch: dict[str, Any]) -> tuple[torch.Tensor, RegionTerms | None]:
+    """The student's dense map and the per-region terms of a training batch (None without regions)."""
     cfg = model.cfg
     regions = gather_regions(batch, cfg.min_region_pixels, cfg.max_regions_per_kind)
     dense = model.student.forward_dense(batch["image"])
     if len(regions["image"]) == 0:
-        return dense.sum() * 0.0, {"regions": 0}
+        return dense, None
     student = model.pool(dense, regions)
-    teacher = model.teacher_embed(batch["image"], regions)
+    teacher = model.teacher_embed(batch["image"], regions, batch.get("index"))
     is_stuff = regions["kind"] == STUFF_MASK
-    losses, kept, total = [], 0, len(regions["image"])
-    distill = 1 - F.cosine_similarity(student, teacher, dim=-1)
-    distill_terms = []
+    n = len(regions["image"])
+    confidence = teacher.new_zeros(n, dtype=torch.float32)
+    target = torch.zeros(n, dtype=torch.long, device=teacher.device)
+    text_of = model.thing_text.new_zeros(n, model.thing_text.shape[1])
+    ce_terms = []
     for group, text in ((~is_stuff, model.thing_text), (is_stuff, model.stuff_text)):
         if not group.any():
             continue
-        probs = model.logits(teacher[group], text).softmax(-1)
+        probs = model.logits(teacher[group], text).float().softmax(-1)
         if cfg.use_ground_truth_labels:
-            target = regions["labels"][group]
-            confidence = probs.gather(1, target[:, None])[:, 0]
+            tgt = regions["labels"][group]
+            conf = probs.gather(1, tgt[:, None])[:, 0]
         else:
-            confidence, target = probs.max(-1)
-        keep = confidence >= cfg.confidence_threshold
-        kept += int(keep.sum())
+            conf, tgt = probs.max(-1)
+        confidence[group], target[group], text_of[group] = conf, tgt, text[tgt]
+        keep = kept_by_confidence(conf, cfg.confidence_threshold)
         if keep.any():
-            ce = F.cross_entropy(model.logits(student[group][keep], text), target[keep])
-            losses.append(cfg.align_weight * ce)
-            distill_terms.append(distill[group][keep])
-    if not losses:
+            ce_terms.append(F.cross_entropy(model.logits(student[group][keep], text), tgt[keep]))
+    kept = kept_by_confidence(confidence, cfg.confidence_threshold)
+    losses: dict[str, torch.Tensor] = {}
+    if ce_terms:
+        losses["align"] = torch.stack(ce_terms).mean()
+        losses["distill"] = (1 - F.cosine_similarity(student[kept], teacher[kept], dim=-1)).mean()
+        if model.kd.kind != "none":
+            losses["kd"] = kd_loss(
+                model.kd.kind, student[kept], teacher[kept], text_of[kept], regions["image"][kept]
+            )
+    return dense, RegionTerms(regions, student, teacher, confidence, target, kept, losses)
+
+
+def region_loss(model: RegionModel, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+    cfg = model.cfg
+    dense, terms = region_terms(model, batch)
+    if terms is None:
+        return dense.sum() * 0.0, {"regions": 0}
+    total = len(terms.kept)
+    if not terms.losses:
         return dense.sum() * 0.0, {"regions": total, "kept_fraction": 0.0}
-    align = torch.stack(losses).mean()
-    dist = torch.cat(distill_terms).mean()
-    loss = align + cfg.distill_weight * dist
+    align, dist = terms.losses["align"], terms.losses["distill"]
+    loss = cfg.align_weight * align + cfg.distill_weight * dist
     report = {
         "regions": total,
-        "kept_fraction": round(kept / total, 4),
+        "kept_fraction": round(int(terms.kept.sum()) / total, 4),
         "align_loss": round(align.item(), 6),
         "distill_loss": round(dist.item(), 6),
     }
+    if "kd" in terms.losses:
+        loss = loss + model.kd.weight * terms.losses["kd"]
+        report["kd_loss"] = round(terms.losses["kd"].item(), 6)
     return loss, report
 
 
@@ -302,7 +358,7 @@ def build_region_model(cfg: RegionConfig, thing_names: list[str], stuff_names: l
         teacher = build_backbone(teacher_cfg)
     else:
         teacher = build_backbone(BackboneConfig(model=cfg.backbone.model), visual=copy.deepcopy(clip.visual))
-    return RegionModel(student, teacher, thing_text, stuff_text, logit_scale, cfg.region)
+    return RegionModel(student, teacher, thing_text, stuff_text, logit_scale, cfg.region, cfg.kd)
 
 
 def run_stage(cfg: RegionConfig, run_dir: str | Path, preemption: Any = None) -> dict[str, Any]:
@@ -325,6 +381,7 @@ def run_stage(cfg: RegionConfig, run_dir: str | Path, preemption: Any = None) ->
             "stuff": vocab.stuff,
             "backbone_checkpoint": cfg.backbone.checkpoint,
             "confidence_threshold": cfg.region.confidence_threshold,
+            "kd": cfg.kd.kind,
         },
     )
     return fit(spec, cfg, run_dir, preemption)
