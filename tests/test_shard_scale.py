@@ -23,11 +23,20 @@ import pytest
 from pipeline.cli import parse_config
 from pipeline.data.prep.fixtures import encode, scene_image
 from pipeline.data.prep.job import ShardJobConfig, find_duplicate_rows, run
-from pipeline.data.prep.partition import num_partitions, read_duplicate_rows
+from pipeline.data.prep.partition import (
+    UID_SCHEMA,
+    _read_group,
+    _write_grouped,
+    inputs_per_task,
+    num_partitions,
+    read_duplicate_rows,
+)
+from pipeline.data.prep.writer import OutputFolder
 
 REPO = Path(__file__).resolve().parent.parent
 CMD = [sys.executable, "-c", "import sys; from data_prep.shard import main; sys.exit(main(sys.argv[1:]))"]
 TINY_BUDGET = "--plan.max_memory_gb=0.000002"  # ~8 uid rows per partition: many partitions, many buckets
+GROUP_BUDGET = "--plan.max_memory_gb=0.00003"  # 2 input files per partition task, 3 partitions
 
 
 def write_inputs(root: Path, num_files: int, rows: int, num_images: int = 6, seed: int = 0) -> Path:
@@ -116,10 +125,42 @@ def test_partition_count_comes_from_the_memory_budget() -> None:
     assert num_partitions(10_000, 256, 0.000002) == 1193
 
 
-def test_partitioned_dedupe_finds_the_rows_the_in_memory_one_finds(inputs: Path, tmp_path: Path) -> None:
-    cfg = config(inputs, tmp_path / "p", TINY_BUDGET)
+def test_partition_tasks_read_as_many_input_files_as_the_budget_holds() -> None:
+    assert inputs_per_task([1_000_000] * 12_800, 256, 2.0) == 8  # 2 GiB / (1M rows x 256 B)
+    assert inputs_per_task([10, 1_000_000, 10], 256, 0.1) == 1  # the largest file decides; at least 1
+    assert inputs_per_task([], 256, 2.0) == inputs_per_task([0], 256, 2.0) > 1_000_000
+
+
+def test_a_parts_file_reader_reads_only_the_trailer_and_its_own_group(tmp_path: Path) -> None:
+    uids = [f"{k:032x}" for k in range(50)]
+    table = pa.table({"uid": uids, "input": [0] * 50, "row": list(range(50))}, schema=UID_SCHEMA)
+    key = np.asarray([k % 7 for k in range(50)], np.uint64)
+    key[key == 3] = 4  # group 3 is empty
+    _write_grouped(OutputFolder(str(tmp_path)), ("x.parts",), table, key, 7)
+    url = str(tmp_path / "x.parts")
+    data = bytearray((tmp_path / "x.parts").read_bytes())
+    trailer = 8 * 8 + 8
+    offsets = np.frombuffer(bytes(data[-trailer:-8]), "<i8")
+    lo, hi = int(offsets[5]), int(offsets[6])
+    data[:lo] = b"\0" * lo  # every other group's bytes overwritten: group 5 still reads
+    data[hi:-trailer] = b"\0" * (len(data) - trailer - hi)
+    (tmp_path / "x.parts").write_bytes(bytes(data))
+    assert _read_group(url, 5, 7, UID_SCHEMA).column("row").to_pylist() == [5, 12, 19, 26, 33, 40, 47]
+    assert _read_group(url, 3, 7, UID_SCHEMA).num_rows == 0
+    (tmp_path / "x.parts").write_bytes(bytes(data[:-3]))  # a cut-off file
+    with pytest.raises(ValueError, match="x.parts: not a parts file"):
+        _read_group(url, 5, 7, UID_SCHEMA)
+
+
+@pytest.mark.parametrize("budget, num_input_groups", [(TINY_BUDGET, 5), (GROUP_BUDGET, 3)])
+def test_partitioned_dedupe_finds_the_rows_the_in_memory_one_finds(
+    inputs: Path, tmp_path: Path, budget: str, num_input_groups: int
+) -> None:
+    cfg = config(inputs, tmp_path / "p", budget)
     plan = run(cfg, stage="plan", log=lambda s: None)["plan"]
-    assert plan.dedupe["num_partitions"] > 20 and plan.dedupe["num_buckets"] == 5
+    assert len(list((tmp_path / "p" / "_plan").rglob("uids/inputs-*.parts"))) == num_input_groups
+    assert plan.dedupe["num_partitions"] > (20 if budget == TINY_BUDGET else 2)
+    assert plan.dedupe["num_buckets"] == min(5, plan.dedupe["num_partitions"])
     expected = find_duplicate_rows(plan.inputs, "uid")
     want = set(zip(expected.column("input").to_pylist(), expected.column("row").to_pylist()))
     assert len(want) > 50 and {i for i, _ in want} == set(range(5))  # repeats in every file
@@ -171,14 +212,18 @@ def test_kill_9_during_plan_then_rerun_gives_identical_plan_and_shards(
 ) -> None:
     out = tmp_path / "killed_plan"
     a = args(inputs, out, TINY_BUDGET)
-    kill_when(CMD + a + ["--stage=plan"], lambda: any((out / "_plan").rglob("part-*.parquet")), "in the plan")
+    kill_when(CMD + a + ["--stage=plan"], lambda: any((out / "_plan").rglob("part-*.parts")), "in the plan")
     assert not (out / "_plan" / "plan.json").exists()
     assert subprocess.run(CMD + a, cwd=REPO, capture_output=True).returncode == 0
     assert files(out) == files(reference)
     fresh = tmp_path / "fresh"
     run(config(inputs, fresh, TINY_BUDGET), stage="plan", log=lambda s: None)
-    plan_files = sorted(p.relative_to(out) for p in (out / "_plan").rglob("*.parquet"))
-    assert plan_files == sorted(p.relative_to(fresh) for p in (fresh / "_plan").rglob("*.parquet"))
+    plan_files = sorted(p.relative_to(out) for p in (out / "_plan").rglob("*.parts"))
+    plan_files += sorted(p.relative_to(out) for p in (out / "_plan").rglob("*.parquet"))
+    assert len(plan_files) > 10
+    assert plan_files == sorted(p.relative_to(fresh) for p in (fresh / "_plan").rglob("*.parts")) + sorted(
+        p.relative_to(fresh) for p in (fresh / "_plan").rglob("*.parquet")
+    )
     assert all((out / p).read_bytes() == (fresh / p).read_bytes() for p in plan_files)
 
 

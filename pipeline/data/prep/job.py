@@ -58,6 +58,7 @@ from pipeline.data.prep.partition import (
     PlanConfig,
     PlanStep,
     UidDedupe,
+    inputs_per_task,
     num_partitions,
     read_duplicate_rows,
     write_lines,
@@ -104,7 +105,7 @@ from pipeline.data.schema import (
 PLAN_DIR = "_plan"
 PLAN_FILE = "plan.json"
 PLAN_STEPS = {
-    "plan-partition": "partition_input",
+    "plan-partition": "partition_inputs",
     "plan-dedupe": "dedupe_partition",
     "plan-gather": "gather_bucket",
 }
@@ -211,6 +212,7 @@ def _uid_dedupe_layout(
         plan.dedupe["num_partitions"],
         batch,
         owner,
+        plan.dedupe.get("inputs_per_task", 1),
     )
 
 
@@ -307,11 +309,23 @@ def make_plan(
     elif cfg.filters.dedupe_uid:
         rows = sum(i.get("num_rows", 0) for i in inputs)
         parts = num_partitions(rows, BYTES_PER_UID_ROW, cfg.plan.max_memory_gb)
-        dedupe = {"mode": "partitioned", "uid_column": uid_column, "num_partitions": parts}
+        per_task = inputs_per_task(
+            [i.get("num_rows", 0) for i in inputs], BYTES_PER_UID_ROW, cfg.plan.max_memory_gb
+        )
+        dedupe = {
+            "mode": "partitioned",
+            "uid_column": uid_column,
+            "num_partitions": parts,
+            "inputs_per_task": per_task,
+        }
         dd = _uid_dedupe_layout(cfg.output.path, Plan(chash, inputs, dedupe), owner, cfg.plan)
         assert dd is not None
         dedupe["num_buckets"] = dd.num_buckets
-        counts = {"partition_input": len(inputs), "dedupe_partition": parts, "gather_bucket": dd.num_buckets}
+        counts = {
+            "partition_inputs": dd.num_input_groups,
+            "dedupe_partition": parts,
+            "gather_bucket": dd.num_buckets,
+        }
         for step, n in counts.items():
             items = _step_items(stage, "plan", PLAN_STEPS, step, n, task_index, num_tasks)
             if items is not None:

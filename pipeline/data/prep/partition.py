@@ -7,16 +7,22 @@ partition count comes from ``plan.max_memory_gb``, so memory per process stays f
 Plan (files under ``<output>/_plan/<config hash>/``; every file is written atomically and its existence is
 the task's completion marker, so a killed step is simply redone and gives the same bytes):
 
-1. ``uids/input-NNNNNN.parquet``: one task per input file reads its uid column in batches and writes
-   (uid, input, row) with one row group per uid-hash partition (row group ``p`` = partition ``p``).
-2. ``dedupe/part-NNNNN.parquet``: one task per partition reads row group ``p`` of every input's file, sorts
+1. ``uids/input-NNNNNN.parts``: one task per input file reads its uid column in batches and writes
+   (uid, input, row) as a *parts file*, one group per uid-hash partition (group ``p`` = partition ``p``).
+2. ``dedupe/part-NNNNN.parts``: one task per partition reads group ``p`` of every input's file, sorts
    by (uid, input, row) and keeps the rows that repeat an earlier (input, row): the duplicates. They are
-   written with one row group per *bucket* (a contiguous range of input files).
-3. ``duplicates/bucket-NNNNN.parquet``: one task per bucket gathers its row group from every partition and
+   written with one group per *bucket* (a contiguous range of input files).
+3. ``duplicates/bucket-NNNNN.parquet``: one task per bucket gathers its group from every partition and
    sorts by (input, row); a shard unit reads only its own bucket (filtered to its rows).
 
+A parts file is one small parquet file per group, concatenated, with the groups' byte offsets in a trailer
+(:func:`_write_grouped`): a task reading group ``p`` makes two ranged reads per file (trailer, group) and
+never parses the other groups' metadata, so the bytes a step reads stay the data it needs however many
+partitions there are (a parquet footer with one row group per partition grows ~360 bytes per partition,
+and every reader would fetch it). The request count is still files x groups: see docs/scale.md.
+
 Merge (``<output>/_merge/<config hash>/``): the same shuffle keyed by image sha256 over groups of shard
-stats (``sha/group-NNNNN.parquet`` -> ``dup/part-NNNNN.parquet``), then one streaming k-way merge writes
+stats (``sha/group-NNNNN.parts`` -> ``dup/part-NNNNN.parquet``), then one streaming k-way merge writes
 ``duplicate_images.txt`` in (shard, position) order, the order the in-memory merge used.
 
 The result never depends on the partition count: the first occurrence in input (or shard) order is kept.
@@ -84,6 +90,13 @@ def num_partitions(num_rows: int, bytes_per_row: int, max_memory_gb: float) -> i
     return max(1, math.ceil(num_rows * bytes_per_row / (max_memory_gb * 2**30)))
 
 
+def inputs_per_task(row_counts: Sequence[int], bytes_per_row: int, max_memory_gb: float) -> int:
+    """How many input files one partition task reads: as many of the largest as fit ``max_memory_gb``
+    (at least 1). Fewer, larger partition files cut the dedupe step's reads (partitions x files)."""
+    largest = max([1, *row_counts])
+    return max(1, int(max_memory_gb * 2**30 // (largest * bytes_per_row)))
+
+
 def partition_of(values: Sequence[str], num_parts: int) -> np.ndarray:
     """Stable hash partition (crc32 of the UTF-8 bytes) of each value: the same in every process."""
     return np.fromiter((zlib.crc32(v.encode()) for v in values), np.uint64, len(values)) % num_parts
@@ -96,17 +109,35 @@ def _normalised(col: pa.Array) -> pa.Array:
     return pa.array([normalise_uid(v) for v in col.to_pylist()], pa.string())
 
 
+PARTS_MAGIC = b"PQPARTS1"
+
+
 def _write_grouped(
     out: OutputFolder, parts: tuple[str, ...], table: pa.Table, key: np.ndarray, num_groups: int
 ) -> None:
-    """``table`` with one row group per value of ``key`` (0 .. num_groups - 1, empty ones included), rows
-    of a group in their order in ``table``."""
+    """``table`` as a *parts file*: group ``g`` (the rows whose ``key`` is ``g``, 0 .. num_groups - 1, in
+    their order in ``table``) as its own small parquet file, the groups concatenated, then the trailer: the
+    groups' num_groups + 1 byte offsets (int64 little-endian) and PARTS_MAGIC. An empty group is 0 bytes.
+
+    A reader of one group fetches the trailer and its byte range (:func:`_read_group`: two ranged reads,
+    whatever the group count), where a parquet file with one row group per group would make every reader
+    fetch and parse a footer that grows with the group count (~360 bytes per row group)."""
     order = np.argsort(key, kind="stable")
     bounds = np.searchsorted(key[order], np.arange(num_groups + 1))
     table = table.take(pa.array(order))
-    with out.open(*parts) as f, pq.ParquetWriter(f, table.schema) as w:
+    offsets = [0]
+    with out.open(*parts) as f:
         for g in range(num_groups):
-            w.write_table(table.slice(int(bounds[g]), int(bounds[g + 1] - bounds[g])))
+            rows = table.slice(int(bounds[g]), int(bounds[g + 1] - bounds[g]))
+            if rows.num_rows:
+                buf = pa.BufferOutputStream()
+                pq.write_table(rows, buf)
+                data = buf.getvalue()
+                f.write(data)
+                offsets.append(offsets[-1] + data.size)
+            else:
+                offsets.append(offsets[-1])
+        f.write(np.asarray(offsets, "<i8").tobytes() + PARTS_MAGIC)
 
 
 def _repeats(col: pa.ChunkedArray) -> pa.Array:
@@ -118,10 +149,18 @@ def _repeats(col: pa.ChunkedArray) -> pa.Array:
     return pa.concat_arrays([pa.array([False], pa.bool_()), same])
 
 
-def _read_group(url: str, group: int, schema: pa.Schema) -> pa.Table:
+def _read_group(url: str, group: int, num_groups: int, schema: pa.Schema) -> pa.Table:
+    """Group ``group`` of the parts file ``url`` (:func:`_write_grouped`): its trailer, then its bytes."""
     fs, path = io.filesystem(url)
-    with fs.open(path, "rb") as f:
-        return pq.ParquetFile(f).read_row_group(group).cast(schema)
+    size = 8 * (num_groups + 1) + len(PARTS_MAGIC)
+    trailer = fs.cat_file(path, start=-size)
+    if len(trailer) != size or not trailer.endswith(PARTS_MAGIC):
+        raise ValueError(f"{url}: not a parts file of {num_groups} groups (a partial or foreign file?)")
+    offsets = np.frombuffer(trailer[: -len(PARTS_MAGIC)], "<i8")
+    start, end = int(offsets[group]), int(offsets[group + 1])
+    if start == end:
+        return schema.empty_table()
+    return pq.read_table(pa.BufferReader(fs.cat_file(path, start=start, end=end))).cast(schema)
 
 
 # ------------------------------------------------------------------------------------------- plan steps
@@ -138,6 +177,12 @@ class UidDedupe:
     num_parts: int
     batch_rows: int = 65_536
     owner: str = ""
+    inputs_per_task: int = 1
+    """Input files one ``partition_inputs`` task reads and writes to one parts file (from the budget)."""
+
+    @property
+    def num_input_groups(self) -> int:
+        return max(1, math.ceil(len(self.inputs) / self.inputs_per_task))
 
     @property
     def num_buckets(self) -> int:
@@ -149,11 +194,11 @@ class UidDedupe:
     def _parts(self, kind: str, name: str) -> tuple[str, ...]:
         return (PLAN_DIR, self.chash, kind, name)
 
-    def uids_url(self, i: int) -> str:
-        return io.join(self.output, *self._parts("uids", f"input-{i:06d}.parquet"))
+    def uids_url(self, g: int) -> str:
+        return io.join(self.output, *self._parts("uids", f"inputs-{g:06d}.parts"))
 
     def dedupe_url(self, p: int) -> str:
-        return io.join(self.output, *self._parts("dedupe", f"part-{p:05d}.parquet"))
+        return io.join(self.output, *self._parts("dedupe", f"part-{p:05d}.parts"))
 
     def bucket_url(self, b: int) -> str:
         return io.join(self.output, *self._parts("duplicates", f"bucket-{b:05d}.parquet"))
@@ -164,23 +209,27 @@ class UidDedupe:
     def _rel(self, url: str) -> tuple[str, ...]:
         return tuple(url[len(self.output.rstrip("/")) + 1 :].split("/"))
 
-    def partition_input(self, i: int) -> None:
-        """Step 1 for input ``i``: its (uid, input, row) rows, one row group per partition."""
-        if io.exists(self.uids_url(i)):
+    def partition_inputs(self, g: int) -> None:
+        """Step 1 for input group ``g``: the (uid, input, row) rows of its input files, one group per
+        partition."""
+        if io.exists(self.uids_url(g)):
             return
         tables: list[pa.Table] = []
-        inp = self.inputs[i]
-        if "error" not in inp:
+        first = g * self.inputs_per_task
+        for i in range(first, min(len(self.inputs), first + self.inputs_per_task)):
+            inp = self.inputs[i]
+            if "error" in inp:
+                continue
             try:
-                tables = list(self._read_uids(i, inp["url"]))
+                tables += list(self._read_uids(i, inp["url"]))
             except Exception:  # noqa: BLE001 - an unreadable column: its rows fail in their unit instead
-                tables = []
+                continue
         table = pa.concat_tables([UID_SCHEMA.empty_table(), *tables]).combine_chunks()
         keys = [np.zeros(0, np.uint64)] + [
             partition_of(t.column("uid").to_pylist(), self.num_parts) for t in tables
         ]
         key = np.concatenate(keys)
-        _write_grouped(self._out(), self._rel(self.uids_url(i)), table, key, self.num_parts)
+        _write_grouped(self._out(), self._rel(self.uids_url(g)), table, key, self.num_parts)
 
     def _read_uids(self, i: int, url: str) -> Iterator[pa.Table]:
         fs, path = io.filesystem(url)
@@ -201,7 +250,12 @@ class UidDedupe:
         """Step 2 for partition ``p``: rows whose uid appeared at an earlier (input, row), by bucket."""
         if io.exists(self.dedupe_url(p)):
             return
-        t = pa.concat_tables([_read_group(self.uids_url(i), p, UID_SCHEMA) for i in range(len(self.inputs))])
+        t = pa.concat_tables(
+            [
+                _read_group(self.uids_url(g), p, self.num_parts, UID_SCHEMA)
+                for g in range(self.num_input_groups)
+            ]
+        )
         t = t.sort_by([("uid", "ascending"), ("input", "ascending"), ("row", "ascending")])
         dups = t.filter(_repeats(t.column("uid"))).select(["input", "row"]).cast(DUP_SCHEMA)
         key = np.asarray([self.bucket_of(i) for i in dups.column("input").to_pylist()], np.int64)
@@ -211,7 +265,9 @@ class UidDedupe:
         """Step 3 for bucket ``b``: its duplicate rows from every partition, sorted by (input, row)."""
         if io.exists(self.bucket_url(b)):
             return
-        t = pa.concat_tables([_read_group(self.dedupe_url(p), b, DUP_SCHEMA) for p in range(self.num_parts)])
+        t = pa.concat_tables(
+            [_read_group(self.dedupe_url(p), b, self.num_buckets, DUP_SCHEMA) for p in range(self.num_parts)]
+        )
         t = t.sort_by([("input", "ascending"), ("row", "ascending")])
         with self._out().open(*self._rel(self.bucket_url(b))) as f:
             pq.write_table(t, f)
@@ -235,7 +291,7 @@ class PlanStep:
     """A picklable plan-step call for the executors (``step`` is a :class:`UidDedupe` method name)."""
 
     dedupe: UidDedupe
-    step: Literal["partition_input", "dedupe_partition", "gather_bucket"]
+    step: Literal["partition_inputs", "dedupe_partition", "gather_bucket"]
 
     def __call__(self, index: int) -> dict[str, Any]:
         return _run_step(self.dedupe, self.step, index)
@@ -273,7 +329,7 @@ class ImageDedupe:
         return tuple(url[len(self.output.rstrip("/")) + 1 :].split("/"))
 
     def group_url(self, g: int) -> str:
-        return io.join(self.output, MERGE_DIR, self.chash, "sha", f"group-{g:05d}.parquet")
+        return io.join(self.output, MERGE_DIR, self.chash, "sha", f"group-{g:05d}.parts")
 
     def part_url(self, p: int) -> str:
         return io.join(self.output, MERGE_DIR, self.chash, "dup", f"part-{p:05d}.parquet")
@@ -300,7 +356,9 @@ class ImageDedupe:
     def dedupe_partition(self, p: int) -> None:
         if io.exists(self.part_url(p)):
             return
-        t = pa.concat_tables([_read_group(self.group_url(g), p, SHA_SCHEMA) for g in range(self.num_groups)])
+        t = pa.concat_tables(
+            [_read_group(self.group_url(g), p, self.num_parts, SHA_SCHEMA) for g in range(self.num_groups)]
+        )
         t = t.sort_by([("sha", "ascending"), ("shard", "ascending"), ("pos", "ascending")])
         dups = t.filter(_repeats(t.column("sha"))).select(["shard", "pos", "uid"]).cast(DUP_IMAGE_SCHEMA)
         dups = dups.sort_by([("shard", "ascending"), ("pos", "ascending")])
