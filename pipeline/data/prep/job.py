@@ -73,7 +73,7 @@ from pipeline.data.prep.sources import (
     SynConfig,
     SynRecord,
 )
-from pipeline.data.prep.subsets import SubsetConfig, materialize, read_uid_list, write_subsets
+from pipeline.data.prep.subsets import SubsetConfig, SubsetWriter, materialize, read_uid_list
 from pipeline.data.prep.writer import (
     DUPLICATE_IMAGES_FILE,
     FAILURE_SCHEMA,
@@ -756,14 +756,6 @@ def _unit_done(out: str, name: str, chash: str) -> bool:
     return m.group(1).decode() == chash and io.exists(io.join(out, name))
 
 
-def _kept_uids(out: str, units: list[Unit]) -> Iterator[tuple[str, list[str]]]:
-    """(shard name, kept uids) of every shard, read from the stats one window at a time (for the subset
-    lists, which are streamed: no process holds the dataset's uids)."""
-    for unit, st in _iter_stats(out, units):
-        assert st is not None
-        yield unit.name, st["uids"]
-
-
 def _image_dedupe_layout(cfg: ShardJobConfig, plan: Plan, units: list[Unit], owner: str) -> ImageDedupe:
     rows = sum(i.get("num_rows", 0) for i in plan.inputs)
     parts = num_partitions(rows, BYTES_PER_SHA_ROW, cfg.plan.max_memory_gb)
@@ -810,7 +802,9 @@ def merge(
     first_by_sha: dict[str, str] = {}  # only for plan.dedupe=memory (the old path)
     duplicate_images: list[str] = []
     num_input = sum(i.get("num_rows", 1 if "error" in i else 0) for i in plan.inputs)
-    with folder.open(FAILURES_FILE) as f, pq.ParquetWriter(f, FAILURE_SCHEMA) as writer:
+    # one streamed pass over the stats writes the failure table and the subset uid lists
+    subset_writer = SubsetWriter(folder, cfg.subsets)
+    with folder.open(FAILURES_FILE) as f, pq.ParquetWriter(f, FAILURE_SCHEMA) as writer, subset_writer:
         failures: list[dict[str, Any]] = []
         for unit, st in _iter_stats(out, units):
             assert st is not None
@@ -832,6 +826,7 @@ def merge(
             if len(failures) >= FAILURE_ROWS_PER_GROUP:
                 writer.write_table(pa.Table.from_pylist(failures, schema=FAILURE_SCHEMA))
                 failures.clear()
+            subset_writer.add(unit.name, st["uids"])
             for uid, sha in (
                 zip(st["uids"], st["sha256"]) if cfg.filters.dedupe_image and dedupe is None else ()
             ):
@@ -857,7 +852,7 @@ def merge(
         num_kept = sum(sizes.values())
         if num_kept + num_failed != num_input or sum(reasons.values()) != num_failed:
             raise ShardJobError(f"accounting: kept {num_kept} + failed {num_failed} != input {num_input}")
-    subsets = write_subsets(folder, _kept_uids(out, units), cfg.subsets) if cfg.subsets.fractions else {}
+    subsets = subset_writer.summary
     num_duplicate_images = 0
     with folder.open(DUPLICATE_IMAGES_FILE) as f:
         lines = dedupe.iter_duplicates() if dedupe is not None else iter(duplicate_images)

@@ -64,38 +64,57 @@ def subset_name(fraction: float) -> str:
     return f"{fraction * 100:.6g}pct"
 
 
+class SubsetWriter:
+    """The uid lists of ``cfg``'s subsets, written as shards go by: ``add(shard, uids)`` for every shard in
+    order inside ``with``; each list file is published atomically when the block completes, then its
+    ``.json``. Holds one shard's chosen uids and a count per (subset, shard), never a whole list, so the
+    merge can feed it from the same streamed pass over the stats that writes the failure table."""
+
+    def __init__(self, output: str | OutputFolder, cfg: SubsetConfig) -> None:
+        self.out, self.cfg = as_output_folder(output), cfg
+        self.fractions = sorted(cfg.fractions)
+        self.names = [subset_name(f) for f in self.fractions]
+        self.per_shard: list[dict[str, int]] = [{} for _ in self.fractions]
+        self.summary: dict[str, Any] = {}
+        self._stack = contextlib.ExitStack()
+        self._files: list[Any] = []
+
+    def __enter__(self) -> SubsetWriter:
+        self._files = [self._stack.enter_context(self.out.open("subsets", f"{n}.txt")) for n in self.names]
+        return self
+
+    def add(self, shard: str, uids: Iterable[str]) -> None:
+        chosen: list[list[str]] = [[] for _ in self.fractions]
+        for uid in uids:
+            x = uid_fraction(uid, self.cfg.salt)  # nested: in every subset from the first fraction above x
+            for k in range(bisect.bisect_right(self.fractions, x), len(self.fractions)):
+                chosen[k].append(uid)
+        for f, counts, lines in zip(self._files, self.per_shard, chosen):
+            counts[shard] = len(lines)
+            f.write("".join(u + "\n" for u in lines).encode("utf-8"))
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.__exit__(*exc)  # publishes the list files (or, on an exception, discards them)
+        if exc[0] is not None:
+            return
+        for fraction, name, counts in zip(self.fractions, self.names, self.per_shard):
+            num = sum(counts.values())
+            info = {"fraction": fraction, "salt": self.cfg.salt, "num_samples": num, "shards": counts}
+            self.out.write_json(info, "subsets", f"{name}.json")
+            self.summary[name] = {"fraction": fraction, "num_samples": num, "uids": f"subsets/{name}.txt"}
+            if self.cfg.materialize:
+                self.summary[name]["shards"] = f"subsets/{name}/"
+
+
 def write_subsets(
     output: str | OutputFolder, shards: Iterable[tuple[str, Iterable[str]]], cfg: SubsetConfig
 ) -> dict[str, Any]:
-    """Write the uid lists for ``shards`` = (shard file name, kept uids in order); returns a summary.
-
-    Streamed in one pass: each shard's chosen uids are appended to every subset's list file as the shard
-    goes by (each file published atomically when the pass completes), so ``shards`` may be a generator and
-    no more than one shard's uids are held; what stays in memory is a count per (subset, shard)."""
-    out = as_output_folder(output)
-    fractions = sorted(cfg.fractions)
-    names = [subset_name(f) for f in fractions]
-    per_shard: list[dict[str, int]] = [{} for _ in fractions]
-    with contextlib.ExitStack() as stack:
-        files = [stack.enter_context(out.open("subsets", f"{name}.txt")) for name in names]
+    """Write the uid lists for ``shards`` = (shard file name, kept uids in order), streamed in one pass
+    (:class:`SubsetWriter`: ``shards`` may be a generator); returns a summary."""
+    with SubsetWriter(output, cfg) as writer:
         for shard, uids in shards:
-            chosen: list[list[str]] = [[] for _ in fractions]
-            for uid in uids:
-                x = uid_fraction(uid, cfg.salt)  # nested: in every subset from the first fraction above x
-                for k in range(bisect.bisect_right(fractions, x), len(fractions)):
-                    chosen[k].append(uid)
-            for f, counts, lines in zip(files, per_shard, chosen):
-                counts[shard] = len(lines)
-                f.write("".join(u + "\n" for u in lines).encode("utf-8"))
-    summary: dict[str, Any] = {}
-    for fraction, name, counts in zip(fractions, names, per_shard):
-        num = sum(counts.values())
-        info = {"fraction": fraction, "salt": cfg.salt, "num_samples": num, "shards": counts}
-        out.write_json(info, "subsets", f"{name}.json")
-        summary[name] = {"fraction": fraction, "num_samples": num, "uids": f"subsets/{name}.txt"}
-        if cfg.materialize:
-            summary[name]["shards"] = f"subsets/{name}/"
-    return summary
+            writer.add(shard, uids)
+    return writer.summary
 
 
 def read_uid_list(url: str) -> list[str]:
