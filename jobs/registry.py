@@ -60,6 +60,11 @@ JOBS: dict[str, JobSpec] = {
         doc="one fine-tuning stage: classification, detection, segmentation, depth, region alignment, DenseCLIP",
         docs="finetune.md",
     ),
+    "prune": JobSpec(
+        module="jobs.prune",
+        doc="subnetwork search: iterative magnitude pruning of the image encoder with distillation only",
+        docs="finetune.md",
+    ),
     "sweep": JobSpec(
         module="jobs.finetune_sweep",
         doc="Ray Tune sweeps over fine-tuning stages",

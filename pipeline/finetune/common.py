@@ -83,6 +83,10 @@ class FinetuneOptimConfig:
     """Clip the global gradient norm to this value; 0 disables clipping."""
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
     """Heavy-tail (alpha) layer freezing of the image encoder; frozen blocks are left out of the optimizer."""
+    masks: str = ""
+    """Weight masks of a pruned image-encoder subnetwork (``masks.pt`` of ``python -m jobs.prune``): masked
+    weights are zeroed and held at zero while fine-tuning (:mod:`pipeline.model.sparsity`), and counted
+    sparse in the FLOPs; "" = the dense encoder."""
 
     def __post_init__(self) -> None:
         if self.lr <= 0:

@@ -59,6 +59,7 @@ from pipeline.finetune.common import (
     to_device,
 )
 from pipeline.model.heads import convert_sync_batchnorm
+from pipeline.model.sparsity import apply_mask_file, flop_densities
 from pipeline.run_dir import RunDir
 from pipeline.train import checkpoint
 from pipeline.train.ema import EMA, EMAConfig
@@ -115,6 +116,8 @@ class FinetuneTrainer:
         model = model.to(self.device)
         if frozen := freeze_zero_lr(model, cfg.optim):
             self.log.info("%s: backbone_lr_mult = 0, image encoder frozen (%d tensors)", spec.name, frozen)
+        if cfg.optim.masks:  # a pruned subnetwork: its masked weights stay zero (pipeline.model.sparsity)
+            apply_mask_file(find_backbone(model)[1], cfg.optim.masks)
         self.alpha = alpha_freeze(model, cfg.optim.freeze)
         if self.alpha is not None and self.alpha["frozen"]:
             self.log.info(
@@ -221,7 +224,11 @@ class FinetuneTrainer:
         sample = to_device(self.spec.collate([self.spec.train_set[k] for k in keys]), self.device)
         self.model.train()
         with self.autocast, torch.random.fork_rng(devices=[]):
-            flops = count_training_flops(self.model, lambda: self.spec.loss_fn(self.model, sample))
+            flops = count_training_flops(
+                self.model,
+                lambda: self.spec.loss_fn(self.model, sample),
+                densities=flop_densities(self.model),
+            )
         self.model.load_state_dict(buffers)
         self.state.optimizer.zero_grad(set_to_none=True)
         return {k: v * self.world_size for k, v in flops.items()}
