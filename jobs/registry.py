@@ -65,6 +65,11 @@ JOBS: dict[str, JobSpec] = {
         doc="subnetwork search: iterative magnitude pruning of the image encoder with distillation only",
         docs="finetune.md",
     ),
+    "distill": JobSpec(
+        module="jobs.distill",
+        doc="FD-CLIP feature distillation: a fresh image tower regresses a CLIP's whitened tokens (resumable)",
+        docs="distill.md",
+    ),
     "sweep": JobSpec(
         module="jobs.finetune_sweep",
         doc="Ray Tune sweeps over fine-tuning stages",

@@ -29,6 +29,7 @@ JOBS: dict[str, tuple[str, str, list[str]]] = {
     "shard": ("pipeline.data.prep.job:ShardJobConfig", "data_prep.shard", []),
     "caption": ("pipeline.caption.job:CaptionJobConfig", "data_prep.caption", []),
     "train_coca": ("pipeline.caption.train_coca:TrainCocaConfig", "data_prep.train_coca", []),
+    "distill": ("pipeline.distill.trainer:DistillConfig", "jobs.distill", []),
 } | {
     f"finetune/{stage}": (f"{module}:STAGE_CONFIG", "jobs.finetune", ["--stage", stage])
     for stage, module in STAGES.items()

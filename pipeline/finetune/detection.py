@@ -5,8 +5,14 @@
 
 The pyramid is built from the ViT's *last* map only (ViTDet, Li et al. 2022): strides 4, 8, 16, 32 px by
 transposed convs / max-pooling, plus a max-pooled level for the RPN (:class:`SimpleFeaturePyramid`).
-Unlike ViTDet the encoder keeps its global attention (no window attention / relative positions), so any
-open_clip tower loads unchanged. Box and mask mAP come from pycocotools' ``COCOeval`` on the validation
+The encoder attends as ViTDet's does (``backbone.window_size`` = 14, ``backbone.global_blocks`` = four evenly
+spaced blocks ending with the last, i.e. 2, 5, 8, 11 of ViT-B): most blocks attend within non-overlapping 14 x
+14-patch windows, the global blocks across the whole image, with a relative position bias in every block
+(the checkpoint's, interpolated, or a new zero-initialised one per block) and the absolute position embedding
+interpolated to ``backbone.image_size`` (1024 px in the ``coco_vitdet`` preset); the class token is dropped.
+A window never exceeds the patch grid, so at the debug size (64 px, an 8 x 8 grid) the window covers the
+image; ``backbone.window_size = 0`` restores global attention everywhere (see ``pipeline.model.backbone``).
+Any open_clip tower loads unchanged. Box and mask mAP come from pycocotools' ``COCOeval`` on the validation
 split (ground truth built from the same samples, masks as RLE).
 """
 
@@ -73,8 +79,10 @@ class DetHeadConfig:
 
 @dataclass(frozen=True)
 class DetectionConfig:
-    backbone: BackboneConfig = field(default_factory=lambda: BackboneConfig(drop_path_rate=0.1))
-    """Image encoder (only the last block's map is used)."""
+    backbone: BackboneConfig = field(
+        default_factory=lambda: BackboneConfig(drop_path_rate=0.1, window_size=14)
+    )
+    """Image encoder (only the last block's map is used); ViTDet's windowed attention by default."""
     head: DetHeadConfig = field(default_factory=DetHeadConfig)
     """Pyramid, RPN and RoI heads."""
     data: DataConfig = field(default_factory=DataConfig)
