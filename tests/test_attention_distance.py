@@ -7,9 +7,12 @@ import open_clip
 import torch
 
 from pipeline.report.attention import (
+    _grid_distances,
+    attention_statistics,
     average_attention_distance,
     distance_from_weights,
     plot_attention_distance,
+    plot_attention_maps,
     uniform_distance,
 )
 
@@ -99,4 +102,24 @@ def test_captured_weights_match_torch_multihead_attention_weights():
 
 def test_plot_is_written_as_png(tmp_path):
     path = plot_attention_distance({"a": np.ones((3, 4)), "b": np.full((3, 4), 2.0)}, tmp_path / "d.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_average_attention_maps_are_row_stochastic_and_give_back_the_mean_distance():
+    visual = _tiny_vit()
+    images = torch.randn(4, 3, 32, 32)
+    dist, maps = attention_statistics(visual, images, batch_size=3)
+    assert maps.shape == (3, 16, 16)
+    assert np.allclose(maps.sum(-1), 1.0, atol=1e-12)
+    # distance is linear in the weights: the head-mean distance is the map's distance-weighted row mean
+    d = _grid_distances((4, 4), 8).numpy()
+    assert np.allclose(dist.mean(1), (maps * d).sum(-1).mean(-1), rtol=1e-10)
+
+
+def test_side_by_side_distance_plot_and_attention_map_grid_are_written_as_png(tmp_path):
+    dist = {"teacher": np.ones((3, 4)), "FD student": np.full((3, 4), 2.0)}
+    path = plot_attention_distance(dist, tmp_path / "d.png", side_by_side=True)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    maps = {"teacher": np.eye(16)[None].repeat(3, 0), "FD student": np.full((3, 16, 16), 1 / 16)}
+    path = plot_attention_maps(maps, tmp_path / "m.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

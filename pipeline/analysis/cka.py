@@ -70,9 +70,12 @@ def expected_linear_cka_independent(n: int, p: int, q: int) -> float:
 
 
 @torch.no_grad()
-def block_tokens(visual: nn.Module, images: torch.Tensor, batch_size: int = 32) -> list[torch.Tensor]:
+def block_tokens(
+    visual: nn.Module, images: torch.Tensor, batch_size: int = 32, max_samples: int = 4096
+) -> list[torch.Tensor]:
     """Per residual block of an open_clip ``VisionTransformer``: its output patch tokens for ``images`` as
-    one [images x patches, width] float64 tensor (CLS and other prefix tokens dropped)."""
+    one [samples, width] float64 tensor (CLS and other prefix tokens dropped). With more than
+    ``max_samples`` image x patch pairs, the same evenly spaced patches are kept in every image."""
     blocks = list(visual.transformer.resblocks)
     num_prefix = 1 if getattr(visual, "class_embedding", None) is not None else 0
     outputs: list[list[torch.Tensor]] = [[] for _ in blocks]
@@ -95,7 +98,12 @@ def block_tokens(visual: nn.Module, images: torch.Tensor, batch_size: int = 32) 
                 x = current[i]
                 if not getattr(visual.transformer, "batch_first", True):
                     x = x.transpose(0, 1)
-                outputs[i].append(x[:, num_prefix:].reshape(-1, x.shape[-1]).double().cpu())
+                patches = x[:, num_prefix:]
+                keep = max(1, max_samples // len(images))
+                if patches.shape[1] > keep:
+                    idx = torch.linspace(0, patches.shape[1] - 1, keep).round().long().to(patches.device)
+                    patches = patches[:, idx]
+                outputs[i].append(patches.reshape(-1, x.shape[-1]).double().cpu())
     finally:
         for h in handles:
             h.remove()
@@ -103,10 +111,15 @@ def block_tokens(visual: nn.Module, images: torch.Tensor, batch_size: int = 32) 
     return [torch.cat(o) for o in outputs]
 
 
-def layer_cka(visual_a: nn.Module, visual_b: nn.Module, images: torch.Tensor) -> list[float]:
+def layer_cka(
+    visual_a: nn.Module, visual_b: nn.Module, images: torch.Tensor, max_samples: int = 4096
+) -> list[float]:
     """Linear CKA of block ``i`` of ``visual_a`` with block ``i`` of ``visual_b`` on the same images, per block
     (the towers need the same depth and patch grid)."""
-    a, b = block_tokens(visual_a, images), block_tokens(visual_b, images)
+    a, b = (
+        block_tokens(visual_a, images, max_samples=max_samples),
+        block_tokens(visual_b, images, max_samples=max_samples),
+    )
     if len(a) != len(b):
         raise ValueError(f"models: {len(a)} and {len(b)} blocks; per-layer CKA needs the same depth")
     return [linear_cka(x, y) for x, y in zip(a, b)]

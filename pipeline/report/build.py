@@ -41,7 +41,13 @@ from pipeline.report.flops import (
     gpu_hours,
     recipe_projection,
 )
-from pipeline.report.plots import plot_bars, plot_curves, plot_scaling, series_from_rows
+from pipeline.report.plots import (
+    plot_alpha,
+    plot_bars,
+    plot_curves,
+    plot_scaling,
+    series_from_rows,
+)
 
 LOWER_IS_BETTER = {
     "rmse",
@@ -216,22 +222,40 @@ def _image_files(folder: str, limit: int) -> list[Path]:
     return files[:limit]
 
 
+def _checkpoint_tower(checkpoint: str, model: str) -> tuple[Any, Any]:
+    """(image tower, eval preprocessing) of any checkpoint ``backbone.checkpoint`` takes."""
+    import open_clip
+
+    from pipeline.model.backbone import BackboneConfig, build_visual
+
+    visual = build_visual(BackboneConfig(model=model, checkpoint=checkpoint)).eval()
+    size = visual.image_size
+    size = size[0] if isinstance(size, (list, tuple)) else size
+    cfg = getattr(visual, "preprocess_cfg", {}) or {}
+    return visual, open_clip.image_transform(size, is_train=False, mean=cfg.get("mean"), std=cfg.get("std"))
+
+
 def attention_analysis(cfg: Any, points: Sequence[dict[str, Any]], plots_dir: Path) -> dict[str, Any]:
-    """Mean attention distance per layer and head for selected points (+ random init); plot and arrays."""
-    if not cfg.attention.enabled:
+    """Per image tower (selected points, ``attention.checkpoints`` such as a teacher and its FD student, random
+    init): mean attention distance per layer and head, the average attention map per layer, and linear CKA
+    per block against ``attention.cka_reference``; plots and arrays."""
+    acfg = cfg.attention
+    if not acfg.enabled:
         return {"skipped": "attention.enabled = false"}
-    if not cfg.attention.images or not Path(cfg.attention.images).is_dir():
-        return {"skipped": f"attention.images: no image folder ({cfg.attention.images or 'not set'})"}
-    files = _image_files(cfg.attention.images, cfg.attention.num_images)
+    if not acfg.images or not Path(acfg.images).is_dir():
+        return {"skipped": f"attention.images: no image folder ({acfg.images or 'not set'})"}
+    files = _image_files(acfg.images, acfg.num_images)
     if not files:
-        return {"skipped": f"attention.images: no images in {cfg.attention.images}"}
+        return {"skipped": f"attention.images: no images in {acfg.images}"}
     import torch
     from PIL import Image
 
+    from pipeline.analysis.cka import layer_cka
     from pipeline.model.clip import ModelConfig, build_clip
     from pipeline.report.attention import (
-        average_attention_distance,
+        attention_statistics,
         plot_attention_distance,
+        plot_attention_maps,
         uniform_distance,
     )
     from pipeline.train.export import load_export
@@ -239,50 +263,170 @@ def attention_analysis(cfg: Any, points: Sequence[dict[str, Any]], plots_dir: Pa
     done = [
         p for p in points if p.get("kind") == "pretrain" and p.get("status") == "complete" and p.get("export")
     ]
-    if cfg.attention.which == "largest":
+    if acfg.which == "largest":
         chosen: dict[tuple[str, str], dict[str, Any]] = {}
         for p in sorted(done, key=lambda r: (-(r.get("subset_size") or 0), r.get("seed", 0))):
             chosen.setdefault((p["model"], p["caption_source"]), p)
         done = list(chosen.values())
-    results: dict[str, np.ndarray] = {}
-    info: dict[str, Any] = {"images": len(files), "folder": cfg.attention.images, "runs": {}}
+    info: dict[str, Any] = {"images": len(files), "folder": acfg.images, "runs": {}}
     tensors: dict[str, torch.Tensor] = {}
-    for p in sorted(done, key=lambda r: (r["model"], r["caption_source"], r.get("subset_size") or 0)):
-        model, preprocess = load_export(p["export"])
-        key = p["model"]
+    towers: dict[str, tuple[Any, str]] = {}  # label -> (visual, key of its image tensor)
+
+    def images_for(key: str, preprocess: Any) -> str:
         if key not in tensors:
             tensors[key] = torch.stack([preprocess(Image.open(f).convert("RGB")) for f in files])
-        label = p["caption_source"] if cfg.attention.which == "largest" else p["point"]
+        return key
+
+    for p in sorted(done, key=lambda r: (r["model"], r["caption_source"], r.get("subset_size") or 0)):
+        model, preprocess = load_export(p["export"])
+        label = p["caption_source"] if acfg.which == "largest" else p["point"]
         if len({q["model"] for q in done}) > 1:
             label = f"{p['model']} / {label}"
-        results[label] = average_attention_distance(model.visual, tensors[key])
+        towers[label] = (model.visual, images_for(p["model"], preprocess))
         info["runs"][label] = {
             "point": p["point"],
             "export": p["export"],
             "subset_size": p.get("subset_size"),
         }
-        patch = model.visual.conv1.kernel_size[0]
+    for label, checkpoint in acfg.checkpoints.items():
+        try:
+            visual, preprocess = _checkpoint_tower(checkpoint, acfg.model)
+        except (OSError, ValueError, RuntimeError) as e:
+            info.setdefault("errors", {})[label] = f"{type(e).__name__}: {e}"
+            continue
+        size = visual.image_size
+        towers[label] = (visual, images_for(f"checkpoint:{size}", preprocess))
+        info["runs"][label] = {"checkpoint": checkpoint}
+    if acfg.random_init:
+        models = sorted({p["model"] for p in done})
+        for model_name in models:
+            model, _, _ = build_clip(ModelConfig(name=model_name, seed=0))
+            label = "random init" if len(models) == 1 else f"{model_name} / random init"
+            towers[label] = (model.visual, model_name)
+    if not towers:
+        return {
+            **info,
+            "skipped": "no finished pretraining run with an export (or attention.checkpoints) to analyse",
+        }
+    results: dict[str, np.ndarray] = {}
+    maps: dict[str, np.ndarray] = {}
+    for label, (visual, key) in towers.items():
+        results[label], maps[label] = attention_statistics(visual, tensors[key])
+        patch = visual.conv1.kernel_size[0]
         grid = (tensors[key].shape[-2] // patch, tensors[key].shape[-1] // patch)
         info["uniform_px"] = uniform_distance(grid, patch)
-    if cfg.attention.random_init:
-        for model_name in sorted({p["model"] for p in done}):
-            if model_name not in tensors:
-                continue
-            model, _, _ = build_clip(ModelConfig(name=model_name, seed=0))
-            label = "random init" if len(tensors) == 1 else f"{model_name} / random init"
-            results[label] = average_attention_distance(model.visual, tensors[model_name])
-    if not results:
-        return {"skipped": "no finished pretraining run with an export to analyse"}
     stem = plots_dir / "attention_distance"
-    plot_attention_distance(results, stem.with_suffix(".png"), title="mean attention distance (CLS excluded)")
-    plot_attention_distance(results, stem.with_suffix(".svg"), title="mean attention distance (CLS excluded)")
+    title = "mean attention distance (CLS excluded)"
+    for suffix in (".png", ".svg"):
+        plot_attention_distance(
+            results, stem.with_suffix(suffix), title=title, side_by_side=acfg.side_by_side
+        )
     info["distance_px"] = {k: v.tolist() for k, v in results.items()}
     info["per_layer_mean_px"] = {k: v.mean(1).tolist() for k, v in results.items()}
+    info["per_head_px"] = info["distance_px"]
     info["plot"] = str(stem.with_suffix(".png"))
+    if acfg.maps:
+        info["maps_plot"] = str(
+            plot_attention_maps(
+                maps, plots_dir / "attention_maps.png", title="average attention map per layer"
+            )
+        )
+    reference = acfg.cka_reference or next(iter(acfg.checkpoints), "")
+    if reference and reference in towers:
+        ref_visual, ref_key = towers[reference]
+        cka: dict[str, list[float]] = {}
+        for label, (visual, key) in towers.items():
+            if label == reference:
+                continue
+            if tensors[key].shape != tensors[ref_key].shape:
+                info.setdefault("cka_skipped", {})[label] = "a different input size than the reference"
+                continue
+            try:
+                cka[label] = layer_cka(ref_visual, visual, tensors[ref_key])
+            except ValueError as e:
+                info.setdefault("cka_skipped", {})[label] = str(e)
+        info["cka_reference"] = reference
+        info["cka"] = cka
+        if cka:
+            info["cka_plot"] = str(
+                plot_curves(
+                    {k: (list(range(1, len(v) + 1)), v) for k, v in cka.items()},
+                    plots_dir / "cka_per_layer",
+                    ylabel=f"linear CKA with {reference}",
+                    xlabel="layer",
+                    title="CKA per layer (patch tokens)",
+                )[0]
+            )
+    elif reference:
+        info["cka_skipped"] = {reference: "attention.cka_reference: no tower with that label"}
     return info
 
 
+# ------------------------------------------------------------------------------------------------ alpha
+
+
+def alpha_analysis(runs: dict[str, list[dict[str, Any]]], plots_dir: Path) -> dict[str, Any]:
+    """Heavy-tail alpha per encoder block before and after fine-tuning (each complete trial's ``alpha.json``),
+    with its frozen blocks; one plot panel per stage."""
+    from pipeline.finetune.trainer import ALPHA_FILE
+
+    trials = []
+    for r in runs["finetune"]:
+        data = col.read_json(Path(r["run_dir"]) / ALPHA_FILE) if r["status"] == "complete" else None
+        if not data or "before" not in data:
+            continue
+        trials.append(
+            {
+                "point": r.get("point"),
+                "stage": r.get("stage"),
+                "run_dir": r["run_dir"],
+                "quantile": data.get("quantile"),
+                "frozen": data.get("frozen", []),
+                "before": [b["alpha"] for b in data["before"]],
+                "after": [b["alpha"] for b in data.get("after", [])],
+            }
+        )
+    if not trials:
+        return {"skipped": "no complete fine-tuning trial wrote alpha.json"}
+    plot = plot_alpha(trials, plots_dir / "alpha_per_layer")[0]
+    return {"trials": trials, "plot": str(plot)}
+
+
 # ----------------------------------------------------------------------------------------------- FLOPs
+
+
+def finetune_flops_rows(finetune: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per-step training FLOPs of every complete fine-tuning trial, marked full / frozen / sparse: frozen
+    blocks (heavy-tail freezing) cost backward C, a pruned subnetwork of density d forward dC and backward
+    (1 + d)C; ``vs full`` is the step's cost over the dense, fully trained model's 3C."""
+    rows = []
+    for r in finetune:
+        per_step, full = r.get("flops.per_step"), r.get("flops.full_per_step")
+        if not per_step:
+            continue
+        density = r.get("flops.density")
+        frozen = r.get("frozen_blocks") or 0
+        kinds = []
+        if frozen:
+            kinds.append(f"frozen {frozen} block(s) (alpha q={r.get('alpha_quantile') or 0:g})")
+        if str(r.get("stage", "")).endswith(col.FROZEN_SUFFIX):
+            kinds.append("frozen encoder")
+        if density is not None and density < 1 - 1e-9:
+            kinds.append(f"sparse (density {density:.3g})")
+        rows.append(
+            {
+                "point": r.get("point"),
+                "stage": r.get("stage"),
+                "kind": ", ".join(kinds) or "full",
+                "forward/step": r.get("flops.forward_per_step"),
+                "backward/step": r.get("flops.backward_per_step"),
+                "FLOPs/step": per_step,
+                "vs full": per_step / full if full else None,
+                "train FLOPs": r.get("train_flops"),
+                "primary": r.get("primary_value"),
+            }
+        )
+    return sorted(rows, key=lambda row: (str(row["stage"]), str(row["point"]), row["kind"]))
 
 
 def flops_section_data(cfg: Any, runs: dict[str, list[dict[str, Any]]], cache: Path) -> dict[str, Any]:
@@ -307,6 +451,7 @@ def flops_section_data(cfg: Any, runs: dict[str, list[dict[str, Any]]], cache: P
         )
     if col.RANDOM_INIT in per_point:
         rows.append({"point": col.RANDOM_INIT, "fine-tune FLOPs (all trials)": per_point[col.RANDOM_INIT]})
+    out_ft = finetune_flops_rows(finetune)
     total_pre = sum(r.get("train_flops") or 0.0 for r in pretrain)
     total_pre_hw = sum(r.get("train_flops_hw") or 0.0 for r in pretrain)
     total_ft = sum(per_point.values())
@@ -320,6 +465,7 @@ def flops_section_data(cfg: Any, runs: dict[str, list[dict[str, Any]]], cache: P
         "peak_flops": cfg.cost.peak,
         "mfu": cfg.cost.mfu,
         "device_hours": gpu_hours(total_pre + total_ft, cfg.cost),
+        "finetune_rows": out_ft,
     }
     ref = cfg.report.reference_model
     if ref:
@@ -527,6 +673,7 @@ def build_report(
     attention = attention_analysis(cfg, table, plots_dir)
     if "skipped" in attention:
         notes.append(f"attention distance: {attention['skipped']}")
+    alpha = alpha_analysis(runs, plots_dir)
     missing = missing_items(points, launches, runs, finetune_info)
 
     report = {
@@ -541,7 +688,8 @@ def build_report(
         "comparisons": comparisons,
         "verdicts": verdicts,
         "flops": flops,
-        "attention": {k: v for k, v in attention.items() if k != "distance_px"},
+        "attention": {k: v for k, v in attention.items() if k not in ("distance_px", "per_head_px")},
+        "alpha": alpha,
         "missing": missing,
         "notes": notes,
         "figures": figures,
@@ -721,6 +869,10 @@ def write_html(
 
     sections.append(H.Section("FLOPs and cost", flops_html(cfg, report["flops"], rel, flops_plot)))
     sections.append(H.Section("Attention distance", attention_html(report["attention"], rel)))
+    att = report["attention"]
+    if att.get("maps_plot") or att.get("cka"):
+        sections.append(H.Section("Attention maps and CKA", maps_cka_html(att, rel)))
+    sections.append(H.Section("Heavy-tail alpha", alpha_html(report["alpha"], rel)))
     missing = report["missing"]
     body = (
         H.bullet_list(missing, css="missing")
@@ -760,6 +912,27 @@ def flops_html(cfg: Any, flops: dict[str, Any], rel: Any, plot: Path | None) -> 
     )
     if plot is not None:
         body += H.figure_html(rel(plot), "training FLOPs per point", svg=rel(Path(plot).with_suffix(".svg")))
+    if flops.get("finetune_rows"):
+        body += "<h3>Fine-tuning steps: full, frozen and sparse</h3>"
+        body += H.paragraph(
+            "Per step of each trial: frozen blocks (heavy-tail freezing, or a frozen encoder) cost forward C and "
+            "backward C (activation gradients only); a pruned subnetwork of density d costs forward dC and "
+            "backward (1 + d)C (pipeline/train/flops.py). vs full: the step's FLOPs over the same model trained "
+            "dense and whole (3C)."
+        )
+        ft_cols = [
+            "point",
+            "stage",
+            "kind",
+            "forward/step",
+            "backward/step",
+            "FLOPs/step",
+            "vs full",
+            "primary",
+        ]
+        body += H.table_html(
+            flops["finetune_rows"], ft_cols, formatter=_flops_fmt, text_columns=["point", "stage", "kind"]
+        )
     check = flops.get("reference_check")
     if check:
         rows = [
@@ -793,6 +966,68 @@ def flops_html(cfg: Any, flops: dict[str, Any], rel: Any, plot: Path | None) -> 
     if "reference_error" in flops:
         body += H.paragraph(f"Reference count failed: {flops['reference_error']}")
     return body
+
+
+def maps_cka_html(att: dict[str, Any], rel: Any) -> str:
+    body = ""
+    if att.get("maps_plot"):
+        body += H.paragraph(
+            "Average attention map per layer (rows: towers, columns: layers): patch-to-patch weights, CLS "
+            "excluded and each query renormalised, averaged over heads and images. A bright diagonal is local "
+            "attention; vertical bars are every query attending to the same few keys (FD-CLIP's diagnostic)."
+        )
+        body += H.figure_html(rel(att["maps_plot"]), "average attention map per layer")
+    if att.get("cka"):
+        ref = att["cka_reference"]
+        body += H.paragraph(
+            f"Linear CKA (Kornblith et al. 2019) of each block's patch tokens with the same block of {ref} on "
+            "the same images (1 = the same representation up to rotation and scale)."
+        )
+        body += H.figure_html(rel(att["cka_plot"]), f"CKA per layer against {ref}")
+        layers = max(len(v) for v in att["cka"].values())
+        rows = [
+            {"tower": k, **{f"layer {i + 1}": v[i] for i in range(len(v))}} for k, v in att["cka"].items()
+        ]
+        body += H.table_html(
+            rows, ["tower", *[f"layer {i + 1}" for i in range(layers)]], text_columns=["tower"]
+        )
+    for label, why in (att.get("cka_skipped") or {}).items():
+        body += H.paragraph(f"CKA skipped for {label}: {why}.")
+    return body
+
+
+def alpha_html(alpha: dict[str, Any], rel: Any) -> str:
+    if "skipped" in alpha:
+        return H.paragraph(f"Skipped: {alpha['skipped']}.")
+    body = H.paragraph(
+        "Heavy-tail metric alpha of each image-encoder block (mean over its weight matrices of the power-law "
+        "exponent fitted to the eigenvalues of W^T W: Hill MLE, xmin by KS distance; pipeline/analysis/"
+        "heavytail.py) before fine-tuning (dashed) and after (solid). With optim.freeze.alpha_below_quantile = q "
+        "the floor(q L) blocks of smallest alpha were frozen (x)."
+    )
+    body += H.figure_html(
+        rel(alpha["plot"]), "alpha per layer", svg=rel(Path(alpha["plot"]).with_suffix(".svg"))
+    )
+    layers = max(len(t["before"]) for t in alpha["trials"])
+    rows = []
+    for t in alpha["trials"]:
+        row = {
+            "point": t["point"],
+            "stage": t["stage"],
+            "q": t["quantile"],
+            "frozen": ", ".join(map(str, t["frozen"])),
+        }
+        for i in range(layers):
+            before = t["before"][i] if i < len(t["before"]) else None
+            after = t["after"][i] if i < len(t["after"]) else None
+            row[f"block {i}"] = (
+                f"{before:.3g} -> {after:.3g}"
+                if before is not None and after is not None
+                else col.fmt(before)
+            )
+        rows.append(row)
+    cols = ["point", "stage", "q", "frozen", *[f"block {i}" for i in range(layers)]]
+    return body + H.table_html(rows, cols, text_columns=[c for c in cols if c != "q"])
 
 
 def attention_html(att: dict[str, Any], rel: Any) -> str:
@@ -876,9 +1111,23 @@ def write_markdown(
             f"{c['total_gflops_published']:.4g} (relative error {c['total_rel_error']:.1e}).",
             "",
         ]
+    if fl.get("finetune_rows"):
+        cols = ["point", "stage", "kind", "FLOPs/step", "vs full", "primary"]
+        lines += [col.markdown_table(fl["finetune_rows"], cols), ""]
     att = report["attention"]
     if "plot" in att:
         lines += ["## Attention distance", "", f"![attention distance]({rel(att['plot'])})", ""]
+    if att.get("maps_plot"):
+        lines += [f"![attention maps]({rel(att['maps_plot'])})", ""]
+    if att.get("cka_plot"):
+        lines += [
+            "## CKA per layer",
+            "",
+            f"![CKA against {att['cka_reference']}]({rel(att['cka_plot'])})",
+            "",
+        ]
+    if "plot" in report["alpha"]:
+        lines += ["## Heavy-tail alpha", "", f"![alpha per layer]({rel(report['alpha']['plot'])})", ""]
     if report["missing"] or report["notes"]:
         lines += ["## Missing", ""] + [f"- {m}" for m in report["missing"] + report["notes"]] + [""]
     path = out_dir / "report.md"

@@ -207,8 +207,14 @@ def finetune_row(path: Path, config: dict[str, Any], summary: dict[str, Any] | N
         "backbone_checkpoint": get(config, "backbone.checkpoint", "") or "",
         "backbone_lr_mult": get(config, "optim.backbone_lr_mult"),
     }
+    row["alpha_quantile"] = get(config, "optim.freeze.alpha_below_quantile", 0.0)
     if summary:
-        row["train_flops"] = finetune_flops(summary)["model_flops"]
+        flops = finetune_flops(summary)
+        row["train_flops"] = flops["model_flops"]
+        for key in ("forward_per_step", "backward_per_step", "per_step", "full_per_step", "density"):
+            row[f"flops.{key}"] = flops[key]
+        frozen = summary.get("frozen_blocks")
+        row["frozen_blocks"] = len(frozen) if isinstance(frozen, list) else None
         row["wall_s"] = summary.get("wall_s_last_session")
         for key, value in sorted((summary.get("metrics") or {}).items()):
             if isinstance(value, (int, float)) and not isinstance(value, bool):

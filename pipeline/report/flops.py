@@ -12,7 +12,9 @@ The counting rule (the same as :func:`pipeline.finetune.common.count_training_fl
 - backward costs ``2C`` for a module with trainable parameters (gradients w.r.t. inputs and weights);
 - ``C`` for a frozen module that gradients still flow through (gradients w.r.t. inputs only);
 - ``0`` where no gradient flows (a frozen prefix, a ``no_grad`` encoder of a linear probe);
-- sparse compute (dropped tokens, masked patches, skipped samples) is free: only ops that run are counted.
+- sparse compute (dropped tokens, masked patches, skipped samples) is free: only ops that run are counted;
+- a pruned module of weight density d: forward dC, backward (1 + d)C trained, dC frozen
+  (:func:`pipeline.train.flops.layer_step_flops`, the formula for per-layer frozen flags and densities).
 
 So a fully trained model costs ``3C`` per sample: the *model FLOPs* MFU is defined on. Work the hardware does
 on top (gradient caching's no-grad embedding pass: ``+C``; activation checkpointing: ``+C``) is reported
@@ -28,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.model.flops import PEAK_FLOPS
+from pipeline.train.flops import LayerCost, layer_step_flops, training_flops
 
 REFERENCE_GFLOPS: dict[str, dict[str, Any]] = {
     "ViT-B-16": {
@@ -223,10 +226,18 @@ def finetune_flops(summary: dict[str, Any]) -> dict[str, Any]:
     """Training FLOPs a fine-tuning stage counted (forward C, backward 2C / C / 0 per module)."""
     flops = summary.get("flops") or {}
     total = summary.get("train_flops", flops.get("train_total"))
+    dense = flops.get("dense_forward_per_step")
+    forward = flops.get("forward_per_step")
     return {
         "per_step": flops.get("per_step"),
-        "forward_per_step": flops.get("forward_per_step"),
+        "forward_per_step": forward,
         "backward_per_step": flops.get("backward_per_step"),
+        "dense_forward_per_step": dense,
+        "frozen_forward_per_step": flops.get("frozen_forward_per_step"),
+        "no_grad_forward_per_step": flops.get("no_grad_forward_per_step"),
+        # the dense, fully trained model's 3C: what the step would cost with nothing frozen or pruned
+        "full_per_step": 3 * dense if dense else None,
+        "density": forward / dense if dense and forward is not None else None,
         "model_flops": float(total) if total is not None else None,
     }
 
@@ -265,6 +276,9 @@ __all__ = [
     "finetune_flops",
     "gpu_hours",
     "gpu_hours_from_throughput",
+    "LayerCost",
+    "layer_step_flops",
+    "training_flops",
     "pretrain_flops",
     "recipe_projection",
     "step_flops",

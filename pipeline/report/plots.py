@@ -189,4 +189,41 @@ def plot_bars(
     return save(fig, stem)
 
 
-__all__ = ["Series", "colour_for", "plot_bars", "plot_curves", "plot_scaling", "save", "series_from_rows"]
+def plot_alpha(trials: Sequence[dict[str, Any]], stem: str | Path) -> list[Path]:
+    """Heavy-tail alpha per encoder block, one panel per stage: each trial's alpha before fine-tuning (dashed)
+    and after (solid), frozen blocks marked with a black x."""
+    plt = _pyplot()
+    stages = sorted({str(t["stage"]) for t in trials})
+    fig, axes = plt.subplots(1, len(stages), figsize=(4.2 * len(stages), 3.6), squeeze=False, sharey=True)
+    for ax, stage in zip(axes[0], stages):
+        mine = [t for t in trials if str(t["stage"]) == stage]
+        for k, t in enumerate(mine):
+            colour = PALETTE[k % len(PALETTE)]
+            label = f"{t['point']} (q={t['quantile']:g})"
+            blocks = list(range(1, len(t["before"]) + 1))
+            ax.plot(blocks, t["before"], "--", color=colour, alpha=0.7, linewidth=1.0)
+            if t["after"]:
+                ax.plot(blocks, t["after"], "-", color=colour, label=label, linewidth=1.2)
+            frozen = [b for b in t["frozen"] if b < len(t["before"])]
+            if frozen:
+                ax.scatter(
+                    [b + 1 for b in frozen], [t["before"][b] for b in frozen], marker="x", color="black"
+                )
+        ax.set_title(stage, fontsize=9)
+        ax.set_xlabel("block")
+        ax.grid(True, alpha=0.25)
+        ax.legend(fontsize=6)
+    axes[0][0].set_ylabel("alpha (dashed: before, solid: after; x: frozen)")
+    return save(fig, stem)
+
+
+__all__ = [
+    "Series",
+    "colour_for",
+    "plot_alpha",
+    "plot_bars",
+    "plot_curves",
+    "plot_scaling",
+    "save",
+    "series_from_rows",
+]

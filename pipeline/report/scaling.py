@@ -163,6 +163,19 @@ class AttentionConfig:
     """Points analysed: the largest subset per (model, caption source), first seed; or every point."""
     random_init: bool = True
     """Also analyse a randomly initialised tower of each model (the reference)."""
+    checkpoints: dict[str, str] = field(default_factory=dict)
+    """More image towers to analyse beside the grid's points, label -> checkpoint (anything
+    ``backbone.checkpoint`` takes: an export folder, visual.pt, an open_clip checkpoint), e.g.
+    ``{teacher = "...", "FD student" = "..."}``."""
+    model: str = "debug"
+    """Architecture of a ``checkpoints`` entry without an ``open_clip_config.json`` beside it."""
+    side_by_side: bool = False
+    """Draw the attention distance of each tower in its own panel (shared y axis) instead of overlaid."""
+    maps: bool = True
+    """Also plot the average attention map per layer of every tower (FD-CLIP's locality diagnostic)."""
+    cka_reference: str = ""
+    """Label of the tower every other one is compared with, block by block, by linear CKA ("" = the first
+    of ``checkpoints``; no CKA without one)."""
 
     def __post_init__(self) -> None:
         if self.num_images < 1:
