@@ -3,6 +3,7 @@ and its student loads in a fine-tuning stage and (the APE variant) in plain open
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -15,6 +16,7 @@ import open_clip
 import pytest
 import torch
 
+from pipeline.data.loader import LoaderConfig
 from pipeline.distill.fdclip import (
     LossConfig,
     StudentConfig,
@@ -31,6 +33,7 @@ from pipeline.finetune.segmentation import SegmentationConfig, run_stage
 from pipeline.model.backbone import BackboneConfig, BiasedSelfAttention, build_backbone
 from pipeline.train.checkpoint import latest_step
 from pipeline.train.export import load_export
+from pipeline.train.state import Preempted
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -164,12 +167,35 @@ def test_distilled_student_fine_tunes_in_the_segmentation_stage(shared_rpb_run, 
 def test_ape_student_loads_in_plain_open_clip_and_relative_position_students_refuse_naming_the_option(
     shared_rpb_run, tmp_path
 ):
-    summary = run_distill(tiny("ape", steps=1), tmp_path / "ape", log=lambda s: None)
+    teacher = shared_rpb_run[0] / "export"  # a project export as teacher (itself a relative-position student)
+    summary = run_distill(tiny("ape", teacher=str(teacher), steps=1), tmp_path / "ape", log=lambda s: None)
     export = Path(summary["exports"]["final"])
     model = open_clip.create_model("debug")
     model.load_state_dict(open_clip_state_dict(export), strict=True)
     image = torch.randn(1, 3, 64, 64)
     loaded, _ = load_export(export)  # the project's loader through stock open_clip, too
     assert torch.allclose(loaded.encode_image(image), model.encode_image(image))
+    teacher_text = torch.load(teacher / "open_clip_pytorch_model.bin", weights_only=True)["text_projection"]
+    assert torch.equal(model.text_projection, teacher_text)
     with pytest.raises(ValueError, match="student.position = 'shared_rpb'"):
-        open_clip_state_dict(shared_rpb_run[0] / "export")
+        open_clip_state_dict(teacher)
+
+
+def test_distill_on_webdataset_shards_resumes_at_the_loader_position(tmp_path):
+    from trainer_fixtures import EASY_WORLD, write_shards
+
+    shards = write_shards(tmp_path / "shards", EASY_WORLD, "train", num_shards=1, per_shard=24)
+
+    def cfg(**train: int) -> DistillConfig:
+        base = tiny("shared_rpb", steps=5, **train)
+        loader = LoaderConfig(shards=shards, num_workers=0, shuffle_buffer=8, augment=True)
+        return dataclasses.replace(base, data=DistillDataConfig(source="shards", loader=loader))
+
+    reference = run_distill(cfg(), tmp_path / "reference", log=lambda s: None)
+    with pytest.raises(Preempted):
+        run_distill(cfg(stop_after_step=2), tmp_path / "run", log=lambda s: None)
+    resumed = run_distill(cfg(), tmp_path / "run", log=lambda s: None)
+    assert resumed["history"] == reference["history"] and len(reference["history"]) == 5
+    ref = torch.load(tmp_path / "reference" / "export" / "visual.pt", weights_only=True)
+    got = torch.load(tmp_path / "run" / "export" / "visual.pt", weights_only=True)
+    assert all(torch.equal(got[k], ref[k]) for k in ref)
