@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 import torch
 
 from pipeline.finetune.common import FinetuneTrainConfig, eval_batches, latest_checkpoint
-from pipeline.finetune.datasets import DataConfig, build_datasets, collate
+from pipeline.finetune.datasets import IGNORE_INDEX, DataConfig, build_datasets, collate
 from pipeline.finetune.metrics import ConfusionMatrix
-from pipeline.finetune.segmentation import SegHeadConfig, SegmentationConfig, SegmentationModel, run_stage
+from pipeline.finetune.segmentation import (
+    SegHeadConfig,
+    SegKDConfig,
+    SegmentationConfig,
+    SegmentationModel,
+    build_segmentation_model,
+    run_stage,
+    seg_loss,
+    semantic_regions,
+)
 from pipeline.model.backbone import BackboneConfig, build_backbone
 from pipeline.train.state import Preempted
 
@@ -99,3 +109,55 @@ def test_a_zero_backbone_lr_freezes_the_encoder_so_it_gets_no_gradients_and_stay
     full = run_stage(small_config(debug_checkpoint, steps=3), tmp_path / "full")
     assert full["trainable_params"] == full["params"] > summary["trainable_params"]
     assert summary["flops"]["per_step"] < full["flops"]["per_step"]
+
+
+def test_semantic_regions_are_the_largest_classes_of_each_image_with_their_masks_and_boxes():
+    sem = torch.full((2, 8, 8), IGNORE_INDEX)
+    sem[0, :, :4], sem[0, :, 4:], sem[0, 0, 0] = 3, 5, 7  # class 3: 31 px, 5: 32 px, 7: 1 px
+    sem[1, 2:4, 1:6] = 2  # 10 px; the rest unlabelled
+    regions = semantic_regions(sem, max_regions=8, min_pixels=2)
+    assert regions["image"].tolist() == [0, 0, 1] and regions["labels"].tolist() == [5, 3, 2]
+    for i, c, mask in zip(regions["image"], regions["labels"], regions["masks"]):
+        assert torch.equal(mask.bool(), sem[i] == c)
+    assert regions["boxes"][2].tolist() == [1, 2, 6, 4]
+    assert semantic_regions(sem, max_regions=1, min_pixels=2)["labels"].tolist() == [5, 2]
+
+
+def test_distillation_adds_its_weighted_loss_to_the_cross_entropy_and_reuses_cached_teacher_embeddings(
+    debug_checkpoint,
+):
+    cfg = small_config(debug_checkpoint)
+    cfg = dataclasses.replace(cfg, kd=SegKDConfig(kind="tgkd", weight=0.5))
+    train, _ = build_datasets(cfg.data, "segmentation")
+    model = build_segmentation_model(cfg, train.vocab.semantic).train()
+    batch = collate([train[(i, None)] for i in range(2)])
+    torch.manual_seed(0)
+    loss, report = seg_loss(model, batch)
+    assert report["kd_loss"] > 0 and report["kd_regions"] > 2
+    assert loss.item() == pytest.approx(report["ce_loss"] + 0.5 * report["kd_loss"], rel=1e-5)
+    assert model.cache.misses == 2
+    torch.manual_seed(0)
+    again, _ = seg_loss(model, batch)
+    assert model.cache.hits == 2 and torch.equal(loss, again)
+    loss.backward()
+    assert (
+        model.backbone.visual.conv1.weight.grad is not None and model.teacher.visual.conv1.weight.grad is None
+    )
+
+
+def test_a_segmentation_run_with_vision_guided_distillation_logs_it_and_keeps_the_teacher_frozen(
+    tmp_path, debug_checkpoint
+):
+    cfg = dataclasses.replace(
+        small_config(debug_checkpoint, steps=3),
+        kd=SegKDConfig(kind="vgkd"),
+        data=DataConfig(num_train=4, num_val=2),
+    )
+    summary = run_stage(cfg, tmp_path / "run")
+    assert summary["kd"] == "vgkd"
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["kd_loss"] >= 0 for r in rows if "loss" in r)
+    state = torch.load(latest_checkpoint(tmp_path / "run"), weights_only=True)["model"]
+    start = torch.load(debug_checkpoint, weights_only=True)
+    assert torch.equal(state["teacher.visual.conv1.weight"], start["visual.conv1.weight"])
+    assert not torch.equal(state["backbone.visual.conv1.weight"], start["visual.conv1.weight"])

@@ -7,6 +7,15 @@ Four block outputs of the image encoder (``backbone.out_indices``) go through BE
 (strides p/4 .. 2p) into the decoder; logits are upsampled to the input and trained with per-pixel
 cross-entropy (``ignore_index`` 255). Evaluation accumulates one confusion matrix over the split
 (:class:`pipeline.finetune.metrics.ConfusionMatrix`, mmseg's definitions).
+
+Optional text- / vision-guided distillation (``kd.kind = "tgkd" | "vgkd"``, OpenTrans;
+:mod:`pipeline.finetune.distill_losses`): the regions of a training image are its semantic classes (the
+``kd.max_regions`` largest with at least ``kd.min_region_pixels`` pixels, mask = the class's pixels).
+V = the encoder's dense CLIP-space features (``ln_post`` + projection on every token, from the same forward
+pass as the decoder's features) averaged over each mask; R = the frozen CLIP image tower on each region's
+crop with the background blanked (cached per image, ``kd.cache``); T = the frozen CLIP text tower's
+embedding of the class name (prompt-ensembled once at build time). The CLIP is ``kd.teacher_checkpoint``
+(default ``backbone.checkpoint``; it must hold the text tower too). Loss = cross-entropy + ``kd.weight`` x KD.
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.data.synthworld import zero_shot_prompts
 from pipeline.finetune.common import (
     FinetuneOptimConfig,
     FinetuneTrainConfig,
@@ -29,8 +39,10 @@ from pipeline.finetune.common import (
     seed_everything,
 )
 from pipeline.finetune.datasets import IGNORE_INDEX, DataConfig, build_datasets, collate, upsample_logits
+from pipeline.finetune.distill_losses import KDConfig, TeacherCache, kd_loss
 from pipeline.finetune.metrics import ConfusionMatrix
-from pipeline.model.backbone import BackboneConfig, ViTBackbone, build_backbone
+from pipeline.finetune.text import build_tokenizer, class_text_embeddings
+from pipeline.model.backbone import BackboneConfig, ViTBackbone, build_backbone, build_clip_model
 from pipeline.model.heads import SemanticFPNHead, UperNetHead, ViTMultiScaleNeck, pyramid_scales
 
 
@@ -49,6 +61,22 @@ class SegHeadConfig:
 
 
 @dataclass(frozen=True)
+class SegKDConfig(KDConfig):
+    teacher_checkpoint: str = ""
+    """The whole CLIP whose image tower is the teacher (R) and whose text tower embeds the class names (T);
+    "" = ``backbone.checkpoint`` (then a whole-CLIP checkpoint, not an image tower alone)."""
+    max_regions: int = 8
+    """Per image, at most this many semantic classes (the largest) are distillation regions."""
+    min_region_pixels: int = 16
+    """Classes with fewer pixels in an image are not regions."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.max_regions < 1:
+            raise ValueError(f"max_regions: must be >= 1, got {self.max_regions}")
+
+
+@dataclass(frozen=True)
 class SegmentationConfig:
     backbone: BackboneConfig = field(default_factory=lambda: BackboneConfig(drop_path_rate=0.1))
     """Image encoder (architecture, checkpoint, drop-path rate, feature blocks)."""
@@ -62,6 +90,8 @@ class SegmentationConfig:
     """Learning-rate schedule."""
     train: FinetuneTrainConfig = field(default_factory=FinetuneTrainConfig)
     """Steps, batch size, logging, checkpoints, seed."""
+    kd: SegKDConfig = field(default_factory=SegKDConfig)
+    """Text- / vision-guided distillation towards a frozen CLIP (off by default)."""
 
 
 class SegmentationModel(nn.Module):
@@ -79,15 +109,110 @@ class SegmentationModel(nn.Module):
             self.decoder = SemanticFPNHead(
                 [backbone.width] * 4, head.channels, num_classes, dropout=head.dropout
             )
+        self.kd = SegKDConfig()  # off until attach_kd
+
+    def attach_kd(self, cfg: SegKDConfig, teacher: ViTBackbone, class_text: torch.Tensor) -> None:
+        """Add the frozen teacher image tower and the class-name text embeddings (one row per class)."""
+        self.kd = cfg
+        self.teacher = teacher.requires_grad_(False).eval()
+        self.register_buffer("kd_text", class_text)
+        self.cache = TeacherCache(self.teacher, cfg.cache, cfg.cache_dir)
+
+    def train(self, mode: bool = True) -> SegmentationModel:
+        super().train(mode)
+        if getattr(self, "teacher", None) is not None:
+            self.teacher.eval()
+        return self
+
+    def decode(self, features: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+        return upsample_logits(self.decoder(self.neck(features)), size)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        logits = self.decoder(self.neck(self.backbone.forward_features(images)))
-        return upsample_logits(logits, images.shape[-2:])
+        return self.decode(self.backbone.forward_features(images), images.shape[-2:])
+
+
+def semantic_regions(semantic: torch.Tensor, max_regions: int, min_pixels: int) -> dict[str, torch.Tensor]:
+    """Per image, its ``max_regions`` largest semantic classes with ``>= min_pixels`` pixels (largest first,
+    ties by class id): image index, class (``labels``), mask and the mask's bounding box (pixels)."""
+    rows: dict[str, list[Any]] = {"image": [], "labels": [], "masks": [], "boxes": []}
+    for i, sem in enumerate(semantic):
+        classes, counts = torch.unique(sem[sem != IGNORE_INDEX], return_counts=True)
+        order = sorted(zip(counts.tolist(), classes.tolist()), key=lambda t: (-t[0], t[1]))
+        for _, c in [t for t in order if t[0] >= min_pixels][:max_regions]:
+            mask = sem == c
+            ys, xs = torch.nonzero(mask, as_tuple=True)
+            rows["image"].append(i)
+            rows["labels"].append(c)
+            rows["masks"].append(mask.float())
+            rows["boxes"].append(torch.stack([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]).float())
+    device = semantic.device
+    if not rows["image"]:
+        h, w = semantic.shape[-2:]
+        return {
+            "image": torch.zeros(0, dtype=torch.long, device=device),
+            "labels": torch.zeros(0, dtype=torch.long, device=device),
+            "masks": torch.zeros(0, h, w, device=device),
+            "boxes": torch.zeros(0, 4, device=device),
+        }
+    return {
+        "image": torch.tensor(rows["image"], device=device),
+        "labels": torch.tensor(rows["labels"], device=device),
+        "masks": torch.stack(rows["masks"]),
+        "boxes": torch.stack(rows["boxes"]),
+    }
+
+
+def mask_pool(dense: torch.Tensor, image: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """N x D: each region's mask-weighted mean of its image's dense features (masks area-resized to the grid)."""
+    w = F.interpolate(masks[:, None].to(dense.dtype), size=dense.shape[-2:], mode="area")
+    return (dense[image] * w).sum((2, 3)) / w.sum((2, 3)).clamp(min=1e-6)
 
 
 def seg_loss(model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
-    logits = model(batch["image"])
-    return F.cross_entropy(logits, batch["semantic"], ignore_index=IGNORE_INDEX), {}
+    kd = model.kd
+    if kd.kind == "none":
+        logits = model(batch["image"])
+        return F.cross_entropy(logits, batch["semantic"], ignore_index=IGNORE_INDEX), {}
+    images = batch["image"]
+    out = model.backbone.forward_all(images)
+    ce = F.cross_entropy(
+        model.decode(out["features"], images.shape[-2:]), batch["semantic"], ignore_index=IGNORE_INDEX
+    )
+    regions = semantic_regions(batch["semantic"], kd.max_regions, kd.min_region_pixels)
+    if len(regions["image"]) == 0:
+        return ce + out["dense"].sum() * 0.0, {"ce_loss": round(ce.item(), 6)}
+    student = mask_pool(out["dense"], regions["image"], regions["masks"])
+    kind = torch.ones_like(regions["labels"])  # mask regions: blank the background of the teacher's crop
+    teacher = model.cache.embed(
+        images, batch.get("index"), regions["image"], regions["boxes"], regions["masks"], kind
+    )
+    distill = kd_loss(kd.kind, student, teacher, model.kd_text[regions["labels"]], regions["image"])
+    report = {
+        "ce_loss": round(ce.item(), 6),
+        "kd_loss": round(distill.item(), 6),
+        "kd_regions": len(regions["image"]),
+    }
+    return ce + kd.weight * distill, report
+
+
+def build_segmentation_model(cfg: SegmentationConfig, classes: list[str]) -> SegmentationModel:
+    """The encoder + neck + decoder, and with ``kd.kind`` the frozen CLIP teacher and class-name embeddings."""
+    model = SegmentationModel(build_backbone(cfg.backbone), cfg.head, len(classes))
+    if cfg.kd.kind != "none":
+        clip_cfg = BackboneConfig(
+            model=cfg.backbone.model, checkpoint=cfg.kd.teacher_checkpoint or cfg.backbone.checkpoint
+        )
+        try:
+            clip = build_clip_model(clip_cfg)
+        except ValueError as e:
+            raise ValueError(f"kd.teacher_{e}") from None
+        text = class_text_embeddings(
+            clip, build_tokenizer(clip_cfg.model, clip), classes, zero_shot_prompts()
+        )
+        model.attach_kd(
+            cfg.kd, build_backbone(BackboneConfig(model=clip_cfg.model), visual=clip.visual), text
+        )
+    return model
 
 
 def evaluate_segmentation(
@@ -104,7 +229,7 @@ def run_stage(cfg: SegmentationConfig, run_dir: str | Path, preemption: Any = No
     train_set, val_set = build_datasets(cfg.data, "segmentation")
     classes = train_set.vocab.semantic
     seed_everything(cfg.train.seed)
-    model = SegmentationModel(build_backbone(cfg.backbone), cfg.head, len(classes))
+    model = build_segmentation_model(cfg, classes)
     spec = StageSpec(
         name="segmentation",
         model=model,
@@ -114,7 +239,12 @@ def run_stage(cfg: SegmentationConfig, run_dir: str | Path, preemption: Any = No
         loss_fn=seg_loss,
         evaluate=lambda m, b: evaluate_segmentation(m, b, len(classes)),
         primary_metric="mIoU",
-        info={"head": cfg.head.kind, "classes": classes, "backbone_checkpoint": cfg.backbone.checkpoint},
+        info={
+            "head": cfg.head.kind,
+            "classes": classes,
+            "backbone_checkpoint": cfg.backbone.checkpoint,
+            "kd": cfg.kd.kind,
+        },
     )
     return fit(spec, cfg, run_dir, preemption)
 
