@@ -37,6 +37,7 @@ zero-initialised per-block table (ViTDet adds zero-initialised relative position
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 from dataclasses import dataclass
@@ -120,6 +121,14 @@ def _grid_of(size: torch.Size | tuple[int, ...]) -> tuple[int, int]:
     return (int(size[-2]) + 1) // 2, (int(size[-1]) + 1) // 2
 
 
+@functools.lru_cache(maxsize=16)
+def _relative_index(h: int, w: int, device: torch.device) -> torch.Tensor:
+    """Flat index into a ``2h-1 x 2w-1`` offset table for every (query, key) pair of an ``h x w`` grid."""
+    ys, xs = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
+    ys, xs = ys.reshape(-1), xs.reshape(-1)
+    return ((ys[:, None] - ys[None, :] + h - 1) * (2 * w - 1) + xs[:, None] - xs[None, :] + w - 1).reshape(-1)
+
+
 class RelativePositionBias(nn.Module):
     """BEiT's relative position bias: ``embedding`` holds one scalar per head for each 2-D offset between two
     patches of an ``h`` x ``w`` grid (``heads x 2h-1 x 2w-1``), ``cls_embedding`` three more per head (class
@@ -139,14 +148,11 @@ class RelativePositionBias(nn.Module):
             table = F.interpolate(
                 table[None], size=(2 * h - 1, 2 * w - 1), mode="bilinear", align_corners=True
             )[0]
-        ys, xs = torch.meshgrid(
-            torch.arange(h, device=table.device), torch.arange(w, device=table.device), indexing="ij"
-        )
-        ys, xs = ys.reshape(-1), xs.reshape(-1)
-        bias = table[:, ys[:, None] - ys[None, :] + h - 1, xs[:, None] - xs[None, :] + w - 1]
+        n = h * w
+        bias = table.flatten(1)[:, _relative_index(h, w, table.device)].view(-1, n, n)
         if not with_cls:
             return bias
-        heads, n = bias.shape[0], bias.shape[-1]
+        heads = bias.shape[0]
         cls = self.cls_embedding
         out = torch.cat([cls[:, 0, None, None].expand(heads, 1, n), bias], dim=1)  # class token queries
         first = torch.cat([cls[:, 2, None, None], cls[:, 1, None, None].expand(heads, n, 1)], dim=1)
