@@ -16,12 +16,14 @@ from pipeline.model.backbone import BackboneConfig, build_backbone
 from pipeline.model.sparsity import (
     apply_mask_file,
     apply_masks,
+    flop_densities,
     full_masks,
     load_masks,
     magnitude_prune,
     prunable_parameters,
     save_masks,
 )
+from pipeline.train.flops import count_training_flops
 from pipeline.train.state import Preempted
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -73,7 +75,7 @@ def test_a_masks_file_whose_bytes_do_not_match_its_sha256_is_refused(tmp_path):
         apply_mask_file(backbone, str(tmp_path / "masks.pt"))
 
 
-def test_masked_weights_stay_zero_through_adamw_steps_with_weight_decay():
+def test_masked_weights_stay_zero_through_adamw_steps_with_weight_decay_and_weight_loads():
     backbone = build_backbone(BackboneConfig(model="debug"))
     masks = magnitude_prune(backbone, full_masks(backbone), ratio=0.5)
     apply_masks(backbone, masks)
@@ -88,6 +90,33 @@ def test_masked_weights_stay_zero_through_adamw_steps_with_weight_decay():
     for k, p in params.items():
         assert (p[~masks[k]] == 0).all(), k
         assert not torch.equal(p[masks[k]], before[k][masks[k]]), k
+    # weights written outside the optimizer (a checkpoint load) are masked again by the next forward
+    backbone.load_state_dict({k: v + 1 for k, v in backbone.state_dict().items()})
+    backbone.forward_dense(torch.randn(1, 3, 64, 64))
+    assert all((p[~masks[k]] == 0).all() for k, p in params.items())
+    assert backbone.sparsity.tokens == 65
+
+
+def test_sparse_flops_of_the_encoder_drop_by_the_pruned_share_of_each_weight_matrix():
+    # debug encoder: 3 blocks of width W = 64 on T = 65 tokens (64 px, patch 8), batch B = 2. Per block the
+    # prunable matmuls cost in_proj 6TW^2, out_proj 2TW^2, c_fc 8TW^2, c_proj 8TW^2 forward FLOPs; at density
+    # d a module costs dC forward and (1 + d)C backward, so each pruned share saves (1 - d)C in each pass.
+    backbone = build_backbone(BackboneConfig(model="debug"))
+    x = torch.randn(2, 3, 64, 64)
+    dense = count_training_flops(backbone, lambda: backbone.forward_dense(x))
+    masks = magnitude_prune(backbone, full_masks(backbone), 0.25, scope="layer")
+    apply_masks(backbone, masks)
+    sparse = count_training_flops(
+        backbone, lambda: backbone.forward_dense(x), densities=flop_densities(backbone)
+    )
+    t, w, b = 65, 64, 2
+    cost = {"attn.in_proj_weight": 6, "attn.out_proj.weight": 2, "mlp.c_fc.weight": 8, "mlp.c_proj.weight": 8}
+    saved = sum(
+        b * cost[name.split(".", 4)[-1]] * t * w * w * (1 - float(m.float().mean()))
+        for name, m in masks.items()
+    )
+    assert abs(dense["forward_per_step"] - sparse["forward_per_step"] - saved) <= 1
+    assert abs(dense["backward_per_step"] - sparse["backward_per_step"] - saved) <= 1
 
 
 def _prune_config(**prune) -> PruneJobConfig:

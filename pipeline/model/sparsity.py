@@ -13,24 +13,28 @@ transformers). Masks are boolean tensors keyed by the parameter's name inside th
 :func:`apply_masks` keeps masked weights at exactly zero while the backbone trains, two ways: each masked
 parameter's gradient is multiplied by its mask (a tensor hook, so AdamW's moments of a masked entry stay 0
 and its update is 0; decoupled weight decay keeps a 0 at 0), and a forward pre-hook multiplies the weights by
-their masks again before every forward (so weights loaded or changed outside the optimizer are re-masked).
+their masks again before every forward of the tower (hooked on its patch embedding), so weights loaded or
+changed outside the optimizer are re-masked.
 
 FLOPs: a layer of density ``d`` costs forward ``dC`` and backward ``(1 + d)C`` (:mod:`pipeline.train.flops`);
 :func:`flop_densities` gives the trainer's FLOPs count each module's density. The MLP's linear layers are
 modules of their own; attention runs its projections inside ``nn.MultiheadAttention``, whose traced FLOPs also
 hold the dense attention products, so its density is the FLOP-weighted mean over its parts for the token
 count of the last forward (``in_proj`` 6TW^2 at the in-projection's density, ``out_proj`` 2TW^2 at its own,
-the two attention products 4T^2W at 1), which keeps ``dC`` and ``(1 + d)C`` exact for the module's sum.
+and the two attention products 4T^2W at 1 where the FLOP counter counts the attention kernel - CUDA's, not
+the fused CPU one), which keeps ``dC`` and ``(1 + d)C`` exact for the module's sum.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pipeline import io
@@ -172,8 +176,15 @@ class MaskHandle:
 
     @torch.no_grad()
     def reapply(self) -> None:
-        for p, mask in self.pairs():
-            p.mul_(mask.to(p.dtype))
+        """Zero masked weights that are not zero (only those: an in-place write would bump the version of a
+        weight that an earlier forward of the same step saved for its backward)."""
+        pairs = list(self.pairs())
+        if not pairs:
+            return
+        dirty = torch.stack([torch.where(mask, 0, p).ne(0).any() for p, mask in pairs]).tolist()  # one sync
+        for (p, mask), bad in zip(pairs, dirty):
+            if bad:
+                p.mul_(mask.to(p.dtype))
 
     def remove(self) -> None:
         for h in self.hooks:
@@ -203,14 +214,17 @@ def apply_masks(backbone: nn.Module, masks: Mapping[str, torch.Tensor], source: 
             params[name].register_hook(lambda g, name=name: g * handle.masks[name].to(g.dtype))
         )
 
+    patch = int(backbone.visual.patch_size[0])
+
     def pre_forward(module: nn.Module, args: tuple[Any, ...]) -> None:
         x = args[0] if args else None
         if isinstance(x, torch.Tensor) and x.ndim == 4:
-            patch = int(module.visual.patch_size[0])
             handle.tokens = 1 + (x.shape[-2] // patch) * (x.shape[-1] // patch)
         handle.reapply()
 
-    handle.hooks.append(backbone.register_forward_pre_hook(pre_forward))
+    # On the patch embedding, the first module every forward path of the tower calls (the backbone's own
+    # forward_* methods are plain calls, which module hooks do not see).
+    handle.hooks.append(backbone.visual.conv1.register_forward_pre_hook(pre_forward))
     backbone.sparsity = handle  # a plain attribute: not a module, parameter or buffer
     return handle
 
@@ -255,8 +269,9 @@ class _Densities(Mapping):
                 parts = [
                     (6 * t * w * w, d.get("attn.in_proj_weight", 1.0)),
                     (2 * t * w * w, d.get("attn.out_proj.weight", 1.0)),
-                    (4 * t * t * w, 1.0),
                 ]
+                if _attention_products_counted(block.attn.in_proj_weight.device):
+                    parts.append((4 * t * t * w, 1.0))
                 out[block.attn] = sum(c * x for c, x in parts) / sum(c for c, _ in parts)
         return out
 
@@ -271,6 +286,19 @@ class _Densities(Mapping):
 
     def __len__(self) -> int:
         return len(self._table())
+
+
+@functools.cache
+def _attention_products_counted(device: torch.device) -> bool:
+    """Whether torch's FLOP counter has a formula for the attention kernel this device runs (the CUDA flash /
+    memory-efficient kernels: yes; the fused CPU kernel: no), i.e. whether an attention module's traced FLOPs
+    hold its two attention products or only its projections."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    q = torch.zeros(1, 1, 4, 8, device=device)
+    with FlopCounterMode(display=False) as counter:
+        F.scaled_dot_product_attention(q, q, q)
+    return counter.get_total_flops() > 0
 
 
 def _prefix_of(backbone: nn.Module, block: nn.Module) -> str:
