@@ -59,8 +59,8 @@ class KDConfig:
     cache: bool = True
     """Keep the teacher's masked-region embeddings per image (computed once under no_grad) in memory."""
     cache_dir: str = ""
-    """Also keep them on disk in this folder (one ``<key>.pt`` per image, atomic writes), so later runs and
-    other processes with the same teacher reuse them; "" = memory only."""
+    """Keep them on disk in this folder instead of memory (one ``<key>.pt`` per image, atomic writes): flat
+    memory on large datasets, and later runs and other processes with the same teacher reuse them."""
 
     def __post_init__(self) -> None:
         if self.kind not in ("none", "tgkd", "vgkd"):
@@ -194,8 +194,8 @@ class TeacherCache:
     the ``n_regions x D`` embeddings of that image's regions, in region order, kept on the CPU. Misses are
     computed one image at a time, so an embedding does not depend on what else is in the batch (a cached
     and a recomputed value are the same bits, and a resumed run matches an uninterrupted one).
-    With ``directory`` the entries are also files ``<directory>/<key>.pt`` (temp file + rename; read with
-    ``torch.load(weights_only=True)``). The category text embeddings need no cache: a stage computes them
+    With ``directory`` the entries are files ``<directory>/<key>.pt`` instead of memory (temp file + rename;
+    read with ``torch.load(weights_only=True)``), so memory stays flat on large datasets. The category text embeddings need no cache: a stage computes them
     once, when it is built.
     """
 
@@ -226,15 +226,14 @@ class TeacherCache:
         if key in self.memory:
             return self.memory[key]
         if self.directory is not None and (self.directory / f"{key}.pt").is_file():
-            value = torch.load(self.directory / f"{key}.pt", map_location="cpu", weights_only=True)
-            self.memory[key] = value
-            return value
+            return torch.load(self.directory / f"{key}.pt", map_location="cpu", weights_only=True)
         return None
 
     def _store(self, key: str, value: torch.Tensor) -> None:
         value = value.detach().cpu()
-        self.memory[key] = value
-        if self.directory is not None:
+        if self.directory is None:
+            self.memory[key] = value
+        else:
             self.directory.mkdir(parents=True, exist_ok=True)
             buf = io.BytesIO()
             torch.save(value.clone(), buf)
