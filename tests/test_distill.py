@@ -199,3 +199,41 @@ def test_distill_on_webdataset_shards_resumes_at_the_loader_position(tmp_path):
     ref = torch.load(tmp_path / "reference" / "export" / "visual.pt", weights_only=True)
     got = torch.load(tmp_path / "run" / "export" / "visual.pt", weights_only=True)
     assert all(torch.equal(got[k], ref[k]) for k in ref)
+
+
+def test_distill_on_two_processes_matches_the_one_process_loss_curve(tmp_path, debug_checkpoint):
+    """The global batch split over 2 gloo processes gives the 1-process curve, within the 1-process run's own
+    fp32 sensitivity (a teacher moved by one rounding step; tests/test_finetune_distributed.py's bound)."""
+    from test_finetune_distributed import STEPS, assert_same_curve, loss_curve, perturbed_checkpoint
+
+    from pipeline.config import to_toml
+    from tests.ports import free_port
+
+    def cfg(teacher: str) -> DistillConfig:
+        base = tiny("shared_rpb", teacher=teacher, steps=STEPS)
+        return dataclasses.replace(base, student=StudentConfig(drop_path_rate=0.0))  # no per-rank draws
+
+    config = tmp_path / "two.toml"
+    config.write_text(to_toml(cfg(debug_checkpoint)))
+    port, procs = free_port(), []
+    for rank in range(2):
+        env = {
+            **os.environ,
+            **{"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"},
+            **{"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"},
+        }
+        cmd = [sys.executable, "-m", "jobs.distill", f"--config={config}", f"--run_dir={tmp_path / 'two'}"]
+        procs.append(
+            subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        )
+    run_distill(cfg(debug_checkpoint), tmp_path / "one", log=lambda s: None)
+    run_distill(
+        cfg(perturbed_checkpoint(debug_checkpoint, tmp_path / "p.pt")), tmp_path / "p", log=lambda s: None
+    )
+    for proc in procs:
+        out = proc.communicate(timeout=300)[0].decode()
+        assert proc.returncode == 0, out[-3000:]
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert summary["world_size"] == 2
+    one, two, perturbed = (loss_curve(tmp_path / d) for d in ("one", "two", "p"))
+    assert_same_curve(two, one, perturbed)

@@ -15,6 +15,11 @@ step ``s`` is a pure function of ``(seed, s)``) or WebDataset shards through ``p
 ``state_dict`` is saved in each checkpoint, so a resume continues with the next batch). Either way a rerun
 after a kill ends with the same weights as an uninterrupted run.
 
+Data-parallel under any launcher that sets the ranks (``pipeline.dist``): ``train.batch_size`` is the global
+batch, process ``r`` of ``N`` takes the ``r``-th contiguous ``1/N`` of it (synthetic) or reads its own slots of
+the shards (the loader's rank split), DDP averages the gradients, and each checkpoint gathers every process's
+RNG state and loader position into rank 0's ``state.pt``.
+
 The run directory: ``config.toml``, ``metrics.jsonl`` (loss, lr), ``flops.json`` (teacher forward C per
 sample, student forward C' and backward 2C', totals), ``checkpoints/``, ``summary.json`` and ``export/``: a
 full CLIP (the teacher's text tower, the student's image tower) in the layout of ``pipeline.train.export``
@@ -24,6 +29,7 @@ fine-tuning stage takes as ``backbone.checkpoint`` (``export_ema/`` too when the
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import time
@@ -35,9 +41,11 @@ from typing import Any, Literal
 import numpy as np
 import open_clip
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.parallel import DistributedDataParallel
 
 from pipeline import io
 from pipeline.data import synthworld as sw
@@ -52,10 +60,11 @@ from pipeline.distill.fdclip import (
     feature_loss,
     teacher_targets,
 )
+from pipeline.finetune.metrics import all_gather_objects
 from pipeline.model.backbone import ViTBackbone
 from pipeline.run_dir import RunDir
 from pipeline.train import checkpoint
-from pipeline.train.checkpoint import seed_rngs
+from pipeline.train.checkpoint import rng_state, seed_rngs, set_rng_state
 from pipeline.train.ema import EMA, EMAConfig
 from pipeline.train.export import VISUAL_FILE, WEIGHTS_FILE
 from pipeline.train.flops import count_training_flops
@@ -88,9 +97,10 @@ class DistillTrainConfig:
     steps: int = 20
     """Optimizer steps."""
     batch_size: int = 16
-    """Images per optimizer step (FD-CLIP: 2048)."""
+    """Images per optimizer step over all processes (FD-CLIP: 2048); each of N processes takes 1/N."""
     micro_batch: int = 0
-    """Images per forward / backward (gradient accumulation up to ``batch_size``); 0 = ``batch_size``."""
+    """Images per forward / backward on each process (gradient accumulation up to the process's share of
+    ``batch_size``); 0 = the whole share."""
     log_every: int = 10
     """Append loss / lr to metrics.jsonl every this many steps (and at the last)."""
     checkpoint_every: int = 0
@@ -112,16 +122,22 @@ class DistillTrainConfig:
         for name in ("steps", "batch_size", "log_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
-        if self.micro_batch < 0 or (self.micro_batch and self.batch_size % self.micro_batch):
-            raise ValueError(f"micro_batch: must divide batch_size={self.batch_size}, got {self.micro_batch}")
+        if self.micro_batch < 0:
+            raise ValueError(f"micro_batch: must be >= 0, got {self.micro_batch}")
         if self.checkpoint_every < 0 or self.stop_after_step < 0:
             raise ValueError("checkpoint_every / stop_after_step: must be >= 0")
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"precision: must be fp32 or bf16, got {self.precision!r}")
 
-    @property
-    def accumulation(self) -> int:
-        return self.batch_size // (self.micro_batch or self.batch_size)
+    def split(self, world_size: int) -> tuple[int, int]:
+        """(images per forward, micro-batches per step) on each of ``world_size`` processes."""
+        if self.batch_size % world_size:
+            raise ValueError(f"batch_size: {self.batch_size} does not divide over {world_size} processes")
+        share = self.batch_size // world_size
+        micro = self.micro_batch or share
+        if share % micro:
+            raise ValueError(f"micro_batch: must divide the per-process batch {share}, got {micro}")
+        return micro, share // micro
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -181,8 +197,13 @@ class DistillTrainer:
     ) -> None:
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
-        self.cfg, self.log, self.preemption = cfg, log, preemption
-        self.rd = RunDir(run_dir)
+        self.distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        self.rank = dist.get_rank() if self.distributed else 0
+        self.world_size = dist.get_world_size() if self.distributed else 1
+        self.micro_batch, self.accumulation = cfg.train.split(self.world_size)
+        self.cfg, self.preemption = cfg, preemption
+        self.log = log if self.rank == 0 else (lambda message: None)
+        self.rd = RunDir(run_dir, rank=self.rank)
         self.device = resolve_device(cfg.train.device)
         self.started = time.time()
         teacher, self.model_cfg = build_teacher(cfg.teacher)
@@ -198,7 +219,12 @@ class DistillTrainer:
             ema=EMA(model, cfg.ema) if cfg.ema.enabled else None,
         )
         self.state.extra["trajectory"] = _plain(_trajectory(cfg))
+        self.forward: nn.Module = model
+        if self.distributed:  # gradients averaged over the processes: the global batch's mean loss
+            ids = [self.device.index or torch.cuda.current_device()] if self.device.type == "cuda" else None
+            self.forward = DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
         self.loader = None
+        self._data_state: Any = None
         if cfg.data.source == "synthetic":
             self.images = self._synthetic_images()
             self._order_gen = torch.Generator().manual_seed(cfg.train.seed)
@@ -210,7 +236,7 @@ class DistillTrainer:
         :class:`Preempted` after checkpointing at ``stop_after_step`` or on a preemption signal."""
         cfg = self.cfg.train
         self.rd.write_config(self.cfg)
-        seed_rngs(cfg.seed, 0)
+        seed_rngs(cfg.seed, self.rank)
         self.resume()
         self.write_flops()
         batches = self.batches()
@@ -234,23 +260,29 @@ class DistillTrainer:
         lr = lr_at(self.state.step - 1, self.cfg.optim, self.cfg.train.steps)
         set_lr(opt, lr)
         opt.zero_grad(set_to_none=True)
-        parts = images.to(self.device).chunk(self.cfg.train.accumulation)
-        total = 0.0
-        for part in parts:
-            with self._autocast():
-                target = teacher_targets(self.teacher_backbone, part)
-                pred = model(part)
-            loss = feature_loss(pred, target, self.cfg.loss)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"distill: loss became {loss.item()} at step {self.state.step}")
-            (loss / len(parts)).backward()
-            total += loss.item() / len(parts)
+        parts = images.to(self.device).chunk(self.accumulation)
+        total = torch.zeros((), device=self.device)
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            sync = contextlib.nullcontext() if last or not self.distributed else self.forward.no_sync()
+            with sync:
+                with self._autocast():
+                    target = teacher_targets(self.teacher_backbone, part)
+                    pred = self.forward(part)
+                loss = feature_loss(pred, target, self.cfg.loss)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"distill: loss became {loss.item()} at step {self.state.step}")
+                (loss / len(parts)).backward()
+            total += loss.detach() / len(parts)
+        if self.distributed:  # the logged loss is the global batch's
+            dist.all_reduce(total)
+            total /= self.world_size
         if self.cfg.optim.grad_clip_norm:
             torch.nn.utils.clip_grad_norm_(model.parameters(), self.cfg.optim.grad_clip_norm)
         opt.step()
         if self.state.ema is not None:
             self.state.ema.update(self.state.step)
-        return total, lr
+        return total.item(), lr
 
     def _autocast(self) -> Any:
         return torch.autocast(self.device.type, torch.bfloat16, enabled=self.cfg.train.precision == "bf16")
@@ -288,16 +320,19 @@ class DistillTrainer:
         """Training batches from the step after ``state.step`` on."""
         if self.cfg.data.source == "synthetic":
             step = self.state.step
+            share = self.cfg.train.batch_size // self.world_size
             while True:
                 step += 1
-                yield self.images[self.batch_indices(step)]
-        micro = self.cfg.train.micro_batch or self.cfg.train.batch_size
-        loader_cfg = dataclasses.replace(self.cfg.data.loader, micro_batch=micro, image_size=self.image_size)
-        self.loader = build_loader(loader_cfg, start=self.state.extra.get("data"))
+                yield self.images[self.batch_indices(step)[self.rank * share : (self.rank + 1) * share]]
+        loader_cfg = dataclasses.replace(
+            self.cfg.data.loader, micro_batch=self.micro_batch, image_size=self.image_size
+        )
+        start = (self.state.extra.get("data") or [None] * self.world_size)[self.rank]
+        self.loader = build_loader(loader_cfg, self.rank, self.world_size, start=start)
         it = iter(self.loader)
         while True:
-            parts = [next(it)["image"] for _ in range(self.cfg.train.accumulation)]
-            self.state.extra["data"] = self.loader.state_dict()
+            parts = [next(it)["image"] for _ in range(self.accumulation)]
+            self._data_state = self.loader.state_dict()
             yield torch.cat(parts)
 
     # ------------------------------------------------------------------------------------------ FLOPs
@@ -340,12 +375,18 @@ class DistillTrainer:
             "samples": samples,
             "rule": "teacher forward C (frozen, no backward); student forward C' + backward 2C'",
         }
-        io.write_json(str(self.rd.path / "flops.json"), flops)
+        if self.rank == 0:
+            io.write_json(str(self.rd.path / "flops.json"), flops)
         self.flops = flops
         return flops
 
     # ------------------------------------------------------------------------------- save / resume / end
     def save(self) -> None:
+        """Collective: every process's RNG state and loader position go into rank 0's checkpoint."""
+        self.state.extra["world_size"] = self.world_size
+        self.state.extra["rank_rng"] = all_gather_objects(rng_state())
+        if self.cfg.data.source == "shards":
+            self.state.extra["data"] = all_gather_objects(self._data_state)
         checkpoint.save_state(
             self.rd.checkpoints, self.state.step, self.state.state_dict(), self.cfg.train.keep_checkpoints
         )
@@ -363,7 +404,14 @@ class DistillTrainer:
                 f"resume: {path} was trained with other values of {', '.join(changed) or 'the config'}; "
                 f"use another run directory or delete {self.rd.path}"
             )
+        saved_world = (saved.get("extra") or {}).get("world_size", 1)
+        if saved_world != self.world_size:
+            raise ValueError(
+                f"resume: {path} was written by {saved_world} processes, this run has {self.world_size}; "
+                "resume with the same number"
+            )
         self.state.load_state_dict(saved)
+        set_rng_state(self.state.extra["rank_rng"][self.rank])
         self.rd.truncate_metrics_after(self.state.step)
         self.log(f"distill: resumed from {path} at step {self.state.step}")
 
@@ -373,6 +421,8 @@ class DistillTrainer:
         if self.state.ema is not None:  # last: the EMA overwrites the working weights (already saved)
             self.state.ema.copy_to(self.state.model)
             exports["ema"] = str(self.export(self.rd.path / "export_ema", kind="ema"))
+        if self.distributed:
+            dist.barrier()
         rows = [r for r in self.rd.read_metrics() if "loss" in r]
         summary = {
             "status": "complete",
@@ -380,6 +430,7 @@ class DistillTrainer:
             "seconds": round(time.time() - self.started, 2),
             "history": [{"step": r["step"], "loss": round(r["loss"], 5)} for r in rows],
             "student_position": self.cfg.student.position,
+            "world_size": self.world_size,
             "flops": self.flops,
             "exports": exports,
             "run_dir": str(self.rd.path),
@@ -395,7 +446,10 @@ class DistillTrainer:
         return self.cfg.teacher.model
 
     def export(self, out: Path, kind: str = "final") -> Path:
-        """The student CLIP in ``pipeline.train.export``'s layout (+ ``student_position`` in export.json)."""
+        """The student CLIP in ``pipeline.train.export``'s layout (+ ``student_position`` in export.json);
+        written by rank 0."""
+        if self.rank != 0:
+            return out
         out.mkdir(parents=True, exist_ok=True)
         weights = {k: v.detach().float().cpu().contiguous() for k, v in self.clip.state_dict().items()}
         visual = {k[len("visual.") :]: v for k, v in weights.items() if k.startswith("visual.")}
