@@ -14,8 +14,8 @@ from pipeline.finetune.classification import (
     run_stage,
     soft_targets,
 )
-from pipeline.finetune.common import FinetuneOptimConfig, FinetuneTrainConfig
-from pipeline.finetune.datasets import DataConfig
+from pipeline.finetune.common import FinetuneOptimConfig, FinetuneTrainConfig, ScheduleConfig
+from pipeline.finetune.datasets import DataConfig, build_datasets
 from pipeline.model.backbone import BackboneConfig
 from pipeline.train.state import Preempted
 
@@ -71,3 +71,27 @@ def test_mixing_keeps_soft_targets_normalised_and_cutmix_lambda_matches_the_past
     assert same == pytest.approx(lam, abs=1e-6)
     _, _, lam_off = mix_batch(images, targets, ClassifierConfig())
     assert lam_off == 1.0
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_a_short_run_fits_its_training_scenes_far_above_the_majority_class(tmp_path):
+    """Learning check: a stage that does not learn (e.g. zero gradients) stays at or below always answering the
+        most frequent class. Evaluated on the 16 training scenes themselves (val split = train, no flips): fitting
+        them takes 30 steps from random init, where held-out accuracy needs far longer. Measured top-1 after 30
+        steps, seeds 0 / 1 / 2: 62.5 / 100 / 81.25 %, with the majority class at 18.75 %; the bound (majority + 25
+        points) sits below the worst seed and above what a constant predictor can reach. With the gradients zeroed
+    before every optimizer step the run ends at 12.5 % and this test fails."""
+    data = DataConfig(num_train=16, num_val=16, val_split="train", hflip=False)
+    cfg = ClassificationConfig(
+        backbone=BackboneConfig(drop_path_rate=0.0, seed=0),
+        classifier=ClassifierConfig(label_smoothing=0.0),
+        data=data,
+        optim=FinetuneOptimConfig(lr=1e-3, layer_decay=1.0, weight_decay=0.0),
+        schedule=ScheduleConfig(name="const"),
+        train=FinetuneTrainConfig(steps=30, batch_size=8, eval_batch_size=16, seed=0),
+    )
+    summary = run_stage(cfg, tmp_path / "fit")
+    _, val = build_datasets(data, "classification")
+    labels = [val[(i, None)]["label"] for i in range(len(val))]
+    majority = 100 * max(labels.count(c) for c in set(labels)) / len(labels)
+    assert summary["metrics"]["top1"] >= majority + 25

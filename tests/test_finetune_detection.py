@@ -72,3 +72,43 @@ def test_detection_evaluator_gives_map_1_for_the_ground_truth_and_less_for_misse
     assert sum(len(b) for batch in batches for b in batch["boxes"]) > len(val)  # some images hold 2+ objects
     partial = evaluate_detection(Oracle(batches, keep_every=2), batches, val.vocab.things)
     assert partial["bbox_AP"] < 1.0 and partial["segm_AP"] < 1.0
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_a_short_run_detects_its_training_objects_far_better_than_its_random_initialisation(tmp_path):
+    """Learning check: the AP50 of the stage's own initial model (same seed, built as run_stage builds it) and
+    of the model after 60 steps, both on the 4 training scenes (val split = train, no flips; fitting them is
+    what a short CPU run can show). Measured, seeds 0 / 1 / 2: untrained 0.006 / 0 / 0, trained 0.50 / 0.58 /
+    0.50 (bbox AP 0.31 / 0.33 / 0.29); the margin 0.25 is half the worst trained seed, 40x the best untrained
+    one, so a stage that stops learning fails."""
+    import dataclasses
+
+    from pipeline.finetune.common import FinetuneOptimConfig, ScheduleConfig, seed_everything
+    from pipeline.finetune.detection import build_mask_rcnn
+    from pipeline.model.backbone import build_backbone
+
+    data = DataConfig(num_train=4, num_val=4, val_split="train", hflip=False)
+    cfg = DetectionConfig(
+        backbone=BackboneConfig(seed=0),
+        head=DetHeadConfig(
+            fpn_channels=16,
+            box_head_dim=32,
+            mask_head_channels=8,
+            rpn_batch_size_per_image=32,
+            box_batch_size_per_image=16,
+            detections_per_img=10,
+        ),
+        data=data,
+        optim=FinetuneOptimConfig(lr=3e-3),
+        schedule=ScheduleConfig(name="const"),
+        train=FinetuneTrainConfig(steps=60, batch_size=4, eval_batch_size=4, seed=0),
+    )
+    train, val = build_datasets(data, "detection")
+    seed_everything(cfg.train.seed)
+    vit = build_backbone(dataclasses.replace(cfg.backbone, out_indices=(-1,)))
+    untrained = build_mask_rcnn(vit, cfg.head, len(train.vocab.things), data.image_size).eval()
+    batches = [collate([val[k] for k in keys]) for keys in eval_batches(len(val), 4)]
+    with torch.no_grad():
+        before = evaluate_detection(untrained, batches, val.vocab.things)["bbox_AP50"]
+    after = run_stage(cfg, tmp_path / "fit")["metrics"]["bbox_AP50"]
+    assert after >= before + 0.25
