@@ -30,6 +30,7 @@ JOBS: dict[str, tuple[str, str, list[str]]] = {
     "caption": ("pipeline.caption.job:CaptionJobConfig", "data_prep.caption", []),
     "train_coca": ("pipeline.caption.train_coca:TrainCocaConfig", "data_prep.train_coca", []),
     "distill": ("pipeline.distill.trainer:DistillConfig", "jobs.distill", []),
+    "prune": ("pipeline.finetune.prune:PruneJobConfig", "jobs.prune", []),
 } | {
     f"finetune/{stage}": (f"{module}:STAGE_CONFIG", "jobs.finetune", ["--stage", stage])
     for stage, module in STAGES.items()
