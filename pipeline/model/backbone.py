@@ -287,6 +287,18 @@ def window_unpartition(x: torch.Tensor, hw: tuple[int, int], window: tuple[int, 
     return x[:, :h, :w].reshape(b, h * w, c)
 
 
+def windowed_block(
+    block: nn.Module, x: torch.Tensor, bias: torch.Tensor, hw: tuple[int, int], window: tuple[int, int]
+) -> torch.Tensor:
+    """open_clip's residual block with its attention inside windows, as ViTDet's block: ``ln_1``, partition
+    (zero padding), attention per window with ``bias``, unpartition and crop, then the residual and the MLP on
+    the real tokens only. Every submodule runs as a module (drop-path hooks, FLOP attribution)."""
+    y, _ = window_partition(block.ln_1(x), hw, window)
+    y = window_unpartition(block.attn(y, y, y, need_weights=False, attn_mask=bias)[0], hw, window)
+    x = x + block.ls_1(y)
+    return x + block.ls_2(block.mlp(block.ln_2(x)))
+
+
 def window_padding_mask(
     hw: tuple[int, int], window: tuple[int, int], device: torch.device
 ) -> torch.Tensor | None:
@@ -375,11 +387,15 @@ class ViTBackbone(nn.Module):
                 x = self._run(block, x, self._bias(block, hw, biases))
             else:
                 bias = self._bias(block, window, biases)
-                windows, n = window_partition(x, hw, window)
                 pad = window_padding_mask(hw, window, x.device)
                 if pad is not None:
                     bias = bias + pad.repeat(x.shape[0], 1, 1, 1)
-                x = window_unpartition(self._run(block, windows, bias), hw, window)
+                if self.visual.transformer.grad_checkpointing and self.training:
+                    x = torch.utils.checkpoint.checkpoint(
+                        windowed_block, block, x, bias, hw, window, use_reentrant=False
+                    )
+                else:
+                    x = windowed_block(block, x, bias, hw, window)
             if i in take:
                 saved[i] = x
         return x, saved
