@@ -161,3 +161,20 @@ def test_a_segmentation_run_with_vision_guided_distillation_logs_it_and_keeps_th
     start = torch.load(debug_checkpoint, weights_only=True)
     assert torch.equal(state["teacher.visual.conv1.weight"], start["visual.conv1.weight"])
     assert not torch.equal(state["backbone.visual.conv1.weight"], start["visual.conv1.weight"])
+
+
+def test_distillation_from_an_image_tower_alone_is_refused_naming_the_teacher_checkpoint(
+    tmp_path, debug_checkpoint
+):
+    visual = {
+        k.removeprefix("visual."): v for k, v in torch.load(debug_checkpoint, weights_only=True).items()
+    }
+    torch.save(
+        {k: v for k, v in visual.items() if not k.startswith(("text", "token", "ln_final"))},
+        tmp_path / "v.pt",
+    )
+    cfg = dataclasses.replace(
+        small_config(debug_checkpoint), kd=SegKDConfig(kind="tgkd", teacher_checkpoint=str(tmp_path / "v.pt"))
+    )
+    with pytest.raises(ValueError, match="kd.teacher_checkpoint"):
+        build_segmentation_model(cfg, ["a", "b"])

@@ -204,8 +204,8 @@ def build_segmentation_model(cfg: SegmentationConfig, classes: list[str]) -> Seg
         )
         try:
             clip = build_clip_model(clip_cfg)
-        except ValueError as e:
-            raise ValueError(f"kd.teacher_{e}") from None
+        except ValueError as e:  # name the field that chose the checkpoint
+            raise ValueError(f"kd.teacher_{e}" if str(e).startswith("checkpoint:") else f"kd: {e}") from None
         text = class_text_embeddings(
             clip, build_tokenizer(clip_cfg.model, clip), classes, zero_shot_prompts()
         )
