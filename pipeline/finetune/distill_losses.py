@@ -74,8 +74,9 @@ class KDConfig:
 # ------------------------------------------------------------------------------------------- losses
 
 
-def _unit(x: torch.Tensor) -> torch.Tensor:
-    return F.normalize(x, dim=-1)
+def _unit(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``x / ||x||`` in at least fp32 (bf16 autocast outputs are promoted: distances near 0 need the bits)."""
+    return F.normalize(x.to(torch.promote_types(like.dtype, torch.float32)), dim=-1)
 
 
 def _distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -101,7 +102,7 @@ def tgkd_loss(
         raise ValueError(f"tgkd: shapes {tuple(student.shape)}, {tuple(teacher.shape)}, {tuple(text.shape)}")
     if len(student) == 0:
         return student.sum() * 0.0
-    v, r, t = _unit(student), _unit(teacher.to(student.dtype)), _unit(text.to(student.dtype))
+    v, r, t = _unit(student, student), _unit(teacher, student), _unit(text, student)
     image = torch.zeros(len(v), dtype=torch.long, device=v.device) if image is None else image
 
     def term(idx: torch.Tensor) -> torch.Tensor:
@@ -117,7 +118,7 @@ def vgkd_loss(student: torch.Tensor, text: torch.Tensor, image: torch.Tensor | N
         raise ValueError(f"vgkd: shapes {tuple(student.shape)}, {tuple(text.shape)}")
     if len(student) == 0:
         return student.sum() * 0.0
-    v, t = _unit(student), _unit(text.to(student.dtype))
+    v, t = _unit(student, student), _unit(text, student)
     image = torch.zeros(len(v), dtype=torch.long, device=v.device) if image is None else image
 
     def term(idx: torch.Tensor) -> torch.Tensor:
