@@ -56,7 +56,8 @@ class TeacherConfig:
     (tests)."""
     pretrained: str = ""
     """An open_clip pretrained tag for ``model`` (e.g. ``laion2b_s34b_b88k``; downloads from the hub, so only
-    where that is allowed). Exclusive with ``checkpoint``."""
+    where that is allowed). Exclusive with ``checkpoint``. OpenAI's weights need the QuickGELU architecture
+    (``model = "ViT-B-16-quickgelu"``, tag ``openai``), so that the exported config matches them."""
     seed: int = 0
     """Seed of the random teacher (both empty)."""
 
