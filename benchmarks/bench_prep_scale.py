@@ -14,12 +14,22 @@ across fork + exec into it, so it is only an upper bound). The in-memory path
 (``plan.dedupe=memory``) runs beside it up to ``--memory-path-max-rows``, and its duplicate rows and dataset
 files are checked to be identical to the partitioned path's.
 
+With ``--shards`` the ``shard`` stage is the job's real one on both paths (``data_prep.shard --stage shard``:
+fetch, sha256, integrity decode, tar, stats) over a pool of IMAGE_POOL tiny JPEGs served from files (16 px,
+below the 256 px target, so they pass through byte for byte; the cheapest honest image work), with subset
+lists on; then every published file of the two paths (each tar and stats file, sizes.json, manifest.json,
+failures.parquet, duplicate_images.txt, the subset lists) is compared byte for byte.
+
     .venv/bin/python -m benchmarks.bench_prep_scale --rows 1000000 10000000 --max-memory-gb 0.25 --processes 2
+    nice -n 10 .venv/bin/python -m benchmarks.bench_prep_scale --rows 1000000 --shards --processes 2
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import hashlib
+import io
 import json
 import os
 import resource
@@ -41,6 +51,8 @@ REPO = Path(__file__).resolve().parent.parent
 ROWS_PER_FILE = 250_000
 SAMPLES_PER_SHARD = 10_000
 DUP_FRACTION = 0.02
+IMAGE_POOL = 100_003
+SUBSET_FRACTIONS = "[0.01,0.1]"
 
 
 # ----------------------------------------------------------------------------------------------- inputs
@@ -54,9 +66,32 @@ def _hex_strings(raw: bytes, width: int) -> pa.Array:
     return pa.Array.from_buffers(pa.string(), n, [None, pa.py_buffer(offsets.tobytes()), pa.py_buffer(data)])
 
 
-def generate(folder: Path, num_rows: int, seed: int = 0) -> None:
-    """DataComp-style metadata in files of ROWS_PER_FILE rows (row groups of SAMPLES_PER_SHARD)."""
+@functools.lru_cache(maxsize=1)
+def _base_jpeg() -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (120, 80, 40)).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def tiny_jpeg(k: int) -> bytes:
+    """A 16 x 16 RGB JPEG made unique by a comment segment holding ``k`` (one encode, then a byte splice):
+    below the 256 px target, so the job passes it through byte for byte after an integrity decode."""
+    base, payload = _base_jpeg(), f"bench image {k}".encode()
+    return base[:2] + b"\xff\xfe" + (len(payload) + 2).to_bytes(2, "big") + payload + base[2:]
+
+
+def generate(folder: Path, num_rows: int, seed: int = 0, images: bool = False) -> None:
+    """DataComp-style metadata in files of ROWS_PER_FILE rows (row groups of SAMPLES_PER_SHARD). With
+    ``images``, row ``r``'s url is ``img/<r mod IMAGE_POOL>.jpg`` and that pool of tiny JPEGs is written under
+    ``folder/img/`` (a shard holds consecutive rows, so its images are distinct; across shards each image
+    repeats every IMAGE_POOL rows: cross-shard duplicates for the merge's image dedupe)."""
     folder.mkdir(parents=True, exist_ok=True)
+    if images:
+        (folder / "img").mkdir(exist_ok=True)
+        for k in range(min(num_rows, IMAGE_POOL)):
+            (folder / "img" / f"{k}.jpg").write_bytes(tiny_jpeg(k))
     pool = _hex_strings(np.random.default_rng([seed, 1]).bytes(16 * max(1, num_rows // 100)), 32)
     for f, start in enumerate(range(0, num_rows, ROWS_PER_FILE)):
         n = min(ROWS_PER_FILE, num_rows - start)
@@ -67,8 +102,9 @@ def generate(folder: Path, num_rows: int, seed: int = 0) -> None:
         combined = pa.concat_arrays([uids, pc.take(pool, pa.array(rng.integers(0, len(pool), len(dup))))])
         idx[dup] = n + np.arange(len(dup))
         uids = pc.take(combined, pa.array(idx))
-        k = pa.array(np.arange(start, start + n) % 100_003).cast(pa.string())
-        url = pc.binary_join_element_wise("https://img.example.com/", k, ".jpg", "")
+        k = pa.array(np.arange(start, start + n) % IMAGE_POOL).cast(pa.string())
+        prefix = "img/" if images else "https://img.example.com/"
+        url = pc.binary_join_element_wise(prefix, k, ".jpg", "")
         text = pc.binary_join_element_wise("a photo of thing number ", k, "")
         score = pa.array(rng.uniform(0.1, 0.45, n).astype(np.float32))
         table = pa.table({"uid": uids, "url": url, "text": text, "clip_l14_similarity_score": score})
@@ -78,11 +114,17 @@ def generate(folder: Path, num_rows: int, seed: int = 0) -> None:
 # ----------------------------------------------------------------------------------------------- stages
 
 
-def job_config(inputs: Path, out: Path, mode: str, max_memory_gb: float, processes: int) -> Any:
+def job_config(
+    inputs: Path, out: Path, mode: str, max_memory_gb: float, processes: int, shards: bool = False
+) -> Any:
+    """The shard job's config; ``shards``: the real job over the image pool (pass-through JPEGs, subset
+    lists), else the bookkeeping-only simulation's."""
     from pipeline.cli import parse_config
     from pipeline.data.prep.job import ShardJobConfig
 
+    real = [f"--source.image_root={inputs}", "--fetch.threads=2", f"--subsets.fractions={SUBSET_FRACTIONS}"]
     args = [
+        *(real if shards else []),
         f"--source.parquet=['{inputs}/part-*.parquet']",
         f"--output.path={out}",
         f"--output.samples_per_shard={SAMPLES_PER_SHARD}",
@@ -135,15 +177,19 @@ class SimUnit:
         return {"ok": True}
 
 
-def run_stage(stage: str, inputs: Path, out: Path, mode: str, max_memory_gb: float, processes: int) -> None:
+def run_stage(
+    stage: str, inputs: Path, out: Path, mode: str, max_memory_gb: float, processes: int, shards: bool
+) -> None:
     from pipeline.data.prep.executors import run_units
-    from pipeline.data.prep.job import config_hash, make_plan, merge
+    from pipeline.data.prep.job import config_hash, make_plan, merge, run
 
-    cfg = job_config(inputs, out, mode, max_memory_gb, processes)
+    cfg = job_config(inputs, out, mode, max_memory_gb, processes, shards)
     chash = config_hash(cfg)
     quiet = lambda s: None  # noqa: E731
     if stage == "plan":
         make_plan(cfg, chash, quiet)
+    elif stage == "shard" and shards:  # the job's real shard stage: fetch, check, tar, stats
+        run(cfg, stage="shard", log=quiet)
     elif stage == "shard":
         plan = make_plan(cfg, chash, quiet)
         units = plan.units(cfg.output)
@@ -154,11 +200,13 @@ def run_stage(stage: str, inputs: Path, out: Path, mode: str, max_memory_gb: flo
         assert merge(cfg, plan, plan.units(cfg.output), log=quiet) is not None
 
 
-def measure(stage: str, inputs: Path, out: Path, mode: str, max_memory_gb: float, processes: int) -> dict:
+def measure(
+    stage: str, inputs: Path, out: Path, mode: str, max_memory_gb: float, processes: int, shards: bool
+) -> dict:
     """Run one stage in a fresh process; wall seconds and peak RSS (MB) of it and of its workers."""
     cmd = [sys.executable, "-m", "benchmarks.bench_prep_scale", "--one-stage", stage, "--inputs", str(inputs)]
     cmd += ["--out", str(out), "--mode", mode, "--max-memory-gb", str(max_memory_gb)]
-    cmd += ["--processes", str(processes)]
+    cmd += ["--processes", str(processes)] + (["--shards"] if shards else [])
     t0 = time.perf_counter()
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -206,7 +254,13 @@ def _one_stage(args: argparse.Namespace) -> None:
     sampler = _WorkerPeaks()
     sampler.start()
     run_stage(
-        args.one_stage, Path(args.inputs), Path(args.out), args.mode, args.max_memory_gb, args.processes
+        args.one_stage,
+        Path(args.inputs),
+        Path(args.out),
+        args.mode,
+        args.max_memory_gb,
+        args.processes,
+        args.shards,
     )
     sampler.stop.set()
     sampler.join()
@@ -238,6 +292,47 @@ def duplicate_rows(out: Path) -> pa.Table:
 DATASET_FILES = ("sizes.json", "manifest.json", "failures.parquet", "duplicate_images.txt")
 
 
+def published_digests(out: Path) -> dict[str, str]:
+    """sha256 of every published file (tars, stats, dataset files, subset lists; not the plan, the merge's
+    scratch or temporaries), a stats file without its ``seconds`` (wall time, not content)."""
+    got = {}
+    for p in sorted(out.rglob("*")):
+        rel = p.relative_to(out)
+        if not p.is_file() or rel.parts[0] in ("_plan", "_merge", "_tmp"):
+            continue
+        h = hashlib.sha256()
+        if p.name.endswith(".stats.json"):
+            h.update(json.dumps({**json.loads(p.read_bytes()), "seconds": None}, sort_keys=True).encode())
+        else:
+            with p.open("rb") as f:
+                while chunk := f.read(1 << 20):
+                    h.update(chunk)
+        got[str(rel)] = h.hexdigest()
+    return got
+
+
+def compare_paths(a: Path, b: Path, rows: int, shards: bool) -> None:
+    """Raise unless both paths published the same files with the same bytes (with ``shards``: every tar,
+    stats file and subset list too; else the dataset files)."""
+    if shards:
+        da, db = published_digests(a), published_digests(b)
+        differ = sorted(k for k in da.keys() | db.keys() if da.get(k) != db.get(k))
+        num_tars = sum(k.endswith(".tar") for k in da)
+        print(
+            f"{rows:,} rows: {len(da)} published files ({num_tars} tars, "
+            f"{sum(f.stat().st_size for f in a.glob('*.tar')):,} tar bytes): "
+            f"{len(differ)} differ between the partitioned and in-memory paths",
+            flush=True,
+        )
+        if differ or not num_tars:
+            raise AssertionError(f"{rows}: files differ between the two paths: {differ[:10]}")
+        return
+    same = all((a / f).read_bytes() == (b / f).read_bytes() for f in DATASET_FILES)
+    print(f"{rows:,} rows: partitioned and in-memory dataset files identical: {same}", flush=True)
+    if not same:
+        raise AssertionError(f"{rows}: dataset files differ between the two paths")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", type=int, nargs="+", default=[1_000_000, 10_000_000])
@@ -246,6 +341,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--processes", type=int, default=2)
     p.add_argument("--memory-path-max-rows", type=int, default=10_000_000)
+    p.add_argument(
+        "--shards",
+        action="store_true",
+        help="run the job's real shard stage on both paths (tiny pass-through JPEGs from a pool of "
+        f"{IMAGE_POOL:,} files) and byte-compare every tar, stats file and dataset file",
+    )
     p.add_argument("--work", default="", help="scratch folder (default: a temporary one, removed at the end)")
     p.add_argument("--keep", action="store_true", help="keep the scratch folder")
     p.add_argument("--one-stage", default="", help=argparse.SUPPRESS)
@@ -262,36 +363,36 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     try:
         for rows in args.rows:
-            inputs = work / f"in_{rows}"
+            inputs = work / (f"in_{rows}_img" if args.shards else f"in_{rows}")
             t0 = time.perf_counter()
             if not inputs.exists():  # generated beside, then renamed: a killed run leaves no partial input
-                shutil.rmtree(work / f"in_{rows}.part", ignore_errors=True)
-                generate(work / f"in_{rows}.part", rows)
-                (work / f"in_{rows}.part").rename(inputs)
+                part = inputs.with_name(inputs.name + ".part")
+                shutil.rmtree(part, ignore_errors=True)
+                generate(part, rows, images=args.shards)
+                part.rename(inputs)
             print(f"{rows:,} rows: generated in {time.perf_counter() - t0:.0f}s", flush=True)
             modes = ["partitioned"] + (["memory"] if rows <= args.memory_path_max_rows else [])
             for mode in modes:
                 out = work / f"out_{rows}_{mode}"
                 shutil.rmtree(out, ignore_errors=True)
                 for stage in ("plan", "shard", "merge"):
-                    if stage == "shard" and mode == "memory":  # same stats: link the partitioned run's
+                    if stage == "shard" and mode == "memory":
                         if not duplicate_rows(out).equals(duplicate_rows(work / f"out_{rows}_partitioned")):
                             raise AssertionError(f"{rows}: the two paths mark different duplicate rows")
-                        src = work / f"out_{rows}_partitioned"
-                        for f in src.iterdir():
-                            if f.name.endswith((".tar", ".stats.json")):
-                                os.link(f, out / f.name)
-                        continue
-                    r = measure(stage, inputs, out, mode, args.max_memory_gb, args.processes)
+                        if not args.shards:  # the simulated stats are the same: link the partitioned run's
+                            src = work / f"out_{rows}_partitioned"
+                            for f in src.iterdir():
+                                if f.name.endswith((".tar", ".stats.json")):
+                                    os.link(f, out / f.name)
+                            continue
+                    r = measure(stage, inputs, out, mode, args.max_memory_gb, args.processes, args.shards)
                     r["rows"] = rows
                     results.append(r)
                     print(json.dumps(r), flush=True)
             if "memory" in modes:
-                a, b = work / f"out_{rows}_partitioned", work / f"out_{rows}_memory"
-                same = all((a / f).read_bytes() == (b / f).read_bytes() for f in DATASET_FILES)
-                print(f"{rows:,} rows: partitioned and in-memory dataset files identical: {same}", flush=True)
-                if not same:
-                    raise AssertionError(f"{rows}: dataset files differ between the two paths")
+                compare_paths(
+                    work / f"out_{rows}_partitioned", work / f"out_{rows}_memory", rows, args.shards
+                )
             manifest = json.loads((work / f"out_{rows}_partitioned" / "manifest.json").read_text())
             print(f"{rows:,} rows: totals {json.dumps(manifest['totals'])}", flush=True)
             for mode in modes:
