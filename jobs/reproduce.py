@@ -7,8 +7,10 @@ dense prediction and better data efficiency than noisy web captions? On the synt
 
 It writes the toy data (runs/reproduce/data: pool shards with noisy web captions and synthetic captions,
 nested subsets, held-out zero-shot images), pretrains the debug CLIP on (a) web captions only and (b) web +
-synthetic captions at each subset size, fine-tunes segmentation and depth from every export (and from random
-initialisation), and writes the scaling report with a verdict at the top:
+synthetic captions at each subset size (the same pretraining seeds, hence the same initialisation and data
+order, for both caption sources), reads out every export and a random initialisation of each seed with dense
+readouts that depend on the representation (linear probes and k-NN patch retrieval on frozen patch features,
+few-shot fine-tuning; pipeline/report/readouts.py), and writes the scaling report with a verdict at the top:
 runs/reproduce/study/report/index.html (and report.md, report.json). Re-running reuses everything finished.
 The verdict is what the numbers say, whichever way; it lands in runs/reproduce/reproduce.json too.
 Exit code 0 when every point finished, 1 otherwise. See docs/reports.md ("Toy reproduction").
@@ -55,7 +57,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pipeline.report import html as H
     from pipeline.report.build import build_report
     from pipeline.report.scaling import plan_points, resolve_paths
-    from pipeline.report.toy import study_config, toy_verdict, verdict_markdown, write_toy_data
+    from pipeline.report.toy import (
+        readout_caveat,
+        readout_table,
+        readout_verdict,
+        run_toy_readouts,
+        study_config,
+        toy_verdict,
+        verdict_markdown,
+        write_toy_data,
+    )
 
     out = Path(cfg.out).resolve()
     cfg = dataclasses.replace(cfg, out=str(out))
@@ -68,10 +79,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     study = resolve_paths(study_config(cfg, data))
     points = plan_points(study)
     launches = run_pretraining(study, points)
+    print(f"[reproduce] pretraining finished after {time.time() - started:.0f} s", flush=True)
+    results = run_toy_readouts(cfg, study, points)
+    print(f"[reproduce] readouts finished after {time.time() - started:.0f} s", flush=True)
     finetune = run_finetuning(study, points)
 
     def verdict_hook(report: dict) -> dict:
-        verdict = toy_verdict(report, study)
+        verdict = readout_verdict(
+            results, study, points, tuple(cfg.readouts.names()), cfg.level, cfg.num_boot
+        )
+        stages = toy_verdict(report, study)  # the stage fine-tuning readouts, when configured; zero-shot
+        verdict["lines"] += [
+            f"Stage fine-tuning: {line}" if "zero-shot" not in line.lower() else line
+            for line in stages["lines"]
+        ]
+        verdict["stage_verdict"] = {k: stages[k] for k in ("transfer", "data_efficiency", "per_metric")}
+        verdict["caveat"] = readout_caveat(cfg, study)
         seconds = time.time() - started
         md = verdict_markdown(verdict, command.strip(), before[0] + seconds, study.grid.seeds)
         body = f'<div class="verdict {"good" if verdict["transfer"] == "yes" else "mixed"}">'
@@ -83,6 +106,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             + "</div>"
         )
         body += H.bullet_list(verdict["lines"]) + H.paragraph(f"Caveat: {verdict['caveat']}")
+        if verdict["table"]:
+            head, rows = readout_table(verdict)
+            body += H.paragraph("Readouts (means over pretraining and readout seeds; intervals paired):")
+            body += H.table_html([dict(zip(head, r)) for r in rows], head, text_columns=head)
         load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
         timing = f"wall time {seconds / 60:.1f} min, CPU time {cpu_seconds() / 60:.1f} min"
         if history:

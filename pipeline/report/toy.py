@@ -35,7 +35,8 @@ from pipeline import io
 from pipeline.config import to_dict, to_toml
 from pipeline.data import schema
 from pipeline.data import synthworld as sw
-from pipeline.report.scaling import ScalingConfig
+from pipeline.report.readouts import ReadoutConfig
+from pipeline.report.scaling import Point, ScalingConfig
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,14 @@ class ReproduceConfig:
     """The toy data."""
     study: ScalingConfig = field(default_factory=_default_study)
     """The scaling study run on it; root, shards, subsets, images are filled in from ``out`` and ``data``."""
+    readouts: ReadoutConfig = field(default_factory=ReadoutConfig)
+    """Dense readouts of every export and of random initialisation (pipeline/report/readouts.py): the verdict."""
+    readout_parallel: int = 2
+    """Encoders read out at once (one process and one thread each)."""
+    level: float = 0.95
+    """Confidence level of the paired bootstrap intervals."""
+    num_boot: int = 2000
+    """Bootstrap draws per interval."""
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -346,8 +355,8 @@ def toy_verdict(report: dict[str, Any], study: ScalingConfig) -> dict[str, Any]:
     seeds = len(study.grid.seeds)
     caveat = f"{seeds} pretraining seed(s) per point" + (
         ": no confidence interval on the differences; at this scale "
-        "a seed-to-seed spread of about 1 mIoU point was measured before (../shared/SYNTHWORLD-NOTES.md), so "
-        "differences of that size are not evidence."
+        'a seed-to-seed spread of about 1 mIoU point was measured before (docs/synthworld.md, "Measured '
+        'at CPU scale"), so differences of that size are not evidence.'
         if seeds < 2
         else "."
     )
@@ -360,6 +369,324 @@ def toy_verdict(report: dict[str, Any], study: ScalingConfig) -> dict[str, Any]:
     }
 
 
+# -------------------------------------------------------------------------------------------- readouts
+
+
+def random_label(model: str, seed: int) -> str:
+    """The encoder label of a random initialisation (``BackboneConfig.seed`` = the pretraining seed)."""
+    return f"random-init-{model}-s{seed}"
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _worker_init(cfg: ReadoutConfig, world: dict[str, Any], model: str) -> None:
+    import torch
+
+    from pipeline.model.backbone import BackboneConfig, build_backbone
+    from pipeline.report import readouts as R
+
+    torch.set_num_threads(1)
+    world_cfg = sw.WorldConfig(**world)
+    patch = build_backbone(BackboneConfig(model=model)).patch_size
+    _WORKER["cfg"] = cfg
+    _WORKER["train"] = R.world_scenes(world_cfg, "finetune", cfg.num_train, patch)
+    _WORKER["val"] = R.world_scenes(world_cfg, "val", cfg.num_val, patch)
+
+
+def _read_out(label: str, model: str, checkpoint: str, seed: int, path: str, fingerprint: str) -> str:
+    import numpy as np
+
+    from pipeline.model.backbone import BackboneConfig, build_backbone
+    from pipeline.report import readouts as R
+
+    cfg = _WORKER["cfg"]
+    encoder = R.PatchEncoder(
+        build_backbone(BackboneConfig(model=model, checkpoint=checkpoint, seed=seed)), cfg.layers
+    )
+    stats = R.run_readouts(cfg, encoder, _WORKER["train"], _WORKER["val"])
+    tmp = Path(path).with_suffix(".tmp.npz")
+    np.savez(tmp, _fingerprint=np.array(fingerprint), **stats)
+    tmp.replace(path)  # atomic: a killed run leaves no half-written statistics
+    return label
+
+
+def readout_encoders(study: ScalingConfig, points: list[Point]) -> dict[str, dict[str, Any]]:
+    """Every encoder to read out: each finished point's export and one random init per (model, seed)."""
+    from pipeline.report.scaling import export_dir
+
+    encoders: dict[str, dict[str, Any]] = {}
+    for point in points:
+        path = export_dir(point, study.pretrain.weights)
+        if path is not None:
+            encoders[point.name] = {"model": point.model, "checkpoint": path, "seed": point.seed}
+    for model in study.grid.models:
+        for seed in study.grid.seeds:
+            encoders[random_label(model, seed)] = {"model": model, "checkpoint": "", "seed": seed}
+    return encoders
+
+
+def run_toy_readouts(
+    cfg: ReproduceConfig, study: ScalingConfig, points: list[Point], echo: Any = print
+) -> dict[str, dict[str, Any]]:
+    """Read out every encoder (cached in ``<out>/readouts/<label>.npz``, reused while config, world and
+    weights are unchanged); returns ``{label: {readout: seeds x scenes x K statistics}}``."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    import numpy as np
+
+    folder = Path(cfg.out) / "readouts"
+    folder.mkdir(parents=True, exist_ok=True)
+    world = to_dict(dataclasses.replace(cfg.data.world, group_size=1))
+    encoders = readout_encoders(study, points)
+    base = to_toml(cfg.readouts) + json.dumps(world, sort_keys=True)
+
+    def fingerprint(enc: dict[str, Any]) -> str:
+        stamp = ""
+        if enc["checkpoint"]:
+            files = sorted(Path(enc["checkpoint"]).glob("*"))
+            stamp = ",".join(
+                f"{f.name}:{f.stat().st_size}:{int(f.stat().st_mtime)}" for f in files if f.is_file()
+            )
+        key = base + json.dumps([enc["model"], enc["checkpoint"], enc["seed"], stamp])
+        return hashlib.sha1(key.encode()).hexdigest()[:16]
+
+    def load(path: Path, want: str) -> dict[str, Any] | None:
+        if not path.is_file():
+            return None
+        with np.load(path) as z:
+            if str(z["_fingerprint"]) != want:
+                return None
+            return {k: z[k] for k in z.files if k != "_fingerprint"}
+
+    pending = []
+    for label, enc in encoders.items():
+        path = folder / f"{safe_name(label)}.npz"
+        if load(path, fingerprint(enc)) is None:
+            pending.append((label, enc["model"], enc["checkpoint"], enc["seed"], str(path), fingerprint(enc)))
+    if pending:
+        echo(
+            f"[reproduce] readouts: {len(pending)} encoder(s) of {len(encoders)}, {len(cfg.readouts.names())} readouts x "
+            f"{len(cfg.readouts.seeds)} readout seeds each, {cfg.readout_parallel} at a time",
+            flush=True,
+        )
+        models = {p[1] for p in pending}
+        if len(models) != 1:
+            raise ValueError(f"study.grid.models: the toy readouts take one model, got {sorted(models)}")
+        with ProcessPoolExecutor(
+            max_workers=max(1, min(cfg.readout_parallel, len(pending))),
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_worker_init,
+            initargs=(cfg.readouts, world, next(iter(models))),
+        ) as pool:
+            for done in pool.map(_read_out, *zip(*pending)):
+                echo(f"[reproduce] readouts done: {done}", flush=True)
+    results = {}
+    for label, enc in encoders.items():
+        stats = load(folder / f"{safe_name(label)}.npz", fingerprint(enc))
+        if stats is not None:
+            results[label] = stats
+    return results
+
+
+def safe_name(label: str) -> str:
+    from pipeline.report.scaling import safe_label
+
+    return safe_label(label)
+
+
+def readout_verdict(
+    results: dict[str, dict[str, Any]],
+    study: ScalingConfig,
+    points: list[Point],
+    readouts: tuple[str, ...],
+    level: float = 0.95,
+    num_boot: int = 2000,
+) -> dict[str, Any]:
+    """Per readout: is it sensitive (pretrained beats random init, paired by seed, interval above zero), and if
+    so does the quality caption source transfer better (per subset size) and is it more data-efficient?
+
+    - gate: the mean of the caption sources at the largest subset vs random init of the same seed; when its
+      interval is not above zero the readout gets "no verdict" and says why (it cannot show a caption effect);
+    - transfer: "yes" when the quality source is better at every size and significantly so at one or more,
+      none significantly worse; "no" when significantly worse at one or more and better at none significantly;
+      "mixed" when both; otherwise "not significant";
+    - data efficiency: "undetermined" when the reference source does not significantly improve from the
+      smallest to the largest size; "no" when the quality source is not significantly better at the smallest
+      size; "yes" when the quality source at the smallest size is at least as good (point estimate) as the
+      reference at a larger size (the largest such size gives the data multiplier); otherwise "mixed".
+
+    Intervals: :func:`pipeline.report.readouts.paired_gain` (bootstrap over pretraining seeds and held-out
+    scenes jointly, at ``level``)."""
+    from pipeline.report import readouts as R
+
+    model = study.grid.models[0]
+    reference = study.grid.reference
+    quality = next(s for s in study.grid.caption_sources if s != reference)
+    seeds = list(study.grid.seeds)
+    by = {(p.caption_source, p.subset_size or 0, p.seed): p.name for p in points if p.model == model}
+    sizes = sorted({p.subset_size or 0 for p in points if p.model == model})
+
+    def stats(label: str, readout: str) -> Any:
+        return results.get(label, {}).get(readout)
+
+    def side(source: str, size: int) -> list[Any] | None:
+        got = [stats(by.get((source, size, s), ""), readout) for s in seeds]
+        return None if any(x is None for x in got) else got
+
+    def interval(g: dict[str, Any], scale: float = 1.0) -> str:
+        return f"{g['gain'] * scale:+.3g} ({level:.0%} CI {g['lo'] * scale:+.3g} to {g['hi'] * scale:+.3g})"
+
+    lines: list[str] = []
+    per_readout: dict[str, Any] = {}
+    table: list[dict[str, Any]] = []
+    transfer: list[str] = []
+    efficiency: list[str] = []
+    kw = {"level": level, "num_boot": num_boot}
+    for readout in readouts:
+        unit = "mIoU" if R.task_of(readout) == "seg" else "RMSE m"
+        rand = [stats(random_label(model, s), readout) for s in seeds]
+        groups = {(src, n): side(src, n) for src in (reference, quality) for n in sizes}
+        if any(x is None for x in rand) or any(g is None for g in groups.values()):
+            lines.append(
+                f"{readout}: not measured for every encoder (a pretraining run or readout is missing)."
+            )
+            per_readout[readout] = {"transfer": "not measured", "data_efficiency": "not measured"}
+            continue
+        largest = sizes[-1]
+        pooled = [[groups[(reference, largest)][i], groups[(quality, largest)][i]] for i in range(len(seeds))]
+        gate = R.paired_gain(pooled, rand, readout, **kw)
+        vs_random = {
+            src: R.paired_gain(groups[(src, largest)], rand, readout, **kw) for src in (reference, quality)
+        }
+        gains = {n: R.paired_gain(groups[(quality, n)], groups[(reference, n)], readout, **kw) for n in sizes}
+        row = {"readout": readout, "unit": unit, "random": R.mean_metric(rand, readout)}
+        for (src, n), g in groups.items():
+            row[f"{src}@{n}"] = R.mean_metric(g, readout)
+        row["gap_vs_random"] = gate
+        row["gain"] = {str(n): g for n, g in gains.items()}
+        table.append(row)
+        sensitive = gate["lo"] > 0
+        gap_text = (
+            f"{readout}: pretrained (mean of {reference} and {quality} at n={largest}) vs random init: "
+            f"{interval(gate)} ({unit}, positive = pretrained better); {reference} {interval(vs_random[reference])}, "
+            f"{quality} {interval(vs_random[quality])}"
+        )
+        if not sensitive:
+            lines.append(
+                gap_text + ". No verdict on this readout: its pretrained-vs-random gap is not significantly "
+                "positive, so it does not depend on the pretrained features here and cannot show a caption effect."
+            )
+            per_readout[readout] = {"transfer": "no verdict", "data_efficiency": "no verdict", "gap": gate}
+            continue
+        lines.append(gap_text + ".")
+        pos = [n for n, g in gains.items() if g["lo"] > 0]
+        neg = [n for n, g in gains.items() if g["hi"] < 0]
+        answer = (
+            "mixed"
+            if pos and neg
+            else "yes"
+            if pos and all(g["gain"] > 0 for g in gains.values())
+            else "no"
+            if neg
+            else "not significant"
+        )
+        transfer.append(answer)
+        lines.append(
+            f"Transfer, {readout}: {quality} vs {reference} (positive = {quality} better): "
+            + ", ".join(f"n={n}: {interval(g)}" for n, g in gains.items())
+            + f" -> {answer}."
+        )
+        n0 = sizes[0]
+        text = f"Data efficiency, {readout}: "
+        growth = (
+            R.paired_gain(groups[(reference, largest)], groups[(reference, n0)], readout, **kw)
+            if len(sizes) > 1
+            else None
+        )
+        if growth is None or growth["lo"] <= 0:
+            eff = "undetermined"
+            text += (
+                f"{reference} does not significantly improve from n={n0} to n={largest}"
+                + (f" ({interval(growth)})" if growth else "")
+                + ", so more data cannot be traded against better captions here"
+            )
+        elif gains[n0]["lo"] <= 0:
+            eff = "no"
+            text += f"{quality} is not significantly better than {reference} at the smallest subset (n={n0})"
+        else:
+            matched = []
+            for n in sizes[1:]:
+                g = R.paired_gain(groups[(quality, n0)], groups[(reference, n)], readout, **kw)
+                if g["gain"] >= 0:
+                    matched.append((n, g))
+            if matched:
+                eff = "yes"
+                n, g = matched[-1]
+                text += f"{quality} with {n0} samples vs {reference} with {n} ({n / n0:g}x the data): {interval(g)}"
+            else:
+                eff = "mixed"
+                text += f"{quality} is better at n={n0} but does not reach {reference} at any larger subset"
+        efficiency.append(eff)
+        lines.append(text + ".")
+        per_readout[readout] = {"transfer": answer, "data_efficiency": eff, "gap": gate, "gains": gains}
+    none = "no verdict (no readout beats random initialisation significantly)"
+    return {
+        "transfer": _overall(transfer) if transfer else none,
+        "data_efficiency": _overall(efficiency) if efficiency else none,
+        "lines": lines,
+        "per_readout": per_readout,
+        "table": table,
+        "sources": [reference, quality],
+        "sizes": sizes,
+        "seeds": seeds,
+    }
+
+
+def readout_table(verdict: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """The readout table (headers, rows): mean metric per (source, size) and for random init, the pretrained -
+    random gap and the per-size gains of the quality source, each with its interval, and the verdict."""
+    reference, quality = verdict["sources"]
+    sizes = verdict["sizes"]
+    head = ["readout", "random init", *[f"{s} n={n}" for s in (reference, quality) for n in sizes]]
+    head += ["pretrained - random (CI)", *[f"{quality} - {reference} n={n} (CI)" for n in sizes], "verdict"]
+
+    def ci(x: dict[str, Any]) -> str:
+        return f"{x['gain']:+.3g} ({x['lo']:+.3g}, {x['hi']:+.3g})"
+
+    rows = []
+    for row in verdict["table"]:
+        digits = 2 if row["unit"] == "mIoU" else 4
+        cells = [f"{row['readout']} ({row['unit']})", f"{row['random']:.{digits}f}"]
+        cells += [f"{row[f'{s}@{n}']:.{digits}f}" for s in (reference, quality) for n in sizes]
+        cells += [ci(row["gap_vs_random"])] + [ci(row["gain"][str(n)]) for n in sizes]
+        cells.append(verdict["per_readout"][row["readout"]]["transfer"])
+        rows.append(cells)
+    return head, rows
+
+
+def readout_caveat(cfg: ReproduceConfig, study: ScalingConfig) -> str:
+    seeds, r = len(study.grid.seeds), len(cfg.readouts.seeds)
+    text = (
+        f"{seeds} pretraining seed(s) per point (both caption sources share each seed: initialisation and data "
+        f"order), {r} readout seed(s) per encoder (the same training scenes for every encoder), "
+        f"{cfg.readouts.num_val} held-out scenes; intervals are paired {cfg.level:.0%} bootstrap intervals over "
+        "pretraining seeds and held-out scenes jointly."
+    )
+    if seeds < 2:
+        text += " With one pretraining seed they do not include seed-to-seed variation of pretraining."
+    return text
+
+
+def _markdown_table(head: list[str], rows: list[list[str]]) -> list[str]:
+    return [
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+        *["| " + " | ".join(r) + " |" for r in rows],
+    ]
+
+
 def verdict_markdown(verdict: dict[str, Any], command: str, seconds: float, seeds: tuple[int, ...]) -> str:
     lines = [
         f"**Do quality captions give better transfer?** {verdict['transfer']}. "
@@ -369,6 +696,8 @@ def verdict_markdown(verdict: dict[str, Any], command: str, seconds: float, seed
         "",
         f"Caveat: {verdict['caveat']}",
         "",
+        *(_markdown_table(*readout_table(verdict)) if verdict.get("table") else []),
+        "",
         f"Command: `{command}`; seeds {list(seeds)}; wall time {seconds / 60:.1f} min (all invocations).",
     ]
     return "\n".join(lines)
@@ -376,6 +705,10 @@ def verdict_markdown(verdict: dict[str, Any], command: str, seconds: float, seed
 
 __all__ = [
     "ReproduceConfig",
+    "readout_caveat",
+    "readout_table",
+    "readout_verdict",
+    "run_toy_readouts",
     "ToyDataConfig",
     "study_config",
     "toy_verdict",
