@@ -3,12 +3,13 @@
     report = build_report(cfg, points, launches)     # cfg: ScalingConfig (paths resolved)
     report["html"]                                    # <root>/report/index.html
 
-Everything comes from the runs' ``summary.json`` / ``config.toml`` / ``metrics.jsonl`` (via
+Everything comes from the runs' ``summary.json`` / ``config.toml`` / ``metrics.jsonl`` / ``alpha.json`` (via
 :mod:`pipeline.report.collect`), so the report can be rebuilt at any time, from any subset of finished runs.
 Written into ``<root>/report/``: ``index.html`` (self-contained, relative image links), ``report.md``,
 ``report.json`` (all numbers), ``points.{csv,md,parquet}`` (one row per grid point),
 ``finetune.{csv,md,parquet}`` (every fine-tuning trial), ``fits.csv``, ``comparison.csv``,
-``attention.json`` and ``plots/*.png|svg``.
+``attention.json`` (distances per head, CKA per layer) and ``plots/*.png|svg`` (among them
+``attention_maps.png``, ``cka_per_layer``, ``alpha_per_layer``).
 
 Comparisons: for every metric, model and subset size, each caption source against the reference source:
 the difference of means (oriented so that positive = better) with a Welch t-interval over seeds, and the
@@ -673,6 +674,8 @@ def build_report(
     attention = attention_analysis(cfg, table, plots_dir)
     if "skipped" in attention:
         notes.append(f"attention distance: {attention['skipped']}")
+    for label, error in (attention.get("errors") or {}).items():
+        notes.append(f"attention.checkpoints[{label!r}] not analysed: {error}")
     alpha = alpha_analysis(runs, plots_dir)
     missing = missing_items(points, launches, runs, finetune_info)
 
