@@ -6,7 +6,9 @@ import numpy as np
 import open_clip
 import torch
 
+from pipeline.model.backbone import install_rel_pos_bias
 from pipeline.report.attention import (
+    _attention_weights,
     _grid_distances,
     attention_statistics,
     average_attention_distance,
@@ -123,3 +125,20 @@ def test_side_by_side_distance_plot_and_attention_map_grid_are_written_as_png(tm
     maps = {"teacher": np.eye(16)[None].repeat(3, 0), "FD student": np.full((3, 16, 16), 1 / 16)}
     path = plot_attention_maps(maps, tmp_path / "m.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_weights_of_a_block_with_a_relative_position_bias_reproduce_its_attention_output():
+    visual = _tiny_vit()
+    install_rel_pos_bias(visual, "shared", (4, 4))
+    with torch.no_grad():
+        for p in visual.rel_pos_bias.parameters():
+            p.normal_()  # a non-zero bias, so leaving it out would show
+    block = visual.transformer.resblocks[1]
+    x = torch.randn(2, 17, 64)
+    w = _attention_weights(block, x)
+    q = block.ln_1(x)
+    attn = block.attn
+    v = torch.nn.functional.linear(q, attn.in_proj_weight, attn.in_proj_bias)[..., 128:]
+    v = v.view(2, 17, 4, 16).transpose(1, 2)
+    expected = attn.out_proj((w @ v).transpose(1, 2).reshape(2, 17, 64))
+    assert torch.allclose(attn(q, q, q)[0], expected, atol=1e-5)
