@@ -25,6 +25,20 @@ def two_layers(first_frozen: bool, second_frozen: bool) -> nn.Sequential:
     return m
 
 
+def test_flops_follow_forward_c_backward_2c_and_frozen_c():
+    m = two_layers(False, False)
+    out = count_training_flops(m, lambda: m(X).sum())
+    assert out["forward_per_step"] == C1 + C2 and out["backward_per_step"] == 2 * (C1 + C2)
+    m = two_layers(False, True)  # frozen layer that gradients flow through: backward C
+    out = count_training_flops(m, lambda: m(X).sum())
+    assert out["backward_per_step"] == 2 * C1 + C2
+    m = two_layers(
+        True, False
+    )  # frozen layer with no gradient flowing (a linear probe's encoder): backward 0
+    out = count_training_flops(m, lambda: m(X).sum())
+    assert out["backward_per_step"] == 2 * C2
+
+
 def test_flops_of_frozen_and_sparse_layers_equal_the_formulas_on_a_two_layer_model():
     d = 0.25
     # trained sparse layer (forward dC, backward (1 + d)C) under a frozen one that passes gradients (C, C)
