@@ -36,11 +36,10 @@ from torch import nn
 
 from pipeline.model.backbone import ViTBackbone
 from pipeline.train.checkpoint import latest_state_file
-from pipeline.train.flops import count_training_flops
 from pipeline.train.optim import ScheduleConfig, freeze, layered_param_groups, lr_factor
 from pipeline.train.optim import build_optimizer as _build_optimizer
 
-__all__ = ["ScheduleConfig", "count_training_flops", "lr_factor"]  # re-exported: stage configs and tests
+__all__ = ["ScheduleConfig", "lr_factor"]  # re-exported: stage configs and tests
 
 # ------------------------------------------------------------------------------------------ configs
 

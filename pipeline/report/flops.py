@@ -5,7 +5,7 @@
     run = pretrain_flops(summary, config)                        # a pretraining run's total training FLOPs
     hours = gpu_hours(run["model_flops"], CostConfig(device="h100-bf16", mfu=0.4))
 
-The counting rule (the same as :func:`pipeline.finetune.common.count_training_flops` applies per module):
+The counting rule (the same as :func:`pipeline.train.flops.count_training_flops` applies per module):
 
 - forward of every op that runs costs ``C`` (counted by ``torch.utils.flop_counter`` through
   :func:`pipeline.model.flops.forward_flops_per_sample`, 2 FLOPs per multiply-add);
