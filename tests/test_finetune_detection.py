@@ -13,18 +13,20 @@ from pipeline.finetune.datasets import DataConfig, build_datasets, collate
 from pipeline.finetune.detection import DetectionConfig, DetHeadConfig, evaluate_detection, run_stage
 from pipeline.model.backbone import BackboneConfig
 
+TINY_HEAD = DetHeadConfig(
+    fpn_channels=16,
+    box_head_dim=32,
+    mask_head_channels=8,
+    rpn_batch_size_per_image=32,
+    box_batch_size_per_image=16,
+    detections_per_img=10,
+)
+
 
 def test_mask_rcnn_stage_trains_and_reports_coco_box_and_mask_map(tmp_path, debug_checkpoint):
     cfg = DetectionConfig(
         backbone=BackboneConfig(checkpoint=debug_checkpoint),
-        head=DetHeadConfig(
-            fpn_channels=16,
-            box_head_dim=32,
-            mask_head_channels=8,
-            rpn_batch_size_per_image=32,
-            box_batch_size_per_image=16,
-            detections_per_img=10,
-        ),
+        head=TINY_HEAD,
         data=DataConfig(num_train=8, num_val=4),
         train=FinetuneTrainConfig(steps=4, batch_size=2, eval_batch_size=4, log_every=1),
     )
@@ -90,14 +92,7 @@ def test_a_short_run_detects_its_training_objects_far_better_than_its_random_ini
     data = DataConfig(num_train=4, num_val=4, val_split="train", hflip=False)
     cfg = DetectionConfig(
         backbone=BackboneConfig(seed=0),
-        head=DetHeadConfig(
-            fpn_channels=16,
-            box_head_dim=32,
-            mask_head_channels=8,
-            rpn_batch_size_per_image=32,
-            box_batch_size_per_image=16,
-            detections_per_img=10,
-        ),
+        head=TINY_HEAD,
         data=data,
         optim=FinetuneOptimConfig(lr=3e-3),
         schedule=ScheduleConfig(name="const"),
