@@ -39,7 +39,7 @@ from pipeline.run_dir import RunDir
 from pipeline.train import checkpoint
 from pipeline.train.checkpoint import seed_rngs
 from pipeline.train.optim import OptimConfig, build_optimizer, lr_at, param_groups, set_lr
-from pipeline.train.state import Preempted, TrainState
+from pipeline.train.state import Preempted, TrainState, save_or_stop
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -283,10 +283,9 @@ class CocaTrainer:
             losses, lr = self.train_step(self.batch_indices(step))
             if step % cfg.log_interval == 0 or step == cfg.steps:
                 self.log_step(losses, lr)
-            stop = step == cfg.stop_after_step or self.preempted()
-            if (cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0) or step == cfg.steps or stop:
-                self.save()
-            if stop and step < cfg.steps:
+            if save_or_stop(
+                step, cfg.steps, cfg.checkpoint_interval, cfg.stop_after_step, self.preempted, self.save
+            ):
                 self.log(f"train_coca: checkpointed at step {step} in {self.rd.checkpoints} and stopping")
                 raise Preempted(f"train_coca stopped after step {step}")
         return self.finish()

@@ -69,7 +69,7 @@ from pipeline.train.ema import EMA, EMAConfig
 from pipeline.train.export import VISUAL_FILE, WEIGHTS_FILE
 from pipeline.train.flops import count_training_flops
 from pipeline.train.optim import OptimConfig, build_optimizer, lr_at, param_groups, set_lr
-from pipeline.train.state import Preempted, TrainState
+from pipeline.train.state import Preempted, TrainState, save_or_stop
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -247,10 +247,9 @@ class DistillTrainer:
             if step % cfg.log_every == 0 or step == cfg.steps:
                 self.rd.log({"loss": loss, "lr": lr}, step)
                 self.log(f"distill: step {step} loss {loss:.4f} lr {lr:.3g}")
-            stop = step == cfg.stop_after_step or self.preempted()
-            if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.steps or stop:
-                self.save()
-            if stop and step < cfg.steps:
+            if save_or_stop(
+                step, cfg.steps, cfg.checkpoint_every, cfg.stop_after_step, self.preempted, self.save
+            ):
                 self.log(f"distill: checkpointed at step {step} in {self.rd.checkpoints} and stopping")
                 raise Preempted(f"distill stopped after step {step}")
         return self.finish()

@@ -65,7 +65,7 @@ from pipeline.train import checkpoint
 from pipeline.train.ema import EMA, EMAConfig
 from pipeline.train.flops import count_training_flops
 from pipeline.train.optim import lr_factor, set_lr
-from pipeline.train.state import Preempted, TrainState
+from pipeline.train.state import Preempted, TrainState, save_or_stop
 
 ALPHA_FILE = "alpha.json"
 """Per-block heavy-tail alpha before / after fine-tuning and the frozen blocks (see ``write_alpha``)."""
@@ -171,10 +171,9 @@ class FinetuneTrainer:
                 self.log_step(loss, report, lr)
             if tcfg.eval_every and step % tcfg.eval_every == 0 and step < tcfg.steps:
                 self.rd.log(self.scalars(self.evaluate()), step)
-            stop = step == tcfg.stop_after_step or self.preempted()
-            if (tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0) or step == tcfg.steps or stop:
-                self.save()
-            if stop and step < tcfg.steps:
+            if save_or_stop(
+                step, tcfg.steps, tcfg.checkpoint_every, tcfg.stop_after_step, self.preempted, self.save
+            ):
                 self.log.info("%s: checkpointed at step %d and stopping (preempted)", self.spec.name, step)
                 raise Preempted(f"{self.spec.name} stopped after step {step}")
         return self.finish()

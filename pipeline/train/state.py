@@ -14,6 +14,7 @@ the step is the data position. Read with ``torch.load(weights_only=True)``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +28,24 @@ from pipeline.train.ema import EMA
 class Preempted(Exception):
     """Raised by a training loop after it wrote a checkpoint because of ``stop_after_step`` or a preemption
     signal: the job exits with the requeue code and a rerun resumes from that checkpoint."""
+
+
+def save_or_stop(
+    step: int,
+    steps: int,
+    checkpoint_every: int,
+    stop_after_step: int,
+    preempted: Callable[[], bool],
+    save: Callable[[], None],
+) -> bool:
+    """The end-of-step rule every toolkit loop shares: ``save()`` every ``checkpoint_every`` steps (0: none on
+    a schedule), at the last step, and when stopping (``step == stop_after_step``, else ``preempted()``).
+    Returns True when the loop must stop now (it then raises :class:`Preempted`); at the last step it never
+    does: the run is complete."""
+    stop = step == stop_after_step or preempted()
+    if (checkpoint_every and step % checkpoint_every == 0) or step == steps or stop:
+        save()
+    return stop and step < steps
 
 
 def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
