@@ -332,23 +332,10 @@ def run_readouts(cfg: ReadoutConfig, encoder: nn.Module, train: Scenes, val: Sce
             if kind == "fewshot":
                 torch.manual_seed(seed)
                 pred = fewshot(task, encoder, sub, val, cfg, seed)
-            elif kind == "linear":
-                pred = linear_probe(
-                    task,
-                    f_train[index].reshape(-1, d),
-                    y_sub,
-                    f_val.reshape(-1, d),
-                    train.num_classes,
-                    cfg.ridge,
-                )
-            else:
-                pred = knn(
-                    task,
-                    f_train[index].reshape(-1, d),
-                    y_sub,
-                    f_val.reshape(-1, d),
-                    train.num_classes,
-                    cfg.knn_k,
+            else:  # linear probe or k-NN on the frozen features
+                solve, param = (linear_probe, cfg.ridge) if kind == "linear" else (knn, cfg.knn_k)
+                pred = solve(
+                    task, f_train[index].reshape(-1, d), y_sub, f_val.reshape(-1, d), train.num_classes, param
                 )
             pred = pred.reshape(len(val), -1)
             if task == "seg":
