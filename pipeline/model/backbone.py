@@ -373,23 +373,24 @@ class ViTBackbone(nn.Module):
         hw = self.grid(x)
         x = visual._embeds(x)
         biased = has_rel_pos_bias(visual)
+        window = pad = None  # the windowed blocks' window and padding mask: the same for all of them
         if self.window_size:
             x = x[:, 1:]
+            window = (min(self.window_size, hw[0]), min(self.window_size, hw[1]))
+            pad = window_padding_mask(hw, window, x.device)
+            if pad is not None:
+                pad = pad.repeat(x.shape[0], 1, 1, 1)
         biases: dict[tuple[int, tuple[int, int]], torch.Tensor] = {}
         saved: dict[int, torch.Tensor] = {}
         for i, block in enumerate(visual.transformer.resblocks):
-            window = None
-            if self.window_size and i not in self.global_blocks:
-                window = (min(self.window_size, hw[0]), min(self.window_size, hw[1]))
             if not biased:
                 x = self._run(block, x, None)
-            elif window is None:
+            elif window is None or i in self.global_blocks:
                 x = self._run(block, x, self._bias(block, hw, biases))
             else:
                 bias = self._bias(block, window, biases)
-                pad = window_padding_mask(hw, window, x.device)
                 if pad is not None:
-                    bias = bias + pad.repeat(x.shape[0], 1, 1, 1)
+                    bias = bias + pad
                 if self.visual.transformer.grad_checkpointing and self.training:
                     x = torch.utils.checkpoint.checkpoint(
                         windowed_block, block, x, bias, hw, window, use_reentrant=False
