@@ -66,6 +66,13 @@ def device_for(info: WorldInfo) -> torch.device:
     return torch.device("cpu")
 
 
+def resolve_device(name: str) -> torch.device:
+    """A config's ``device``: ``"auto"`` (CUDA when available, else CPU) or any torch device string."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def init_distributed(info: WorldInfo | None = None) -> WorldInfo:
     """Initialise torch.distributed when world_size > 1 (env:// rendezvous; SLURM fills MASTER_ADDR/PORT).
 

@@ -30,6 +30,7 @@ import torch
 from PIL import Image
 
 from pipeline.caption.decode import EOS_TOKEN_ID, SOT_TOKEN_ID, CocaDecoder, DecodeConfig, row_seed
+from pipeline.dist import resolve_device
 
 # A tiny CoCa for tests and CI (64 px, 64-wide towers of 2 layers, 32-token context).
 COCA_DEBUG_CFG: dict[str, Any] = {
@@ -116,12 +117,6 @@ class CaptionerConfig:
             )
         if self.max_resample_rounds < 0:
             raise ValueError(f"max_resample_rounds: must be >= 0, got {self.max_resample_rounds}")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

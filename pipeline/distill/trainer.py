@@ -50,6 +50,7 @@ from torch.nn.parallel import DistributedDataParallel
 from pipeline import io
 from pipeline.data import synthworld as sw
 from pipeline.data.loader import CLIP_MEAN, CLIP_STD, LoaderConfig, build_loader
+from pipeline.dist import resolve_device
 from pipeline.distill.fdclip import (
     FDStudent,
     LossConfig,
@@ -177,12 +178,6 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     return value
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 class DistillTrainer:

@@ -294,12 +294,6 @@ def to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 # ---------------------------------------------------------------------------------------- the loop
 
 

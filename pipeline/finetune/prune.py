@@ -47,11 +47,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.dist import resolve_device
 from pipeline.finetune.common import (
     FinetuneOptimConfig,
     StepBatchSampler,
     build_optimizer,
-    resolve_device,
     sample_seed,
     to_device,
 )

@@ -41,6 +41,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from pipeline import io
+from pipeline.dist import resolve_device
 from pipeline.finetune.common import (
     FinetuneTrainConfig,
     RankBatchSampler,
@@ -54,7 +55,6 @@ from pipeline.finetune.common import (
     freeze_zero_lr,
     latest_checkpoint,
     rank_slice,
-    resolve_device,
     sample_seed,
     to_device,
 )
