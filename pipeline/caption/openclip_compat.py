@@ -5,7 +5,7 @@ our captioners decode with :mod:`pipeline.caption.decode` and never need it.
 
 open_clip imports ``BeamSearchScorer`` from ``transformers`` / ``transformers.generation``; transformers
 4.56+ keeps it only in ``transformers.generation.beam_search``, so open_clip marks transformers as missing
-and every ``generate`` call fails an assertion (see ../shared/PLATFORM.md). This sets the names open_clip
+and every ``generate`` call fails an assertion. This sets the names open_clip
 looks for on its ``coca_model`` module.
 
     from pipeline.caption.openclip_compat import enable_open_clip_generate
